@@ -1,0 +1,35 @@
+# `make demo` and `make test` are the whole set-up on a fresh clone: each creates .venv if missing,
+# installs what it needs (re-installing only when setup.py changes), then runs.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PYTEST_ARGS ?= -x -q
+
+.PHONY: demo test bench lint clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+
+$(VENV)/.installed-base: setup.py | $(PY)
+	$(PY) -m pip install -q -e .
+	touch $@
+
+$(VENV)/.installed-test: setup.py | $(PY)
+	$(PY) -m pip install -q -e '.[test]'
+	touch $@ $(VENV)/.installed-base
+
+demo: $(VENV)/.installed-base
+	$(PY) -m experiments.demo
+
+test: $(VENV)/.installed-test
+	$(PY) -m pytest $(PYTEST_ARGS) tests
+
+bench: $(VENV)/.installed-test
+	$(PY) -m experiments.bench.sampler_vs_transformers
+
+lint: $(VENV)/.installed-test
+	$(PY) -m pip install -q ruff && $(VENV)/bin/ruff check next_jax experiments tests
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -1,0 +1,35 @@
+"""next_jax: NExt (low-rank trajectory extrapolation for RLVR) in pure JAX."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="next_jax",
+    version="0.1.0",
+    description="RLVR with GRPO-family trainers and NExt trajectory extrapolation, in pure JAX",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.11",
+    packages=find_packages(include=["next_jax", "next_jax.*"]),
+    install_requires=[
+        # Resolves to jax 0.10.2 / flax 0.12.8 on Python 3.11 here; no upper pins so Colab's newer stack fits.
+        "jax>=0.7.0",
+        "jaxlib>=0.7.0",
+        "flax>=0.11.0",
+        "optax>=0.2.4",
+        "orbax-checkpoint>=0.11.0",
+        "transformers>=4.51",  # config, tokenizer and chat template only
+        "tokenizers>=0.21",
+        "ml_collections>=1.0",
+        "chex>=0.1.89",
+        "safetensors>=0.4.5",
+        "ml_dtypes>=0.5",
+        "numpy>=1.26",
+        "tqdm>=4.66",
+        "absl-py>=2.1",
+    ],
+    extras_require={
+        # torch is a *reference* for parity tests and benchmarks only; the package never imports it.
+        "test": ["pytest>=8", "torch==2.13.0", "peft>=0.15", "nbclient>=0.10", "ipykernel>=6"],
+        "dev": ["pytest>=8", "torch==2.13.0", "peft>=0.15", "nbclient>=0.10", "ipykernel>=6", "ruff>=0.6"],
+    },
+)
