@@ -1,0 +1,55 @@
+"""Device meshes and shardings.
+
+Data parallelism is `jax.jit` over arrays whose batch axis is sharded on the mesh axis "data" and whose
+parameters are replicated; XLA inserts the gradient all-reduce. On CPU, test it with
+`XLA_FLAGS=--xla_force_host_platform_device_count=N` set before jax is imported.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import jax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+DATA = "data"
+
+
+def make_mesh(data: int | None = None, devices=None) -> Mesh:
+  """A 1-D mesh ("data",) over `data` devices (default: all)."""
+  devices = list(devices if devices is not None else jax.devices())
+  data = data or len(devices)
+  if data > len(devices):
+    raise ValueError(f"mesh data={data} > {len(devices)} available devices")
+  return Mesh(np.asarray(devices[:data]), (DATA,))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+  """Leading (batch) axis split over "data", other axes replicated."""
+  return NamedSharding(mesh, P(DATA))
+
+
+def shard_batch(tree, mesh: Mesh):
+  """Place every leaf with its leading axis sharded over "data" (its size must divide evenly)."""
+  n = mesh.shape[DATA]
+
+  def put(x):
+    if x.shape[0] % n:
+      raise ValueError(f"batch axis {x.shape[0]} is not divisible by mesh data={n}")
+    return jax.device_put(x, batch_sharding(mesh))
+
+  return jax.tree.map(put, tree)
+
+
+def pad_to_multiple(x: jax.Array, multiple: int, axis: int = 0) -> tuple[jax.Array, int]:
+  """Zero-pad `axis` up to a multiple (e.g. of the device count for pmap) → (padded, original size)."""
+  n = x.shape[axis]
+  extra = -n % multiple
+  if not extra:
+    return x, n
+  widths = [(0, 0)] * x.ndim
+  widths[axis] = (0, extra)
+  return jax.numpy.pad(x, widths), n

@@ -1,0 +1,160 @@
+"""Fixed-shape autoregressive sampling with a KV cache: jitted prefill + `lax.while_loop` decode.
+
+Group sampling (GRPO): each prompt is prefilled once and its cache is tiled G times, so rows
+[p·G, (p+1)·G) of every output are prompt p's samples (contiguous groups). Shapes are static: prompts are
+left-padded to a bucket length, responses to `max_new_tokens`; temperature, top-p and greedy are traced
+values, so a sweep over them reuses one compiled program.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from next_jax.policy import KVCache, LoraConfig, ModelConfig, Params, forward, init_cache
+
+DEFAULT_BUCKETS = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
+
+
+class SamplingState(flax.struct.PyTreeNode):
+  """Loop state. tokens/logprobs/mask: [N, max_new]; done, last: [N]; position: int32[N] of `last`."""
+
+  step: jax.Array
+  tokens: jax.Array
+  logprobs: jax.Array
+  mask: jax.Array
+  done: jax.Array
+  last: jax.Array
+  position: jax.Array
+  cache: KVCache
+  rng: jax.Array
+
+
+class SampleOutput(flax.struct.PyTreeNode):
+  """tokens int32[N, T_new] (pad after stop); logprobs fp32[N, T_new]: log π_sample(token);
+  mask bool[N, T_new]: real response tokens, the stop token included; lengths int32[N]."""
+
+  tokens: jax.Array
+  logprobs: jax.Array
+  mask: jax.Array
+  lengths: jax.Array
+
+
+def bucket_length(n: int, buckets: Sequence[int] = DEFAULT_BUCKETS) -> int:
+  """Smallest bucket ≥ n (compile once per bucket, not once per length)."""
+  for b in buckets:
+    if b >= n:
+      return b
+  raise ValueError(f"prompt length {n} exceeds the largest bucket {max(buckets)}")
+
+
+def pad_prompts(prompts: Sequence[Sequence[int]], pad_id: int, length: int | None = None,
+                buckets: Sequence[int] = DEFAULT_BUCKETS) -> tuple[np.ndarray, np.ndarray]:
+  """Left-pad token lists to one (bucketed) length → (int32[B, T] tokens, bool[B, T] mask)."""
+  if not prompts or min(len(p) for p in prompts) == 0:
+    raise ValueError("pad_prompts: every prompt needs at least one token")
+  length = length or bucket_length(max(len(p) for p in prompts), buckets)
+  tokens = np.full((len(prompts), length), pad_id, np.int32)
+  mask = np.zeros((len(prompts), length), bool)
+  for i, p in enumerate(prompts):
+    if len(p) > length:
+      raise ValueError(f"prompt {i} has {len(p)} tokens > length {length}")
+    tokens[i, length - len(p):], mask[i, length - len(p):] = p, True
+  return tokens, mask
+
+
+def process_logits(logits: jax.Array, temperature: jax.Array, top_k: int, top_p: jax.Array) -> jax.Array:
+  """The sampling distribution's logits: logits/T, then top-k (static, 0 = off), then nucleus top-p.
+
+  Top-p keeps the smallest prefix of tokens sorted by probability whose mass reaches p (a token is dropped
+  when the mass strictly before it is ≥ p; the most likely token always stays). Dropped → −inf.
+  """
+  logits = logits / jnp.maximum(temperature, 1e-6)
+  neg = jnp.finfo(logits.dtype).min
+  if top_k:
+    kth = jax.lax.top_k(logits, top_k)[0][..., -1:]
+    logits = jnp.where(logits < kth, neg, logits)
+  sorted_logits = jnp.sort(logits, axis=-1)[..., ::-1]
+  probs = jax.nn.softmax(sorted_logits, axis=-1)
+  mass_before = jnp.cumsum(probs, axis=-1) - probs
+  keep_sorted = (mass_before < top_p) | (jnp.arange(logits.shape[-1]) == 0)
+  threshold = jnp.min(jnp.where(keep_sorted, sorted_logits, jnp.inf), axis=-1, keepdims=True)
+  return jnp.where(logits < threshold, neg, logits)
+
+
+def _choose(logits, rng, temperature, top_k, top_p):
+  """Sample (or argmax when temperature == 0) → (token int32[N], log π_sample(token) fp32[N]).
+
+  Greedy logprobs are those of the unprocessed model distribution (temperature 1)."""
+  proc = process_logits(logits, temperature, top_k, top_p)
+  greedy = temperature <= 0.0
+  sampled = jax.random.categorical(rng, proc, axis=-1)
+  token = jnp.where(greedy, jnp.argmax(logits, axis=-1), sampled).astype(jnp.int32)
+  dist = jnp.where(greedy, logits, proc)
+  logp = jnp.take_along_axis(jax.nn.log_softmax(dist, axis=-1), token[:, None], axis=-1)[:, 0]
+  return token, logp
+
+
+def _tile(x: jax.Array, g: int, axis: int) -> jax.Array:
+  return jnp.repeat(x, g, axis=axis) if g > 1 else x
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "lora_cfg", "max_new_tokens", "num_samples", "top_k",
+                                             "stop_ids", "pad_id"))
+def generate(params: Params, prompts: jax.Array, prompt_mask: jax.Array, rng: jax.Array, *,
+             cfg: ModelConfig, lora: Params | None = None, lora_cfg: LoraConfig | None = None,
+             max_new_tokens: int, num_samples: int = 1, temperature=1.0, top_k: int = 0, top_p=1.0,
+             stop_ids: tuple[int, ...] = (), pad_id: int = 0) -> SampleOutput:
+  """Sample `num_samples` responses per left-padded prompt. prompts: int32[B, T]; prompt_mask: bool[B, T].
+
+  Returns a SampleOutput with N = B·num_samples rows, grouped by prompt. A row stops after emitting any of
+  `stop_ids` (kept, mask 1) or at max_new_tokens; later slots hold pad_id with mask 0. The loop exits as
+  soon as every row has stopped.
+  """
+  b, t = prompts.shape
+  g, n = num_samples, prompts.shape[0] * num_samples
+  temperature = jnp.asarray(temperature, jnp.float32)
+  top_p = jnp.asarray(top_p, jnp.float32)
+  cache = init_cache(cfg, b, t + max_new_tokens)
+  positions = jnp.maximum(jnp.cumsum(prompt_mask.astype(jnp.int32), axis=-1) - 1, 0)
+  logits, cache = forward(params, prompts, cfg, mask=prompt_mask, positions=positions, lora=lora,
+                          lora_cfg=lora_cfg, cache=cache)
+  cache = KVCache(k=_tile(cache.k, g, 1), v=_tile(cache.v, g, 1), key_mask=_tile(cache.key_mask, g, 0),
+                  index=cache.index)
+  rng, first = jax.random.split(rng)
+  token, logp = _choose(_tile(logits[:, -1], g, 0), first, temperature, top_k, top_p)
+  stops = jnp.asarray(stop_ids if stop_ids else (-1,), jnp.int32)
+  state = SamplingState(
+      step=jnp.ones((), jnp.int32),
+      tokens=jnp.full((n, max_new_tokens), pad_id, jnp.int32).at[:, 0].set(token),
+      logprobs=jnp.zeros((n, max_new_tokens), jnp.float32).at[:, 0].set(logp),
+      mask=jnp.zeros((n, max_new_tokens), bool).at[:, 0].set(True),
+      done=jnp.isin(token, stops), last=token, position=_tile(positions[:, -1], g, 0) + 1, cache=cache,
+      rng=rng)
+
+  def cond(s: SamplingState):
+    return (s.step < max_new_tokens) & ~jnp.all(s.done)
+
+  def body(s: SamplingState):
+    logits, cache = forward(params, s.last[:, None], cfg, mask=jnp.ones((n, 1), bool),
+                            positions=s.position[:, None], lora=lora, lora_cfg=lora_cfg, cache=s.cache)
+    rng, key = jax.random.split(s.rng)
+    token, logp = _choose(logits[:, 0], key, temperature, top_k, top_p)
+    live = ~s.done
+    token = jnp.where(live, token, pad_id)
+    return SamplingState(
+        step=s.step + 1,
+        tokens=jax.lax.dynamic_update_slice_in_dim(s.tokens, token[:, None], s.step, axis=1),
+        logprobs=jax.lax.dynamic_update_slice_in_dim(s.logprobs, jnp.where(live, logp, 0.0)[:, None],
+                                                     s.step, axis=1),
+        mask=jax.lax.dynamic_update_slice_in_dim(s.mask, live[:, None], s.step, axis=1),
+        done=s.done | jnp.isin(token, stops), last=token, position=s.position + 1, cache=cache, rng=rng)
+
+  state = jax.lax.while_loop(cond, body, state)
+  return SampleOutput(tokens=state.tokens, logprobs=state.logprobs, mask=state.mask,
+                      lengths=state.mask.sum(axis=1).astype(jnp.int32))

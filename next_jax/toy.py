@@ -1,0 +1,63 @@
+"""Tiny local stand-ins for a real checkpoint: a byte-level BPE tokenizer with a Qwen-style chat template,
+and random Qwen2 HF directories. Nothing is downloaded; everything loads through `hf.load_model`, the path a
+real Qwen2.5 directory takes.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+
+from next_jax import hf
+from next_jax.policy import ModelConfig, init_params
+
+SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+DEFAULT_CORPUS = tuple(
+    f"Question: what is {a}+{b}*{c}? Let me think. {b}*{c}={b * c}, {a}+{b * c}={a + b * c}. "
+    f"The answer is \\boxed{{{a + b * c}}}."
+    for a in range(0, 100, 7) for b in range(0, 100, 11) for c in range(10))
+
+
+def build_tokenizer(corpus: Iterable[str] = DEFAULT_CORPUS, vocab_size: int = 512,
+                    out_dir: str | os.PathLike | None = None):
+  """Train a byte-level BPE on `corpus` → a transformers fast tokenizer (saved to out_dir if given).
+
+  eos = <|im_end|>, pad = <|endoftext|>; the chat template is Qwen's ChatML shape."""
+  import tokenizers  # noqa: PLC0415
+  import transformers  # noqa: PLC0415
+
+  bpe = tokenizers.ByteLevelBPETokenizer()
+  bpe.train_from_iterator(list(corpus), vocab_size=vocab_size, min_frequency=1,
+                          special_tokens=list(SPECIAL_TOKENS))
+  tok = transformers.PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, eos_token="<|im_end|>",
+                                             pad_token="<|endoftext|>")
+  tok.chat_template = CHAT_TEMPLATE
+  if out_dir is not None:
+    tok.save_pretrained(str(out_dir))
+  return tok
+
+
+def make_random_model_dir(out_dir: str | os.PathLike, cfg: ModelConfig, seed: int = 0,
+                          weight_scale: float = 1.0, tokenizer: bool = True) -> Path:
+  """A random Qwen2/Llama HF directory (config.json, model.safetensors, tokenizer files).
+
+  With a tokenizer, cfg.vocab_size must be ≥ the tokenizer's size (extra rows are never produced by it).
+  weight_scale multiplies every Linear kernel (norms stay 1): > 1 makes logits far from uniform.
+  """
+  params = init_params(cfg, jax.random.key(seed))
+  params["layers"] = {k: ({**v, "kernel": v["kernel"] * weight_scale} if isinstance(v, dict) else v)
+                      for k, v in params["layers"].items()}
+  tok = None
+  if tokenizer:
+    tok = build_tokenizer()
+    if len(tok) > cfg.vocab_size:
+      raise ValueError(f"vocab_size={cfg.vocab_size} < tokenizer size {len(tok)}")
+  out = hf.save_model(out_dir, cfg, jax.tree.map(jnp.asarray, params), tokenizer=tok)
+  return out
