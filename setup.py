@@ -26,6 +26,7 @@ setup(
         "numpy>=1.26",
         "tqdm>=4.66",
         "absl-py>=2.1",
+        "tensorboardX>=2.6",
     ],
     extras_require={
         # torch is a *reference* for parity tests and benchmarks only; the package never imports it.

@@ -1,0 +1,343 @@
+"""GRPO-family objectives with verl's semantics, and the jitted policy update.
+
+Shapes: N sequences in contiguous groups of G (rows [p·G, (p+1)·G) answer prompt p); token-level arrays are
+aligned to *targets*: index j scores token j+1 of `tokens` given tokens[:j+1], so they are [N, T−1].
+
+Every aggregation returns (sum, denominator) with the denominator fixed for the whole mini-batch, so
+accumulating gradients of sum/denominator over micro-batches gives the full-batch gradient exactly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+
+from next_jax.policy import LoraConfig, ModelConfig, Params, forward
+
+AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
+
+# ------------------------------------------------------------------------------------ advantages
+
+
+def _groups(x: jax.Array, group_size: int) -> jax.Array:
+  if x.shape[0] % group_size:
+    raise ValueError(f"{x.shape[0]} rewards do not split into groups of {group_size}")
+  return x.reshape(-1, group_size)
+
+
+def grpo_advantages(rewards: jax.Array, group_size: int, eps: float = 1e-6,
+                    norm_by_std: bool = True) -> jax.Array:
+  """verl GRPO outcome advantage: A_i = (r_i − mean_g) / (std_g + eps), std unbiased (ddof 1).
+
+  norm_by_std=False is Dr.GRPO's A_i = r_i − mean_g. A group of one has no baseline: A = 0 (verl instead
+  leaves r/(1+eps) there). rewards: fp32[N] → fp32[N].
+  """
+  r = _groups(rewards.astype(jnp.float32), group_size)
+  if group_size == 1:
+    return jnp.zeros_like(rewards, jnp.float32)
+  centred = r - r.mean(axis=1, keepdims=True)
+  if norm_by_std:
+    centred = centred / (r.std(axis=1, ddof=1, keepdims=True) + eps)
+  return centred.reshape(-1)
+
+
+def drgrpo_advantages(rewards: jax.Array, group_size: int) -> jax.Array:
+  """Dr.GRPO (Liu et al. 2025): A_i = r_i − mean_g, no std normalisation."""
+  return grpo_advantages(rewards, group_size, norm_by_std=False)
+
+
+def rloo_advantages(rewards: jax.Array, group_size: int) -> jax.Array:
+  """RLOO (Ahmadian et al. 2024): A_i = r_i − (Σ_{j≠i} r_j)/(G−1) = G/(G−1)·(r_i − mean_g); G = 1 → 0."""
+  if group_size == 1:
+    return jnp.zeros_like(rewards, jnp.float32)
+  r = _groups(rewards.astype(jnp.float32), group_size)
+  loo = (r.sum(axis=1, keepdims=True) - r) / (group_size - 1)
+  return (r - loo).reshape(-1)
+
+
+def masked_whiten(x: jax.Array, mask: jax.Array, eps: float = 1e-8) -> jax.Array:
+  """verl masked_whiten: (x − mean)/√(var + eps) over masked entries, var unbiased (× n/(n−1))."""
+  m = mask.astype(jnp.float32)
+  n = jnp.maximum(m.sum(), 1.0)
+  mean = (x * m).sum() / n
+  var = ((x - mean) ** 2 * m).sum() / n * n / jnp.maximum(n - 1.0, 1.0)
+  return (x - mean) * jax.lax.rsqrt(var + eps)
+
+
+def outcome_token_rewards(rewards: jax.Array, mask: jax.Array) -> jax.Array:
+  """Place each sequence's scalar reward on its last response token. rewards [N], mask [N, T] → [N, T]."""
+  last = mask.shape[1] - 1 - jnp.argmax(mask[:, ::-1], axis=1)
+  onehot = jax.nn.one_hot(last, mask.shape[1], dtype=jnp.float32) * mask.any(axis=1, keepdims=True)
+  return onehot * rewards[:, None].astype(jnp.float32)
+
+
+def reinforce_pp_advantages(token_rewards: jax.Array, mask: jax.Array, gamma: float = 1.0) -> jax.Array:
+  """REINFORCE++ (Hu 2025, verl): returns G_t = r_t + γ·G_{t+1} (reset outside the mask), then
+  A = masked_whiten(G) over every response token of the batch; zero outside the mask. [N, T] → [N, T]."""
+  m = mask.astype(jnp.float32)
+
+  def step(running, xs):
+    r_t, m_t = xs
+    running = r_t + gamma * running
+    return running * m_t, running
+
+  _, returns = jax.lax.scan(step, jnp.zeros(token_rewards.shape[0]), (token_rewards.T, m.T), reverse=True)
+  return masked_whiten(returns.T, m) * m
+
+
+def compute_advantages(estimator: str, rewards: jax.Array, mask: jax.Array, group_size: int, *,
+                       token_kl: jax.Array | None = None, kl_coef: float = 0.0, gamma: float = 1.0,
+                       eps: float = 1e-6) -> jax.Array:
+  """Token-level advantages [N, T] for `estimator` ∈ {grpo, drgrpo, rloo, reinforce_pp}.
+
+  Outcome estimators broadcast A_i over sequence i's response tokens. reinforce_pp scores
+  r_tok = outcome-on-last-token − kl_coef·token_kl (verl's KL-in-reward) before computing returns.
+  """
+  m = mask.astype(jnp.float32)
+  if estimator == "reinforce_pp":
+    token_rewards = outcome_token_rewards(rewards, mask)
+    if token_kl is not None and kl_coef:
+      token_rewards = token_rewards - kl_coef * token_kl * m
+    return reinforce_pp_advantages(token_rewards, mask, gamma)
+  outcome = {"grpo": functools.partial(grpo_advantages, eps=eps), "drgrpo": drgrpo_advantages,
+             "rloo": rloo_advantages}
+  if estimator not in outcome:
+    raise ValueError(f"advantage estimator {estimator!r}; choose from {sorted(outcome) + ['reinforce_pp']}")
+  return outcome[estimator](rewards, group_size)[:, None] * m
+
+
+def overlong_penalty(lengths: jax.Array, max_len: int, cache_len: int) -> jax.Array:
+  """DAPO soft overlong punishment in tokens: 0 if |y| ≤ L−C; (L−C−|y|)/C if L−C < |y| ≤ L; −1 beyond."""
+  excess = lengths.astype(jnp.float32) - (max_len - cache_len)
+  pen = jnp.where(excess <= 0, 0.0, -excess / max(cache_len, 1))
+  return jnp.where(lengths > max_len, -1.0, pen)
+
+
+# ------------------------------------------------------------------------------------------ losses
+
+
+def kl_estimate(logp: jax.Array, ref_logp: jax.Array, kind: str) -> jax.Array:
+  """Per-token KL(π‖π_ref) estimators (verl `kl_penalty`), with x = logp − ref_logp:
+
+  k1 ("kl"): x;  abs: |x|;  k2 ("mse"): ½x²;
+  k3 ("low_var_kl", Schulman): d = clamp(−x, ±20); clamp(eᵈ − d − 1, ±10).
+  """
+  x = logp - ref_logp
+  if kind in ("k1", "kl"):
+    return x
+  if kind == "abs":
+    return jnp.abs(x)
+  if kind in ("k2", "mse"):
+    return 0.5 * x * x
+  if kind in ("k3", "low_var_kl"):
+    d = jnp.clip(-x, -20.0, 20.0)
+    return jnp.clip(jnp.exp(d) - d - 1.0, -10.0, 10.0)
+  raise ValueError(f"kl estimator {kind!r}; choose from k1/kl, abs, k2/mse, k3/low_var_kl")
+
+
+def ppo_token_loss(logp, old_logp, advantages, clip_low: float, clip_high: float, clip_c: float | None):
+  """verl "vanilla" PPO loss per token, with clip-higher and dual-clip.
+
+  ρ = exp(clamp(logp − old, ±20));  L₁ = max(−Aρ, −A·clip(ρ, 1−ε_low, 1+ε_high));
+  for A < 0 and dual-clip c: L = min(L₁, −A·c), else L₁.
+  Returns (loss, clipped = [−A·clip(ρ) > −Aρ], clipped_lower = [A<0 ∧ L₁ > −A·c], log ρ).
+  """
+  log_ratio = jnp.clip(logp - old_logp, -20.0, 20.0)
+  ratio = jnp.exp(log_ratio)
+  l1, l2 = -advantages * ratio, -advantages * jnp.clip(ratio, 1.0 - clip_low, 1.0 + clip_high)
+  loss = jnp.maximum(l1, l2)
+  clipped_lower = jnp.zeros_like(loss, bool)
+  if clip_c is not None:
+    l3 = -advantages * clip_c
+    clipped_lower = (advantages < 0) & (loss > l3)
+    loss = jnp.where(advantages < 0, jnp.minimum(loss, l3), loss)
+  return loss, l2 > l1, clipped_lower, log_ratio
+
+
+def agg_denominator(mask: jax.Array, mode: str, norm_constant: float | None = None) -> jax.Array:
+  """The fixed denominator of `mode` for a whole (mini-)batch. mask: [N, T].
+
+  token-mean: Σ mask;  seq-mean-*: #sequences with ≥1 token (empty padding rows do not count);
+  seq-mean-token-sum-norm: the explicit constant (verl default: T, the padded response length).
+  """
+  m = mask.astype(jnp.float32)
+  if mode == "token-mean":
+    return jnp.maximum(m.sum(), 1.0)
+  if mode in ("seq-mean-token-mean", "seq-mean-token-sum"):
+    return jnp.maximum((m.sum(axis=-1) > 0).sum().astype(jnp.float32), 1.0)
+  if mode == "seq-mean-token-sum-norm":
+    return jnp.asarray(float(norm_constant or mask.shape[-1]), jnp.float32)
+  raise ValueError(f"loss_agg_mode {mode!r}; choose from {AGG_MODES}")
+
+
+def agg_numerator(loss: jax.Array, mask: jax.Array, mode: str) -> jax.Array:
+  """The additive numerator of `mode`: Σ_tok ℓ·m, or Σ_seq (Σ_tok ℓ·m / Σ_tok m) for seq-mean-token-mean."""
+  m = mask.astype(jnp.float32)
+  if mode == "seq-mean-token-mean":
+    return ((loss * m).sum(axis=-1) / jnp.maximum(m.sum(axis=-1), 1.0)).sum()
+  return (loss * m).sum()
+
+
+def aggregate(loss: jax.Array, mask: jax.Array, mode: str, norm_constant: float | None = None):
+  """verl `agg_loss` as (sum, denominator): agg = sum / denominator."""
+  return agg_numerator(loss, mask, mode), agg_denominator(mask, mode, norm_constant)
+
+
+# ------------------------------------------------------------------------------------------ update
+
+
+@dataclasses.dataclass(frozen=True)
+class LossConfig:
+  """Static knobs of the policy objective (verl names in comments)."""
+
+  clip_low: float = 0.2  # clip_ratio_low
+  clip_high: float = 0.2  # clip_ratio_high (DAPO clip-higher: 0.28)
+  clip_c: float | None = 3.0  # clip_ratio_c, dual-clip for A < 0; None disables
+  kl_coef: float = 0.0  # kl_loss_coef (use_kl_loss when > 0)
+  kl_estimator: str = "k3"  # kl_loss_type
+  entropy_coef: float = 0.0  # entropy bonus: loss −= coef·entropy
+  agg_mode: str = "token-mean"  # loss_agg_mode
+  agg_norm: float | None = None  # constant of seq-mean-token-sum-norm (None: response length)
+  num_mini_batches: int = 1  # optimiser steps per RL step (ppo_mini_batch)
+  micro_batch_size: int | None = None  # rows per gradient-accumulation micro-batch (None: whole mini)
+
+  def __post_init__(self):
+    if self.agg_mode not in AGG_MODES:
+      raise ValueError(f"LossConfig.agg_mode={self.agg_mode!r}; choose from {AGG_MODES}")
+    kl_estimate(jnp.zeros(()), jnp.zeros(()), self.kl_estimator)
+
+
+class TrainState(flax.struct.PyTreeNode):
+  """The trainable side: LoRA factors (LoRA runs) or all parameters (full runs), and the optimiser."""
+
+  step: jax.Array
+  params: Params
+  opt_state: optax.OptState
+  tx: optax.GradientTransformation = flax.struct.field(pytree_node=False)
+
+  @classmethod
+  def create(cls, params: Params, tx: optax.GradientTransformation) -> "TrainState":
+    return cls(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), tx=tx)
+
+
+class Batch(flax.struct.PyTreeNode):
+  """One RL batch. tokens int32[N, T] = left-padded prompt ++ response; mask bool[N, T] real tokens;
+  loss_mask bool[N, T−1] response targets; advantages, sampler_logprobs fp32[N, T−1]."""
+
+  tokens: jax.Array
+  mask: jax.Array
+  loss_mask: jax.Array
+  advantages: jax.Array
+  sampler_logprobs: jax.Array
+
+
+def sequence_logprobs(params: Params, tokens: jax.Array, mask: jax.Array, cfg: ModelConfig,
+                      lora: Params | None = None, lora_cfg: LoraConfig | None = None):
+  """log π(tokens[:, j+1] | tokens[:, :j+1]) and the entropy of that distribution: fp32[N, T−1] each."""
+  logits, _ = forward(params, tokens[:, :-1], cfg, mask=mask[:, :-1], lora=lora, lora_cfg=lora_cfg)
+  logz = jax.nn.logsumexp(logits, axis=-1, keepdims=True)
+  logp_all = logits - logz
+  logp = jnp.take_along_axis(logp_all, tokens[:, 1:, None], axis=-1)[..., 0]
+  entropy = -(jnp.exp(logp_all) * logp_all).sum(axis=-1)
+  return logp, entropy
+
+
+def _policy_logprobs(trainable, base_params, tokens, mask, cfg, lora_cfg):
+  """The trained policy: base + LoRA(trainable) when lora_cfg is set, else the full params `trainable`."""
+  if lora_cfg is None:
+    return sequence_logprobs(trainable, tokens, mask, cfg)
+  return sequence_logprobs(base_params, tokens, mask, cfg, lora=trainable, lora_cfg=lora_cfg)
+
+
+def _split(tree, n: int):
+  """Leading axis N → [n, N/n, ...] (contiguous chunks, so groups stay together)."""
+  def f(x):
+    if x.shape[0] % n:
+      raise ValueError(f"batch of {x.shape[0]} rows does not split into {n} equal parts")
+    return x.reshape(n, x.shape[0] // n, *x.shape[1:])
+  return jax.tree.map(f, tree)
+
+
+def _micro_loss(trainable, base_params, mb: Batch, old_logp, ref_logp, denom, cfg, lora_cfg,
+                lc: LossConfig):
+  """Σ-part of the objective on one micro-batch, divided by the mini-batch's denominator, + metrics."""
+  logp, entropy = _policy_logprobs(trainable, base_params, mb.tokens, mb.mask, cfg, lora_cfg)
+  loss, clipped, clipped_lower, log_ratio = ppo_token_loss(logp, old_logp, mb.advantages, lc.clip_low,
+                                                           lc.clip_high, lc.clip_c)
+  m = mb.loss_mask
+  total = agg_numerator(loss, m, lc.agg_mode)
+  kl = kl_estimate(logp, ref_logp, lc.kl_estimator)
+  if lc.kl_coef:
+    total = total + lc.kl_coef * agg_numerator(kl, m, lc.agg_mode)
+  if lc.entropy_coef:
+    total = total - lc.entropy_coef * agg_numerator(entropy, m, lc.agg_mode)
+  mf = m.astype(jnp.float32)
+  sums = {"pg_loss": agg_numerator(loss, m, lc.agg_mode) / denom, "clipfrac": (clipped * mf).sum(),
+          "clipfrac_lower": (clipped_lower * mf).sum(), "ppo_kl": (-log_ratio * mf).sum(),
+          "kl_ref": (kl * mf).sum(), "entropy": (entropy * mf).sum()}
+  return total / denom, sums
+
+
+@functools.partial(jax.jit, donate_argnums=0, static_argnames=("cfg", "lora_cfg", "loss_cfg"))
+def grpo_update(state: TrainState, base_params: Params, batch: Batch, *, cfg: ModelConfig,
+                lora_cfg: LoraConfig | None, loss_cfg: LossConfig):
+  """One RL step's policy optimisation: num_mini_batches optimiser steps, each accumulating gradients
+  over micro-batches with `lax.scan`.
+
+  old logprobs: the current policy, recomputed by this training graph before any step (the sampler's own
+  logprobs only feed the mismatch metrics); reference: `base_params` without LoRA (LoRA runs — no second
+  copy) or `base_params` as the frozen initial weights (full runs). Returns (new state, metrics).
+  """
+  lc = loss_cfg
+  n = batch.tokens.shape[0]
+  micro = lc.micro_batch_size or n // lc.num_mini_batches
+  n_micro = n // micro
+
+  def no_grad_logprobs(p, lcfg):
+    chunks = _split((batch.tokens, batch.mask), n_micro)
+    f = lambda c: sequence_logprobs(p, c[0], c[1], cfg, *lcfg)[0]  # noqa: E731
+    return jax.lax.map(f, chunks).reshape(n, -1)
+
+  lora_args = (state.params, lora_cfg) if lora_cfg is not None else ()
+  old_logp = jax.lax.stop_gradient(
+      no_grad_logprobs(base_params if lora_cfg is not None else state.params, lora_args))
+  ref_logp = no_grad_logprobs(base_params, ()) if lc.kl_coef else old_logp
+  tokens_all = jnp.maximum(batch.loss_mask.sum(), 1)
+  grad_fn = jax.grad(_micro_loss, has_aux=True)
+
+  def mini_step(carry, mini):
+    state = carry
+    mb_batch, mb_old, mb_ref = mini
+    denom = agg_denominator(mb_batch.loss_mask, lc.agg_mode, lc.agg_norm)
+    k = mb_batch.tokens.shape[0] // micro
+
+    def micro_step(acc, xs):
+      b, o, r = xs
+      g, sums = grad_fn(state.params, base_params, b, o, r, denom, cfg, lora_cfg, lc)
+      return jax.tree.map(jnp.add, acc, (g, sums)), None
+
+    zeros = jax.tree.map(jnp.zeros_like, state.params)
+    zero_sums = {k_: jnp.zeros((), jnp.float32) for k_ in
+                 ("pg_loss", "clipfrac", "clipfrac_lower", "ppo_kl", "kl_ref", "entropy")}
+    (grads, sums), _ = jax.lax.scan(micro_step, (zeros, zero_sums), _split((mb_batch, mb_old, mb_ref), k))
+    updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    sums["grad_norm"] = optax.global_norm(grads)
+    return state.replace(params=params, opt_state=opt_state, step=state.step + 1), sums
+
+  minis = _split((batch, old_logp, ref_logp), lc.num_mini_batches)
+  state, sums = jax.lax.scan(mini_step, state, minis)
+  m = batch.loss_mask.astype(jnp.float32)
+  metrics = {k: sums[k].sum() / tokens_all for k in ("clipfrac", "clipfrac_lower", "ppo_kl", "kl_ref",
+                                                     "entropy")}
+  metrics["pg_loss"] = sums["pg_loss"].mean()
+  metrics["grad_norm"] = sums["grad_norm"].mean()
+  diff = (batch.sampler_logprobs - old_logp) * m
+  metrics["sampler_logp_abs_diff"] = jnp.abs(diff).sum() / tokens_all
+  metrics["sampler_logp_max_abs_diff"] = jnp.abs(diff).max()
+  return state, metrics

@@ -1,0 +1,94 @@
+"""Metric writers (JSONL + TensorBoard), wall-clock timing splits, and a progress bar."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+def _scalar(v: Any) -> float | int | str:
+  if isinstance(v, str):
+    return v
+  a = np.asarray(v)
+  return a.item() if a.size == 1 else float(a.mean())
+
+
+class MetricWriter:
+  """Append {step, **scalars} to <dir>/metrics.jsonl and, when tensorboardX is installed, to TensorBoard
+  event files in <dir>/tb. `truncate_after(step)` drops rows past a resumed checkpoint."""
+
+  def __init__(self, log_dir: str | os.PathLike, tensorboard: bool = True):
+    self.dir = Path(log_dir)
+    self.dir.mkdir(parents=True, exist_ok=True)
+    self.path = self.dir / "metrics.jsonl"
+    self._tb = None
+    if tensorboard:
+      try:
+        from tensorboardX import SummaryWriter  # noqa: PLC0415
+        self._tb = SummaryWriter(str(self.dir / "tb"))
+      except ImportError:
+        self._tb = None
+
+  def truncate_after(self, step: int) -> None:
+    """Keep only rows with row['step'] ≤ step (a resumed run rewrites what followed its checkpoint)."""
+    if not self.path.exists():
+      return
+    rows = [r for r in self.read() if r["step"] <= step]
+    tmp = self.path.with_suffix(".tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    os.replace(tmp, self.path)
+
+  def write(self, step: int, scalars: dict[str, Any]) -> dict[str, Any]:
+    row = {"step": int(step), **{k: _scalar(v) for k, v in scalars.items()}}
+    with open(self.path, "a") as f:
+      f.write(json.dumps(row) + "\n")
+    if self._tb is not None:
+      for k, v in row.items():
+        if k != "step" and isinstance(v, (int, float)):
+          self._tb.add_scalar(k, v, step)
+    return row
+
+  def read(self) -> list[dict[str, Any]]:
+    if not self.path.exists():
+      return []
+    return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+
+  def close(self) -> None:
+    if self._tb is not None:
+      self._tb.close()
+
+
+class Timer:
+  """Named wall-clock splits: `with timer("sample"): ...`; `timer.pop()` → {"time/sample": s, ...}."""
+
+  def __init__(self):
+    self._acc: dict[str, float] = defaultdict(float)
+
+  @contextlib.contextmanager
+  def __call__(self, name: str):
+    t0 = time.perf_counter()
+    try:
+      yield
+    finally:
+      self._acc[name] += time.perf_counter() - t0
+
+  def pop(self) -> dict[str, float]:
+    out = {f"time/{k}": v for k, v in self._acc.items()}
+    self._acc.clear()
+    return out
+
+
+def progress(total: int, initial: int = 0, desc: str = "", disable: bool | None = None):
+  """A tqdm bar; NEXT_JAX_PROGRESS=0 in the environment turns bars off (CI logs)."""
+  from tqdm.auto import tqdm  # noqa: PLC0415
+
+  if disable is None:
+    disable = os.environ.get("NEXT_JAX_PROGRESS", "") == "0"
+  return tqdm(total=total, initial=initial, desc=desc, disable=disable, dynamic_ncols=True)

@@ -1,0 +1,264 @@
+"""The RLVR loop: sample G responses per prompt → verify → advantages → `grpo_update`.
+
+`train_step` is one RL step on an `RLState` (the trainable state, rng, RL step and data cursor: everything
+that changes). Everything that does not change lives in an `RLSetup` (model config, base params, tokenizer
+hooks, problems, knobs). The step's randomness is `fold_in(rng, step)` and its prompts come from the cursor,
+so a run restored from a checkpoint continues with the same bits as the uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from next_jax import grpo, parallel
+from next_jax.metrics import MetricWriter, Timer, progress
+from next_jax.policy import LoraConfig, ModelConfig, Params
+from next_jax.sampler import generate, pad_prompts
+
+
+@dataclasses.dataclass(frozen=True)
+class RolloutConfig:
+  prompts_per_step: int = 8
+  group_size: int = 8  # G responses per prompt
+  prompt_len: int = 32  # fixed (left-padded) prompt length: one compiled program
+  max_new_tokens: int = 16
+  temperature: float = 1.0
+  top_p: float = 1.0
+  top_k: int = 0
+  dynamic_sampling: bool = False  # DAPO: keep only groups with reward spread, resample to fill
+  max_sampling_rounds: int = 4  # dynamic sampling gives up after this many rounds; the rest is masked
+  overlong_cache: int = 0  # DAPO overlong penalty window in tokens (0: off); max_len = max_new_tokens
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+  """AdamW with linear warmup then constant or cosine decay, after global-norm clipping."""
+
+  lr: float = 1e-5
+  warmup_steps: int = 0
+  schedule: str = "constant"  # "constant" | "cosine"
+  decay_steps: int = 1000  # optimiser steps of the cosine (RL steps × num_mini_batches)
+  min_lr_ratio: float = 0.0
+  weight_decay: float = 0.01
+  b1: float = 0.9
+  b2: float = 0.999
+  eps: float = 1e-8
+  grad_clip: float | None = 1.0
+
+
+def make_optimizer(oc: OptimConfig) -> optax.GradientTransformation:
+  """clip_by_global_norm → AdamW(lr schedule). lr(t) = lr·t/warmup during warmup, then constant or
+  cosine from lr to min_lr_ratio·lr over decay_steps."""
+  if oc.schedule == "constant":
+    main = optax.constant_schedule(oc.lr)
+  elif oc.schedule == "cosine":
+    main = optax.cosine_decay_schedule(oc.lr, max(oc.decay_steps - oc.warmup_steps, 1), oc.min_lr_ratio)
+  else:
+    raise ValueError(f"OptimConfig.schedule={oc.schedule!r}; choose 'constant' or 'cosine'")
+  sched = (optax.join_schedules([optax.linear_schedule(0.0, oc.lr, oc.warmup_steps), main],
+                                [oc.warmup_steps]) if oc.warmup_steps else main)
+  adamw = optax.adamw(sched, b1=oc.b1, b2=oc.b2, eps=oc.eps, weight_decay=oc.weight_decay)
+  return optax.chain(optax.clip_by_global_norm(oc.grad_clip), adamw) if oc.grad_clip else adamw
+
+
+class RLState(flax.struct.PyTreeNode):
+  """Everything a step changes. rng: raw uint32[2] key; step: RL steps done; cursor: problems consumed."""
+
+  train: grpo.TrainState
+  rng: jax.Array
+  step: jax.Array
+  cursor: jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class RLSetup:
+  """What a run holds fixed. encode(problem) → prompt token ids; reward(text, problem) → float;
+  next_problems(cursor, n) → (problems, new cursor) in a deterministic order."""
+
+  cfg: ModelConfig
+  lora_cfg: LoraConfig | None
+  loss_cfg: grpo.LossConfig
+  rollout: RolloutConfig
+  estimator: str
+  encode: Callable[[Any], list[int]]
+  decode: Callable[[list[int]], str]
+  reward: Callable[[str, Any], float]
+  next_problems: Callable[[int, int], tuple[Sequence[Any], int]]
+  pad_id: int
+  stop_ids: tuple[int, ...]
+  mesh: Any = None  # a data-parallel jax Mesh, or None for one device
+  kl_in_reward: float = 0.0  # REINFORCE++ token-level KL-in-reward coefficient
+
+
+def init_state(trainable: Params, tx: optax.GradientTransformation, seed: int) -> RLState:
+  return RLState(train=grpo.TrainState.create(trainable, tx), rng=jax.random.PRNGKey(seed),
+                 step=jnp.zeros((), jnp.int32), cursor=jnp.zeros((), jnp.int32))
+
+
+# --------------------------------------------------------------------------------------------- rollout
+
+
+def _sample(setup: RLSetup, base_params, trainable, prompts, prompt_mask, key, group_size, temperature):
+  lora, lora_cfg = (trainable, setup.lora_cfg) if setup.lora_cfg is not None else (None, None)
+  params = base_params if setup.lora_cfg is not None else trainable
+  ro = setup.rollout
+  if setup.mesh is not None:
+    prompts, prompt_mask = parallel.shard_batch((prompts, prompt_mask), setup.mesh)
+  return generate(params, prompts, prompt_mask, key, cfg=setup.cfg, lora=lora, lora_cfg=lora_cfg,
+                  max_new_tokens=ro.max_new_tokens, num_samples=group_size, temperature=temperature,
+                  top_k=ro.top_k, top_p=ro.top_p, stop_ids=setup.stop_ids, pad_id=setup.pad_id)
+
+
+def _score(setup: RLSetup, problems, group_size, out) -> tuple[np.ndarray, list[str]]:
+  tokens, mask = np.asarray(out.tokens), np.asarray(out.mask)
+  texts = [setup.decode(tokens[i][mask[i]].tolist()) for i in range(tokens.shape[0])]
+  rewards = np.asarray([setup.reward(t, problems[i // group_size]) for i, t in enumerate(texts)], np.float32)
+  return rewards, texts
+
+
+def collect(setup: RLSetup, base_params: Params, state: RLState):
+  """Sample and verify one RL batch of prompts_per_step × G responses.
+
+  With dynamic sampling (DAPO), groups whose rewards are all equal are dropped and fresh prompts are
+  sampled until the buffer holds prompts_per_step groups or max_sampling_rounds is reached; unfilled
+  slots keep the last groups sampled with their loss masked out, so shapes never change.
+  Returns (arrays dict, rewards of kept rows, new cursor, metrics).
+  """
+  ro, g, p = setup.rollout, setup.rollout.group_size, setup.rollout.prompts_per_step
+  key, cursor = jax.random.fold_in(state.rng, state.step), int(state.cursor)
+  kept, seen_groups, zero_spread = [], 0, 0
+  for rnd in range(ro.max_sampling_rounds if ro.dynamic_sampling else 1):
+    problems, cursor = setup.next_problems(cursor, p)
+    prompts, pmask = pad_prompts([setup.encode(q) for q in problems], setup.pad_id, ro.prompt_len)
+    out = _sample(setup, base_params, state.train.params, prompts, pmask, jax.random.fold_in(key, rnd),
+                  g, ro.temperature)
+    rewards, _ = _score(setup, problems, g, out)
+    if ro.overlong_cache:
+      rewards = rewards + np.asarray(grpo.overlong_penalty(out.lengths, ro.max_new_tokens, ro.overlong_cache))
+    spread = rewards.reshape(p, g).std(axis=1) > 0
+    seen_groups, zero_spread = seen_groups + p, zero_spread + int((~spread).sum())
+    arrays = {"prompts": np.repeat(prompts, g, 0), "pmask": np.repeat(pmask, g, 0),
+              "tokens": np.asarray(out.tokens), "rmask": np.asarray(out.mask),
+              "logprobs": np.asarray(out.logprobs), "rewards": rewards}
+    for i in range(p):
+      if spread[i] or not ro.dynamic_sampling:
+        kept.append(({k: v[i * g:(i + 1) * g] for k, v in arrays.items()}, True))
+    if len(kept) >= p:
+      break
+  while len(kept) < p:  # dynamic sampling ran out of rounds: pad with masked groups
+    i = len(kept) % p
+    kept.append(({k: v[i * g:(i + 1) * g] for k, v in arrays.items()}, False))
+  kept = kept[:p]
+  batch = {k: np.concatenate([grp[k] for grp, _ in kept]) for k in kept[0][0]}
+  batch["live"] = np.repeat(np.asarray([live for _, live in kept]), g)
+  metrics = {"zero_spread_frac": zero_spread / seen_groups, "sampling_rounds": rnd + 1,
+             "masked_groups": int((~batch["live"]).sum()) // g}
+  return batch, cursor, metrics
+
+
+def make_batch(setup: RLSetup, arrays: dict[str, np.ndarray], advantages: jax.Array) -> grpo.Batch:
+  """Concatenate prompt ++ response and align masks/logprobs/advantages to targets ([N, T−1])."""
+  tp = arrays["prompts"].shape[1]
+  tokens = np.concatenate([arrays["prompts"], arrays["tokens"]], axis=1)
+  mask = np.concatenate([arrays["pmask"], arrays["rmask"]], axis=1)
+  pad = np.zeros((tokens.shape[0], tp - 1), np.float32)
+  loss_mask = np.concatenate([pad.astype(bool), arrays["rmask"] & arrays["live"][:, None]], axis=1)
+  batch = grpo.Batch(tokens=tokens, mask=mask, loss_mask=loss_mask,
+                     advantages=np.concatenate([pad, np.asarray(advantages)], axis=1) * loss_mask,
+                     sampler_logprobs=np.concatenate([pad, arrays["logprobs"]], axis=1))
+  return parallel.shard_batch(batch, setup.mesh) if setup.mesh is not None else batch
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "lora_cfg"))
+def _token_kl(base_params, trainable, tokens, mask, *, cfg, lora_cfg):
+  """k1 KL of the current policy to the reference per target token: log π − log π_ref."""
+  if lora_cfg is None:
+    logp, _ = grpo.sequence_logprobs(trainable, tokens, mask, cfg)
+  else:
+    logp, _ = grpo.sequence_logprobs(base_params, tokens, mask, cfg, lora=trainable, lora_cfg=lora_cfg)
+  ref, _ = grpo.sequence_logprobs(base_params, tokens, mask, cfg)
+  return logp - ref
+
+
+def train_step(setup: RLSetup, base_params: Params, state: RLState, timer: Timer | None = None):
+  """One RL step → (new state, metrics). The trainable state is donated to the update."""
+  timer = timer or Timer()
+  with timer("sample"):
+    arrays, cursor, metrics = collect(setup, base_params, state)
+  live = arrays["live"]
+  resp_mask = arrays["rmask"] & live[:, None]
+  token_kl = None
+  if setup.estimator == "reinforce_pp" and setup.kl_in_reward:
+    with timer("logprob"):
+      toks = np.concatenate([arrays["prompts"], arrays["tokens"]], 1)
+      msk = np.concatenate([arrays["pmask"], arrays["rmask"]], 1)
+      kl = _token_kl(base_params, state.train.params, toks, msk, cfg=setup.cfg, lora_cfg=setup.lora_cfg)
+      token_kl = kl[:, arrays["prompts"].shape[1] - 1:]
+  adv = grpo.compute_advantages(setup.estimator, jnp.asarray(arrays["rewards"]), jnp.asarray(resp_mask),
+                                setup.rollout.group_size, token_kl=token_kl, kl_coef=setup.kl_in_reward)
+  batch = make_batch(setup, arrays, adv)
+  with timer("update"):
+    train, upd = grpo.grpo_update(state.train, base_params, batch, cfg=setup.cfg, lora_cfg=setup.lora_cfg,
+                                  loss_cfg=setup.loss_cfg)
+    upd = jax.device_get(upd)
+  rewards = arrays["rewards"][live] if live.any() else arrays["rewards"]
+  lengths = arrays["rmask"].sum(1)
+  times = timer.pop()
+  n_tokens = int(lengths.sum())
+  metrics.update({k: float(v) for k, v in upd.items()})
+  metrics.update({"reward_mean": float(rewards.mean()), "reward_std": float(rewards.std()),
+                  "accuracy": float((rewards > 0.5).mean()), "response_len": float(lengths.mean()),
+                  "tokens_per_s": n_tokens / max(times.get("time/sample", 0.0), 1e-9), **times})
+  new = state.replace(train=train, step=state.step + 1, cursor=jnp.asarray(cursor, jnp.int32))
+  return new, metrics
+
+
+# ------------------------------------------------------------------------------------------ evaluate
+
+
+def evaluate(setup: RLSetup, base_params: Params, trainable: Params, problems: Sequence[Any], *,
+             chunk: int, samples: int = 1, temperature: float = 0.0, seed: int = 0) -> dict[str, float]:
+  """Mean reward over `problems` (avg@samples). Problems go in equal chunks (the last is padded with
+  repeats and ignored), so evaluation compiles once. temperature 0 = greedy."""
+  scores = []
+  for start in range(0, len(problems), chunk):
+    part = list(problems[start:start + chunk])
+    n_real = len(part)
+    part += [part[-1]] * (chunk - n_real)
+    prompts, pmask = pad_prompts([setup.encode(q) for q in part], setup.pad_id, setup.rollout.prompt_len)
+    out = _sample(setup, base_params, trainable, prompts, pmask, jax.random.PRNGKey(seed + start), samples,
+                  temperature)
+    rewards, _ = _score(setup, part, samples, out)
+    scores.append(rewards[:n_real * samples])
+  r = np.concatenate(scores)
+  return {"accuracy": float((r > 0.5).mean()), "reward_mean": float(r.mean()), "n": int(r.size)}
+
+
+def train(setup: RLSetup, base_params: Params, state: RLState, num_steps: int, *,
+          writer: MetricWriter | None = None, checkpointer=None, checkpoint_every: int = 0,
+          desc: str = "grpo") -> RLState:
+  """Run RL steps until state.step == num_steps, logging every step and checkpointing every
+  `checkpoint_every` steps (and at the end)."""
+  start = int(state.step)
+  bar = progress(num_steps, initial=start, desc=desc)
+  timer = Timer()
+  for _ in range(start, num_steps):
+    state, m = train_step(setup, base_params, state, timer)
+    step = int(state.step)
+    if writer is not None:
+      writer.write(step, m)
+    bar.set_postfix(reward=f"{m['reward_mean']:.3f}", step_s=f"{m.get('time/sample', 0) + m['time/update']:.2f}")
+    bar.update(1)
+    if checkpointer is not None and checkpoint_every and (step % checkpoint_every == 0 or step == num_steps):
+      checkpointer.save(step, state, {"step": step})
+  bar.close()
+  return state
