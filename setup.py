@@ -26,11 +26,12 @@ setup(
         "numpy>=1.26",
         "tqdm>=4.66",
         "absl-py>=2.1",
+        "math-verify>=0.9",
         "tensorboardX>=2.6",
     ],
     extras_require={
         # torch is a *reference* for parity tests and benchmarks only; the package never imports it.
-        "test": ["pytest>=8", "torch==2.13.0", "peft>=0.15", "nbclient>=0.10", "ipykernel>=6"],
+        "test": ["pytest>=8", "torch==2.13.0", "peft>=0.15", "nbclient>=0.10", "ipykernel>=6", "pyarrow>=14"],
         "dev": ["pytest>=8", "torch==2.13.0", "peft>=0.15", "nbclient>=0.10", "ipykernel>=6", "ruff>=0.6"],
     },
 )

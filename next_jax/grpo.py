@@ -222,6 +222,8 @@ class TrainState(flax.struct.PyTreeNode):
 
   @classmethod
   def create(cls, params: Params, tx: optax.GradientTransformation) -> "TrainState":
+    """A fresh state on a *copy* of params (updates donate the state; the caller keeps its arrays)."""
+    params = jax.tree.map(jnp.copy, params)
     return cls(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), tx=tx)
 
 
@@ -327,7 +329,7 @@ def grpo_update(state: TrainState, base_params: Params, batch: Batch, *, cfg: Mo
     (grads, sums), _ = jax.lax.scan(micro_step, (zeros, zero_sums), _split((mb_batch, mb_old, mb_ref), k))
     updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    sums["grad_norm"] = optax.global_norm(grads)
+    sums["grad_norm"] = optax.tree.norm(grads)
     return state.replace(params=params, opt_state=opt_state, step=state.step + 1), sums
 
   minis = _split((batch, old_logp, ref_logp), lc.num_mini_batches)
