@@ -1,0 +1,188 @@
+"""Jumps along a weight trajectory: NExt's predict-extend and the baselines it must beat.
+
+A trajectory holds K snapshots (index 0 = W₀, the start of the observation window) of every trained matrix,
+stacked per module: LoRA runs keep the factors {"a": [K, L, r, n], "b": [K, L, m, r]} (never merged
+matrices), full-parameter runs the kernels {"kernel": [K, L, n, m]} (our [in, out] layout). `steps` gives
+each snapshot's RL step. Every method returns, per module, a dense Δ [L, n, m] (our layout) to add to the
+*current* weights W_t (t = the last snapshot); the caller applies W_t + α·Δ for NExt, W_t + Δ for baselines.
+
+Horizon: NExt's target is k snapshots ahead; baselines extrapolate to t_target = t + horizon steps, by
+default horizon = k·interval, the same distance NExt predicts.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from next_jax import predictor as pred_lib
+from next_jax import rank1
+from next_jax.rank1 import Triplet
+
+METHODS = ("next", "rl_extra", "alpharl", "relex")
+
+
+def is_lora(traj) -> bool:
+  return "a" in next(iter(traj.values()))
+
+
+# ----------------------------------------------------------------------------------------- triplets
+
+
+def pair_triplets(traj, pairs, scale: float, sign: str, devices: str = "pmap") -> dict[str, Triplet]:
+  """Top triplets of W_i − W_j for each (i, j) in pairs → {module: Triplet [len(pairs), L, ...]}.
+
+  LoRA: exact from the factors (rank ≤ 2r); dense: SVD of (W_i − W_j)ᵀ ([out, in])."""
+  out = {}
+  for name, mod in traj.items():
+    if "a" in mod:
+      ps, qs = zip(*(rank1.lora_delta_factors(mod["a"], mod["b"], i, j) for i, j in pairs))
+      p, q = jnp.stack(ps), jnp.stack(qs)  # [n_pairs, L, m, k], [n_pairs, L, k, n]
+      t = rank1.batched_factored_triplets(p.reshape(-1, *p.shape[2:]), q.reshape(-1, *q.shape[2:]), scale,
+                                          sign, devices)
+    else:
+      d = jnp.stack([jnp.swapaxes(mod["kernel"][i] - mod["kernel"][j], -1, -2) for i, j in pairs])
+      t = rank1.batched_dense_triplets(d.reshape(-1, *d.shape[2:]), sign, devices)
+    out[name] = jax.tree.map(lambda x, n=len(pairs): x.reshape(n, -1, *x.shape[1:]), t)
+  return out
+
+
+def triplet_delta(t: Triplet, normalise: bool = True) -> jax.Array:
+  """σ·u·vᵀ in our layout: [..., n, m] = σ·v⊗u; u, v normalised to unit length first (predictions)."""
+  u, v = t.u, t.v
+  if normalise:
+    u = u / jnp.maximum(jnp.linalg.norm(u, axis=-1, keepdims=True), 1e-12)
+    v = v / jnp.maximum(jnp.linalg.norm(v, axis=-1, keepdims=True), 1e-12)
+  return t.sigma[..., None, None] * v[..., :, None] * u[..., None, :]
+
+
+def snapshot_delta(mod, i: int, j: int, scale: float) -> jax.Array:
+  """Dense W_i − W_j of one module in our layout [L, n, m]."""
+  if "a" in mod:
+    return scale * (jnp.einsum("lri,lor->lio", mod["a"][i], mod["b"][i])
+                    - jnp.einsum("lri,lor->lio", mod["a"][j], mod["b"][j]))
+  return mod["kernel"][i] - mod["kernel"][j]
+
+
+# --------------------------------------------------------------------------------------------- NExt
+
+
+def next_predict(traj, k: int, scale: float, pcfg: pred_lib.PredictorConfig, key: jax.Array,
+                 sign: str = "max_abs_u", devices: str = "pmap"):
+  """NExt: rank-1 triplets of G_i, L_i, T_i → train one predictor per shape group → predict the target
+  triplet from the last (G, L) → ΔŴ = σ̂·û·v̂ᵀ (û, v̂ normalised).
+
+  Returns ({module: ΔŴ [L, n, m]}, info with the loss curves and the triplets)."""
+  num = next(iter(traj.values()))[("a" if is_lora(traj) else "kernel")].shape[0]
+  pairs = rank1.delta_pairs(num, k)
+  if not pairs["global"]:
+    raise ValueError(f"trajectory of {num} snapshots has no training pair for k={k} (needs ≥ k+2)")
+  kinds = ("global", "local", "target", "last_global", "last_local")
+  flat = [p for kind in kinds for p in pairs[kind]]
+  allt = pair_triplets(traj, flat, scale, sign, devices)
+  split, start = {}, 0
+  for kind in kinds:
+    n = len(pairs[kind])
+    split[kind] = {m: jax.tree.map(lambda x, s=start, n=n: x[s:s + n], t) for m, t in allt.items()}
+    start += n
+  predicted, curves = pred_lib.fit_and_predict(key, split["global"], split["local"], split["target"],
+                                               split["last_global"], split["last_local"], pcfg)
+  deltas = {m: triplet_delta(t)[0] for m, t in predicted.items()}
+  return deltas, {"loss_curves": curves, "triplets": split, "predicted": predicted}
+
+
+# ---------------------------------------------------------------------------------------- baselines
+
+
+def rl_extra(traj, steps: jax.Array, t_target: float, scale: float) -> dict[str, jax.Array]:
+  """RL-Extra (arXiv 2601.04537): W = W₀ + β(W_t − W₀), β = (t_target − t₀)/(t − t₀), element-wise.
+  Δ = (β − 1)(W_t − W₀). (Norms are untrained here, so "copied" is automatic.)"""
+  beta = (t_target - steps[0]) / (steps[-1] - steps[0])
+  last = len(steps) - 1
+  return {m: (beta - 1.0) * snapshot_delta(mod, last, 0, scale) for m, mod in traj.items()}
+
+
+def _line_fit(x: jax.Array, y: jax.Array, x_new: float) -> jax.Array:
+  """Least-squares line through (x_t, y_t) per trailing coordinate, evaluated at x_new. y: [T, ...]."""
+  xc = x - x.mean()
+  slope = jnp.tensordot(xc, y - y.mean(0), axes=(0, 0)) / jnp.maximum((xc * xc).sum(), 1e-30)
+  return y.mean(0) + slope * (x_new - x.mean())
+
+
+def alpharl(traj, steps: jax.Array, t_target: float, scale: float, devices: str = "pmap"):
+  """AlphaRL (arXiv 2510.00553), linear-in-step stand-in for its PLS-on-accuracy fit.
+
+  Per matrix: rank-1 of ΔW_t = W_t − W₀ at every snapshot, a_t = σ₁u₁ with signs aligned to the previous
+  snapshot (flip (u, v) when ⟨u_t, u_{t−1}⟩ < 0); least-squares line a(t) per coordinate; the jump target is
+  Ŵ = W₀ + â(t_target)·v_lastᵀ, so Δ = Ŵ − W_t."""
+  num = len(steps)
+  trip = pair_triplets(traj, [(i, 0) for i in range(1, num)], scale, "none", devices)
+  last = num - 1
+  out = {}
+  for m, t in trip.items():
+    def align(prev_u, cur):
+      u, v, s = cur
+      flip = jnp.where(jnp.sum(u * prev_u, -1, keepdims=True) < 0, -1.0, 1.0)
+      return u * flip, (u * flip, v * flip, s)
+    _, (u, v, s) = jax.lax.scan(align, t.u[0], (t.u, t.v, t.sigma))
+    a_hat = _line_fit(steps[1:], s[..., None] * u, t_target)  # [L, m]
+    target = triplet_delta(Triplet(sigma=jnp.ones(a_hat.shape[:-1]), u=a_hat, v=v[-1], spectrum=s[-1]),
+                           normalise=False)
+    out[m] = target - snapshot_delta(traj[m], last, 0, scale)
+  return out
+
+
+def _gram(mod, num: int, scale: float) -> jax.Array:
+  """⟨ΔW_s, ΔW_t⟩_F for ΔW_t = W_t − W₀, s, t = 1..num−1, per layer: [L, T, T].
+
+  LoRA: ΔW_t = s·P_t·Q_t with P_t = [B_t, −B₀], Q_t = [A_t; A₀] (snapshot 0 need not have B = 0), so the
+  Gram is s²·Σ (P_sᵀP_t)∘(Q_sQ_tᵀ)."""
+  if "a" in mod:
+    a0, b0 = mod["a"][0], mod["b"][0]
+    a = jnp.concatenate([mod["a"][1:num], jnp.broadcast_to(a0, (num - 1, *a0.shape))], axis=-2)
+    b = jnp.concatenate([mod["b"][1:num], jnp.broadcast_to(-b0, (num - 1, *b0.shape))], axis=-1)
+    bb = jnp.einsum("slmr,tlmq->lstrq", b, b)
+    aa = jnp.einsum("slrn,tlqn->lstrq", a, a)
+    return scale * scale * (bb * aa).sum((-1, -2))
+  d = mod["kernel"][1:num] - mod["kernel"][0]
+  return jnp.einsum("slnm,tlnm->lst", d, d)
+
+
+def relex(traj, steps: jax.Array, t_target: float, scale: float) -> dict[str, jax.Array]:
+  """RELEX (arXiv 2605.21468): per matrix, M = [vec(ΔW_t)]_t (T×d); top right-singular direction
+  v = Mᵀe/√λ from the T×T Gram matrix's top eigenpair (λ, e); c_t = M v = √λ·e; least-squares line
+  c(t) = a·t + b; θ̂ = θ₀ + c(t_target)·v = θ₀ + (c(t_target)/√λ)·Σ_t e_t ΔW_t; Δ = θ̂ − θ_t."""
+  num = len(steps)
+  last = num - 1
+  out = {}
+  for m, mod in traj.items():
+    gram = _gram(mod, num, scale)  # [L, T, T]
+    lam, vecs = jnp.linalg.eigh(gram)
+    lam1, e = jnp.maximum(lam[:, -1], 1e-30), vecs[:, :, -1]  # [L], [L, T]
+    e = e * jnp.where(e.sum(-1, keepdims=True) < 0, -1.0, 1.0)
+    c = jnp.sqrt(lam1)[:, None] * e  # [L, T]
+    c_hat = _line_fit(steps[1:], c.T, t_target)  # [L]
+    w = (c_hat / jnp.sqrt(lam1))[:, None] * e  # weights of ΔW_t, [L, T]
+    combo = sum(w[:, t - 1, None, None] * snapshot_delta(mod, t, 0, scale) for t in range(1, num))
+    out[m] = combo - snapshot_delta(mod, last, 0, scale)
+  return out
+
+
+# -------------------------------------------------------------------------------------- diagnostics
+
+
+def delta_agreement(pred: dict[str, jax.Array], actual: dict[str, jax.Array]) -> dict[str, float]:
+  """Cosine and relative error ‖Δ̂ − Δ‖/‖Δ‖ of predicted vs actual future deltas: per-matrix medians and
+  the whole-model values (all trained matrices flattened together)."""
+  cos, rel, dot, n_p, n_a, n_d = [], [], 0.0, 0.0, 0.0, 0.0
+  for m in pred:
+    p, a = pred[m].astype(jnp.float32), actual[m].astype(jnp.float32)
+    pa, pp, aa = (p * a).sum((-1, -2)), (p * p).sum((-1, -2)), (a * a).sum((-1, -2))
+    dd = ((p - a) ** 2).sum((-1, -2))
+    cos.append(pa / jnp.maximum(jnp.sqrt(pp * aa), 1e-30))
+    rel.append(jnp.sqrt(dd / jnp.maximum(aa, 1e-30)))
+    dot, n_p, n_a, n_d = dot + pa.sum(), n_p + pp.sum(), n_a + aa.sum(), n_d + dd.sum()
+  return {"cos_median": float(jnp.median(jnp.concatenate(cos))),
+          "relerr_median": float(jnp.median(jnp.concatenate(rel))),
+          "cos_global": float(dot / jnp.maximum(jnp.sqrt(n_p * n_a), 1e-30)),
+          "relerr_global": float(jnp.sqrt(n_d / jnp.maximum(n_a, 1e-30)))}

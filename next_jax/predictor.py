@@ -1,0 +1,166 @@
+"""NExt's trajectory predictor (MatrixPredict), one per shape group, trained with Optax.
+
+Rows: every u vector (length m), v vector (length n) and σ (length 1) of every trained matrix is a row;
+rows of the same length form a *shape group* and share one predictor; within a group the rows are a batch
+of independent samples. For row x the predictor maps (x of rank1(G_i), x of rank1(L_i)) → x of rank1(T_i).
+
+MatrixPredict(dim), hidden width H = 256, PyTorch default Linear init (W, b ~ U(±1/√fan_in)):
+    E_G, E_L : Linear(dim,H) → Linear(H,dim) → ReLU → Linear(dim,H) → Linear(H,dim)
+    D        : Linear(2dim,H) → Linear(H,2dim) → ReLU → Linear(2dim,H) → Linear(H,dim)
+    π(g, l)  = D([E_G(g), E_L(l)])
+Loss (official): Σ_entries |π(g,l) − t| / #training snapshots (L2 optional). AdamW(lr 2e-5, wd 0.01,
+β 0.9/0.999), cosine decay to 0.1·lr over 1000 full-batch epochs, the epoch loop in `lax.scan`.
+Ablations drop a branch: use_global/use_local=False feed zeros in place of that encoder's output.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from next_jax.rank1 import Triplet
+
+
+@dataclasses.dataclass(frozen=True)
+class PredictorConfig:
+  hidden: int = 256
+  epochs: int = 1000
+  lr: float = 2e-5
+  weight_decay: float = 0.01
+  final_lr_ratio: float = 0.1  # cosine decays lr to this fraction of lr over `epochs`
+  loss: str = "l1"  # "l1" (official) | "l2"
+  use_global: bool = True  # ablation "w/o global delta" when False
+  use_local: bool = True  # ablation "w/o local delta" when False
+
+  def __post_init__(self):
+    if self.loss not in ("l1", "l2"):
+      raise ValueError(f"PredictorConfig.loss={self.loss!r}; choose 'l1' or 'l2'")
+    if not (self.use_global or self.use_local):
+      raise ValueError("PredictorConfig: use_global and use_local cannot both be False")
+
+
+# ------------------------------------------------------------------------------------------- network
+
+
+def _linear(key, n_in: int, n_out: int):
+  """torch.nn.Linear default init: kaiming_uniform(a=√5) ⇒ W ~ U(±1/√n_in); b ~ U(±1/√n_in)."""
+  kw, kb = jax.random.split(key)
+  bound = 1.0 / math.sqrt(n_in)
+  return {"w": jax.random.uniform(kw, (n_in, n_out), jnp.float32, -bound, bound),
+          "b": jax.random.uniform(kb, (n_out,), jnp.float32, -bound, bound)}
+
+
+def _block(key, widths):
+  """Four Linears with widths [w0 → w1 → w2 → w3 → w4]."""
+  keys = jax.random.split(key, 4)
+  return [_linear(k, widths[i], widths[i + 1]) for i, k in enumerate(keys)]
+
+
+def init_matrix_predict(key: jax.Array, dim: int, hidden: int = 256):
+  kg, kl, kd = jax.random.split(key, 3)
+  return {"enc_g": _block(kg, [dim, hidden, dim, hidden, dim]),
+          "enc_l": _block(kl, [dim, hidden, dim, hidden, dim]),
+          "dec": _block(kd, [2 * dim, hidden, 2 * dim, hidden, dim])}
+
+
+def _run_block(layers, x):
+  """Linear → Linear → ReLU → Linear → Linear (the official layer order: one ReLU per sub-network)."""
+  lin = lambda p, h: h @ p["w"] + p["b"]  # noqa: E731
+  return lin(layers[3], lin(layers[2], jax.nn.relu(lin(layers[1], lin(layers[0], x)))))
+
+
+def apply_matrix_predict(params, g: jax.Array, l: jax.Array, use_global: bool = True,
+                         use_local: bool = True) -> jax.Array:
+  """π(g, l) = D([E_G(g), E_L(l)]). g, l: [..., dim] → [..., dim]."""
+  eg = _run_block(params["enc_g"], g) if use_global else jnp.zeros_like(g)
+  el = _run_block(params["enc_l"], l) if use_local else jnp.zeros_like(l)
+  return _run_block(params["dec"], jnp.concatenate([eg, el], axis=-1))
+
+
+# ------------------------------------------------------------------------------------------ training
+
+
+def predictor_loss(params, g, l, t, cfg: PredictorConfig):
+  """Σ_entries |π(g,l) − t| (or squared) / S. g, l, t: [S, R, dim] (S training snapshots, R rows)."""
+  err = apply_matrix_predict(params, g, l, cfg.use_global, cfg.use_local) - t
+  per = jnp.abs(err) if cfg.loss == "l1" else err * err
+  return per.sum() / g.shape[0]
+
+
+def make_optimizer(cfg: PredictorConfig) -> optax.GradientTransformation:
+  sched = optax.cosine_decay_schedule(cfg.lr, cfg.epochs, alpha=cfg.final_lr_ratio)
+  return optax.adamw(sched, b1=0.9, b2=0.999, eps=1e-8, weight_decay=cfg.weight_decay)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg",))
+def train_predictor(key: jax.Array, g: jax.Array, l: jax.Array, t: jax.Array, cfg: PredictorConfig):
+  """Full-batch training of one MatrixPredict: cfg.epochs optimiser steps in one `lax.scan`.
+
+  g, l, t: fp32[S, R, dim] → (params, losses fp32[epochs]: the loss *before* each step)."""
+  params = init_matrix_predict(key, g.shape[-1], cfg.hidden)
+  tx = make_optimizer(cfg)
+  grad_fn = jax.value_and_grad(predictor_loss)
+
+  def epoch(carry, _):
+    p, s = carry
+    loss, grads = grad_fn(p, g, l, t, cfg)
+    updates, s = tx.update(grads, s, p)
+    return (optax.apply_updates(p, updates), s), loss
+
+  (params, _), losses = jax.lax.scan(epoch, (params, tx.init(params)), None, length=cfg.epochs)
+  return params, losses
+
+
+# ------------------------------------------------------------------------------------ rows ↔ matrices
+
+
+def to_rows(triplets: dict[str, Triplet]) -> tuple[dict[int, jax.Array], list[tuple[str, str, int, int]]]:
+  """{module: Triplet with leading [S, L]} → ({dim: [S, R, dim]}, layout).
+
+  layout: (module, field ∈ {sigma,u,v}, dim, offset into that group's R axis), in a deterministic order,
+  so `from_rows` can split predictions back."""
+  groups: dict[int, list[jax.Array]] = {}
+  layout = []
+  for name in sorted(triplets):
+    t = triplets[name]
+    for field, x in (("sigma", t.sigma[..., None]), ("u", t.u), ("v", t.v)):
+      dim = x.shape[-1]
+      offset = sum(a.shape[1] for a in groups.get(dim, []))
+      groups.setdefault(dim, []).append(x)
+      layout.append((name, field, dim, offset))
+  return {d: jnp.concatenate(xs, axis=1) for d, xs in groups.items()}, layout
+
+
+def from_rows(rows: dict[int, jax.Array], layout, num_layers: dict[str, int]) -> dict[str, Triplet]:
+  """Inverse of `to_rows` for predictions: {dim: [S, R, dim]} → {module: Triplet [S, L, ...]}."""
+  fields: dict[str, dict[str, jax.Array]] = {}
+  for name, field, dim, offset in layout:
+    x = rows[dim][:, offset:offset + num_layers[name]]
+    fields.setdefault(name, {})[field] = x[..., 0] if field == "sigma" else x
+  return {n: Triplet(sigma=f["sigma"], u=f["u"], v=f["v"], spectrum=f["sigma"][..., None])
+          for n, f in fields.items()}
+
+
+def fit_and_predict(key: jax.Array, train_g: dict[str, Triplet], train_l: dict[str, Triplet],
+                    train_t: dict[str, Triplet], last_g: dict[str, Triplet], last_l: dict[str, Triplet],
+                    cfg: PredictorConfig):
+  """Train one predictor per shape group on (G_i, L_i) → T_i and predict from the last (G, L).
+
+  Returns ({module: predicted Triplet [1, L, ...]}, {dim: loss curve [epochs]})."""
+  g_rows, layout = to_rows(train_g)
+  l_rows, _ = to_rows(train_l)
+  t_rows, _ = to_rows(train_t)
+  lg_rows, _ = to_rows(last_g)
+  ll_rows, _ = to_rows(last_l)
+  preds, curves = {}, {}
+  for i, dim in enumerate(sorted(g_rows)):
+    params, losses = train_predictor(jax.random.fold_in(key, i), g_rows[dim], l_rows[dim], t_rows[dim], cfg)
+    preds[dim] = apply_matrix_predict(params, lg_rows[dim], ll_rows[dim], cfg.use_global, cfg.use_local)
+    curves[dim] = losses
+  num_layers = {name: train_g[name].sigma.shape[1] for name in train_g}
+  return from_rows(preds, layout, num_layers), curves

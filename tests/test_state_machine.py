@@ -1,0 +1,117 @@
+"""The NExt state machine end to end on a tiny model, and resume from a checkpoint taken in each phase."""
+
+import jax
+import numpy as np
+import pytest
+
+from next_jax import policy, predictor
+from next_jax import state_machine as sm
+from next_jax.checkpoint import Checkpointer
+from tests.test_trainer import CFG, LCFG, fresh_state, make_setup
+
+NCFG = sm.NExtConfig(method="next", extrapolate_at=8, interval=2, k=2, total_steps=12,
+                     predictor=predictor.PredictorConfig(epochs=20, lr=1e-3))
+
+
+@pytest.fixture(scope="module")
+def model():
+  return policy.init_params(CFG, jax.random.key(0)), policy.init_lora(CFG, LCFG, jax.random.key(1))
+
+
+def strip(rows):
+  return [{k: v for k, v in r.items() if not k.startswith("time/") and k != "tokens_per_s"} for r in rows]
+
+
+class Recorder:
+  def __init__(self):
+    self.rows = []
+
+  def write(self, step, m):
+    self.rows.append({"step": step, **m})
+
+
+def run_from(setup, state, ckpt=None):
+  rec, jumps = Recorder(), []
+  state = sm.run(setup, NCFG, state, writer=rec, checkpointer=ckpt, checkpoint_every=3,
+                 on_jump=lambda s, i: jumps.append(i))
+  return state, strip(rec.rows), jumps
+
+
+@pytest.fixture(scope="module")
+def full_run(model, tmp_path_factory):
+  params, lora = model
+  setup = make_setup()
+  ckpt = Checkpointer(tmp_path_factory.mktemp("nxt") / "ckpt", max_to_keep=None)
+  state, rows, jumps = run_from(setup, sm.init(setup, NCFG, params, fresh_state(lora)), ckpt)
+  return setup, state, rows, jumps, ckpt
+
+
+def test_run_goes_collect_extrapolate_continue_done(full_run):
+  _, state, rows, jumps, ckpt = full_run
+  assert sm.PHASES[int(state.phase)] == "DONE" and int(state.rl.step) == NCFG.total_steps
+  phases = [r["phase"] for r in rows if "phase" in r]
+  assert phases[:7] == [sm.COLLECT] * 7 and phases[7] == sm.EXTRAPOLATE and phases[-1] == sm.DONE
+  assert len(jumps) == 1 and jumps[0]["finite"] and jumps[0]["alpha"] == 1.5
+  losses = next(iter(jumps[0]["predictor_loss"].values()))
+  assert len(losses) == 20 and losses[-1] < losses[0]
+  tags = {m["tag"] for m in (ckpt.restore(sm.init(full_run[0], NCFG, *_model_for(full_run)), s)[1]
+                             for s in ckpt.all_steps())}
+  assert {"EXTRAPOLATE", "jump", "DONE"} <= tags
+
+
+def _model_for(full_run):
+  setup, state, *_ = full_run
+  return state.base_params, fresh_state(state.rl.train.params)
+
+
+def test_trajectory_holds_lora_factors_every_interval(model):
+  params, lora = model
+  setup = make_setup()
+  state = sm.init(setup, NCFG, params, fresh_state(lora))
+  assert int(state.count) == 1 and set(state.trajectory) == set(LCFG.targets)
+  assert state.trajectory["q"]["a"].shape == (NCFG.num_snapshots, *lora["q"]["a"].shape)
+  for _ in range(2):
+    state, _ = sm.train_step(setup, NCFG, state)
+  assert int(state.count) == 2
+  np.testing.assert_array_equal(state.trajectory["q"]["b"][1], state.rl.train.params["q"]["b"])
+  np.testing.assert_array_equal(state.trajectory["q"]["b"][0], np.zeros_like(lora["q"]["b"]))
+  b = sm.trajectory_bytes(state)
+  assert b["snapshot_bytes"] == sum(x.nbytes for x in jax.tree.leaves(lora))
+
+
+@pytest.mark.parametrize("phase", ["COLLECT", "EXTRAPOLATE", "CONTINUE"])
+def test_resume_from_a_checkpoint_in_each_phase_gives_identical_results(full_run, phase):
+  setup, final, rows, _, ckpt = full_run
+  template = sm.init(setup, NCFG, *_model_for(full_run))
+  metas = {s: ckpt.restore(template, s)[1] for s in ckpt.all_steps()}
+  idx = next(s for s, m in sorted(metas.items()) if m["phase"] == phase and m["tag"] != "jump") \
+      if phase != "CONTINUE" else next(s for s, m in sorted(metas.items()) if m["tag"] == "jump")
+  state, meta = ckpt.restore(template, idx)
+  resumed, rows_b, _ = run_from(setup, state)
+  done = [r for r in rows if r["step"] > meta["step"] or (phase == "EXTRAPOLATE" and "alpha" in r)]
+  assert rows_b == done
+  for a, b in zip(jax.tree.leaves(final), jax.tree.leaves(resumed)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_schedule_errors_name_the_field():
+  with pytest.raises(ValueError, match="extrapolate_at"):
+    sm.NExtConfig(extrapolate_at=15, interval=10)
+  with pytest.raises(ValueError, match="nxt.k"):
+    sm.NExtConfig(extrapolate_at=40, interval=10, k=5)
+  with pytest.raises(ValueError, match="method"):
+    sm.NExtConfig(method="magic")
+
+
+@pytest.mark.parametrize("method", ["rl_extra", "relex", "alpharl"])
+def test_baselines_jump_through_the_same_state_machine(model, method):
+  import dataclasses
+  params, lora = model
+  setup = make_setup()
+  ncfg = dataclasses.replace(NCFG, method=method, total_steps=9)
+  state = sm.init(setup, ncfg, params, fresh_state(lora))
+  jumps = []
+  state = sm.run(setup, ncfg, state, on_jump=lambda s, i: jumps.append(i))
+  assert jumps[0]["method"] == method and jumps[0]["finite"] and int(state.rl.step) == 9
+  moved = np.abs(np.asarray(state.base_params["layers"]["q"]["kernel"] - params["layers"]["q"]["kernel"]))
+  assert moved.max() > 0  # the jump landed in the base weights ("keep" mode)
