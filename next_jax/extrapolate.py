@@ -29,22 +29,32 @@ def is_lora(traj) -> bool:
 # ----------------------------------------------------------------------------------------- triplets
 
 
-def pair_triplets(traj, pairs, scale: float, sign: str, devices: str = "pmap") -> dict[str, Triplet]:
+def pair_triplets(traj, pairs, scale: float, sign: str, devices: str = "pmap",
+                  max_batch: int = 256) -> dict[str, Triplet]:
   """Top triplets of W_i − W_j for each (i, j) in pairs → {module: Triplet [len(pairs), L, ...]}.
 
-  LoRA: exact from the factors (rank ≤ 2r); dense: SVD of (W_i − W_j)ᵀ ([out, in])."""
+  LoRA: exact from the factors (rank ≤ 2r); dense: SVD of (W_i − W_j)ᵀ ([out, in]). Pairs are processed
+  in chunks of ≤ max_batch matrices, which bounds memory at paper scale."""
   out = {}
   for name, mod in traj.items():
-    if "a" in mod:
-      ps, qs = zip(*(rank1.lora_delta_factors(mod["a"], mod["b"], i, j) for i, j in pairs))
-      p, q = jnp.stack(ps), jnp.stack(qs)  # [n_pairs, L, m, k], [n_pairs, L, k, n]
-      t = rank1.batched_factored_triplets(p.reshape(-1, *p.shape[2:]), q.reshape(-1, *q.shape[2:]), scale,
-                                          sign, devices)
-    else:
-      d = jnp.stack([jnp.swapaxes(mod["kernel"][i] - mod["kernel"][j], -1, -2) for i, j in pairs])
-      t = rank1.batched_dense_triplets(d.reshape(-1, *d.shape[2:]), sign, devices)
+    layers = (mod["a"] if "a" in mod else mod["kernel"]).shape[1]
+    step = max(1, max_batch // layers)
+    parts = [_chunk_triplets(mod, pairs[s:s + step], scale, sign, devices)
+             for s in range(0, len(pairs), step)]
+    t = jax.tree.map(lambda *xs: jnp.concatenate(xs), *parts)
     out[name] = jax.tree.map(lambda x, n=len(pairs): x.reshape(n, -1, *x.shape[1:]), t)
   return out
+
+
+def _chunk_triplets(mod, pairs, scale, sign, devices) -> Triplet:
+  """Triplets of one module for a few pairs, flattened to [len(pairs)·L, ...]."""
+  if "a" in mod:
+    ps, qs = zip(*(rank1.lora_delta_factors(mod["a"], mod["b"], i, j) for i, j in pairs))
+    p, q = jnp.stack(ps), jnp.stack(qs)  # [n_pairs, L, m, k], [n_pairs, L, k, n]
+    return rank1.batched_factored_triplets(p.reshape(-1, *p.shape[2:]), q.reshape(-1, *q.shape[2:]), scale,
+                                           sign, devices)
+  d = jnp.stack([jnp.swapaxes(mod["kernel"][i] - mod["kernel"][j], -1, -2) for i, j in pairs])
+  return rank1.batched_dense_triplets(d.reshape(-1, *d.shape[2:]), sign, devices)
 
 
 def triplet_delta(t: Triplet, normalise: bool = True) -> jax.Array:

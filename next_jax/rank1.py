@@ -135,7 +135,7 @@ def lora_delta_factors(a: jax.Array, b: jax.Array, i: jax.Array | int, j: jax.Ar
 def delta_pairs(num_snapshots: int, k: int) -> dict[str, list[tuple[int, int | None]]]:
   """Index pairs (i, j) meaning W_i − W_j for snapshots 0 (= W₀) … K−1, as in METHOD §1:
 
-  global G_i = W_i − W₀ (j = None: the LoRA delta itself), local L_i = W_i − W_{i−1},
+  global G_i = W_i − W₀ (j = 0: snapshot 0 is W₀), local L_i = W_i − W_{i−1},
   target T_i = W_{i+k} − W_i, for the training snapshots i = 1 … K−1−k (those that have a target),
   plus "last": G and L of the final snapshot K−1, the predictor's input at the jump.
   """
