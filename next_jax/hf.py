@@ -46,9 +46,14 @@ def read_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
   try:
     with open(path, "rb") as f:
       (n,) = struct.unpack("<Q", f.read(8))
+      if n > os.fstat(f.fileno()).st_size - 8:  # else f.read(n) tries to allocate n bytes (MemoryError)
+        raise CheckpointError(f"{path}: header length {n} exceeds the file size: truncated, or not a "
+                              "safetensors file (e.g. a Git LFS pointer)")
       header = json.loads(f.read(n))
   except (OSError, struct.error, json.JSONDecodeError, UnicodeDecodeError) as e:
     raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from e
+  if not isinstance(header, dict):
+    raise CheckpointError(f"{path}: not a readable safetensors file (header is not a JSON object)")
   header.pop("__metadata__", None)
   if not header:
     return {}
@@ -267,6 +272,10 @@ def load_tokenizer(model_dir: str | os.PathLike):
   """transformers.AutoTokenizer from local files only (chat template kept)."""
   import transformers  # noqa: PLC0415 - heavy import, only where a tokenizer is needed
 
+  # transformers 5 builds an empty 1-token tokenizer from config.json alone instead of failing.
+  files = ("tokenizer.json", "vocab.json", "tokenizer.model")
+  if not any((Path(model_dir) / f).exists() for f in files):
+    raise CheckpointError(f"{model_dir}: cannot load a tokenizer (none of {files} present)")
   try:
     return transformers.AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
   except (OSError, ValueError, TypeError) as e:

@@ -73,29 +73,43 @@ def process_logits(logits: jax.Array, temperature: jax.Array, top_k: int, top_p:
 
   Top-p keeps the smallest prefix of tokens sorted by probability whose mass reaches p (a token is dropped
   when the mass strictly before it is ≥ p; the most likely token always stays). Dropped → −inf.
+  top_p ≥ 1 skips the nucleus step at run time (the vocabulary sort dominates a CPU decode step, and in fp32
+  the cumulative mass can round up to 1 early and drop a tail that p = 1 must keep).
   """
   logits = logits / jnp.maximum(temperature, 1e-6)
   neg = jnp.finfo(logits.dtype).min
   if top_k:
     kth = jax.lax.top_k(logits, top_k)[0][..., -1:]
     logits = jnp.where(logits < kth, neg, logits)
-  sorted_logits = jnp.sort(logits, axis=-1)[..., ::-1]
-  probs = jax.nn.softmax(sorted_logits, axis=-1)
-  mass_before = jnp.cumsum(probs, axis=-1) - probs
-  keep_sorted = (mass_before < top_p) | (jnp.arange(logits.shape[-1]) == 0)
-  threshold = jnp.min(jnp.where(keep_sorted, sorted_logits, jnp.inf), axis=-1, keepdims=True)
-  return jnp.where(logits < threshold, neg, logits)
+
+  def nucleus(logits):
+    sorted_logits = jnp.sort(logits, axis=-1)[..., ::-1]
+    probs = jax.nn.softmax(sorted_logits, axis=-1)
+    mass_before = jnp.cumsum(probs, axis=-1) - probs
+    keep_sorted = (mass_before < top_p) | (jnp.arange(logits.shape[-1]) == 0)
+    threshold = jnp.min(jnp.where(keep_sorted, sorted_logits, jnp.inf), axis=-1, keepdims=True)
+    return jnp.where(logits < threshold, neg, logits)
+
+  return jax.lax.cond(jnp.any(top_p < 1.0), nucleus, lambda x: x, logits)
 
 
 def _choose(logits, rng, temperature, top_k, top_p):
   """Sample (or argmax when temperature == 0) → (token int32[N], log π_sample(token) fp32[N]).
 
-  Greedy logprobs are those of the unprocessed model distribution (temperature 1)."""
-  proc = process_logits(logits, temperature, top_k, top_p)
+  Greedy logprobs are those of the unprocessed model distribution (temperature 1). An all-greedy call skips
+  `process_logits` and the random draw at run time (`lax.cond`): same result, no vocabulary sort."""
   greedy = temperature <= 0.0
-  sampled = jax.random.categorical(rng, proc, axis=-1)
-  token = jnp.where(greedy, jnp.argmax(logits, axis=-1), sampled).astype(jnp.int32)
-  dist = jnp.where(greedy, logits, proc)
+
+  def argmax(_):
+    return jnp.argmax(logits, axis=-1).astype(jnp.int32), logits
+
+  def sample(_):
+    proc = process_logits(logits, temperature, top_k, top_p)
+    sampled = jax.random.categorical(rng, proc, axis=-1)
+    token = jnp.where(greedy, jnp.argmax(logits, axis=-1), sampled).astype(jnp.int32)
+    return token, jnp.where(greedy, logits, proc)
+
+  token, dist = jax.lax.cond(jnp.all(greedy), argmax, sample, None)
   logp = jnp.take_along_axis(jax.nn.log_softmax(dist, axis=-1), token[:, None], axis=-1)[:, 0]
   return token, logp
 

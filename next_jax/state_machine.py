@@ -237,15 +237,17 @@ def extrapolate_step(setup: trainer.RLSetup, ncfg: NExtConfig, state: NExtState,
 
 def run(setup: trainer.RLSetup, ncfg: NExtConfig, state: NExtState, *, writer: MetricWriter | None = None,
         checkpointer=None, checkpoint_every: int = 0, score: Callable[[NExtState], float] | None = None,
-        desc: str = "nxt", on_jump: Callable[[NExtState, dict], None] | None = None) -> NExtState:
+        desc: str = "nxt", on_jump: Callable[[NExtState, dict], None] | None = None,
+        on_step: Callable[[NExtState, dict], None] | None = None, progress_bar: bool = True) -> NExtState:
   """Drive the state machine to DONE, checkpointing every `checkpoint_every` steps and at every phase
-  transition (entering EXTRAPOLATE, after the jump, at the end). Resumes from whatever phase `state` is in."""
+  transition (entering EXTRAPOLATE, after the jump, at the end). Resumes from whatever phase `state` is in.
+  on_step(state, metrics) runs after each RL step (before its checkpoint), on_jump(state, info) after a jump."""
   def save(tag: str):  # numbered by save index: the jump and the step before it share an RL step
     if checkpointer is not None:
       checkpointer.save((checkpointer.latest_step() or 0) + 1, state,
                         {"step": int(state.rl.step), "phase": PHASES[int(state.phase)], "tag": tag})
 
-  bar = progress(ncfg.total_steps, initial=int(state.rl.step), desc=desc)
+  bar = progress(ncfg.total_steps, initial=int(state.rl.step), desc=desc, disable=None if progress_bar else True)
   timer = Timer()
   while int(state.phase) != DONE:
     if int(state.phase) == EXTRAPOLATE:
@@ -260,6 +262,8 @@ def run(setup: trainer.RLSetup, ncfg: NExtConfig, state: NExtState, *, writer: M
     state, m = train_step(setup, ncfg, state, timer)
     if writer is not None:
       writer.write(int(state.rl.step), m)
+    if on_step is not None:
+      on_step(state, m)
     bar.set_postfix(phase=PHASES[int(state.phase)], reward=f"{m['reward_mean']:.3f}")
     bar.update(1)
     step = int(state.rl.step)

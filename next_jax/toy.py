@@ -1,5 +1,5 @@
 """Tiny local stand-ins for a real checkpoint: a byte-level BPE tokenizer with a Qwen-style chat template,
-and random Qwen2 HF directories. Nothing is downloaded; everything loads through `hf.load_model`, the path a
+a character-level Qwen2 tokenizer for the toy tasks, and random Qwen2 HF directories. Nothing is downloaded; everything loads through `hf.load_model`, the path a
 real Qwen2.5 directory takes.
 """
 
@@ -39,6 +39,44 @@ def build_tokenizer(corpus: Iterable[str] = DEFAULT_CORPUS, vocab_size: int = 51
   tok = transformers.PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, eos_token="<|im_end|>",
                                              pad_token="<|endoftext|>")
   tok.chat_template = CHAT_TEMPLATE
+  if out_dir is not None:
+    tok.save_pretrained(str(out_dir))
+  return tok
+
+
+def _byte_to_unicode() -> dict[int, str]:
+  """GPT-2 / Qwen byte-level alphabet: printable Latin-1 bytes map to themselves, the other 68 bytes to
+  chr(256 + k) in byte order (space → 'Ġ', newline → 'Ċ')."""
+  keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+  extra = iter(range(256, 512))
+  return {b: chr(b) if b in keep else chr(next(extra)) for b in range(256)}
+
+
+def build_char_tokenizer(alphabet: Iterable[str], out_dir: str | os.PathLike | None = None):
+  """A character-level `transformers.Qwen2Tokenizer` (byte-level BPE, no merges) → saved to out_dir if given.
+
+  vocab: the alphabet's characters in order (ids 0 … n−1, duplicates dropped), then SPECIAL_TOKENS
+  <|endoftext|> (n, pad), <|im_start|> (n+1), <|im_end|> (n+2, eos). Every character must be one byte
+  (its vocab entry is the byte-level symbol: ' ' → 'Ġ'), so each character is exactly one token. Saved
+  files load through `AutoTokenizer` as a real Qwen2.5's do (tokenizer_class Qwen2Tokenizer); characters
+  outside the alphabet are dropped by the encoder (no unk token), as Qwen drops nothing only because its
+  256 byte symbols are all in its vocab. No chat template: toy prompts are raw (format_prompt(raw=True)).
+  """
+  import transformers  # noqa: PLC0415
+
+  chars = list(dict.fromkeys(alphabet))
+  bad = [c for c in chars if len(c) != 1 or len(c.encode("utf-8")) != 1]
+  if bad or not chars:
+    raise ValueError(f"build_char_tokenizer: alphabet needs single-byte characters, got {bad or 'none'}")
+  symbol = _byte_to_unicode()
+  vocab = {symbol[ord(c)]: i for i, c in enumerate(chars)}
+  vocab.update({t: len(chars) + i for i, t in enumerate(SPECIAL_TOKENS)})
+  tok = transformers.Qwen2Tokenizer(vocab=vocab, merges=[], unk_token=None, eos_token="<|im_end|>",
+                                    pad_token="<|endoftext|>", extra_special_tokens=["<|im_start|>"])
+  got = {c: tok.encode(c, add_special_tokens=False) for c in chars}
+  wrong = {c: ids for i, (c, ids) in enumerate(got.items()) if ids != [i]}
+  if wrong or len(tok) != len(vocab):
+    raise ValueError(f"build_char_tokenizer: characters not one token each: {wrong} (size {len(tok)})")
   if out_dir is not None:
     tok.save_pretrained(str(out_dir))
   return tok

@@ -1,0 +1,243 @@
+"""A whole run from one ConfigDict (configs/*.py): validate → build → run the state machine → results.
+
+`validate(config)` checks every field before any work starts and raises `ConfigError` naming the field.
+`build(config)` loads the model directory (the HF path a real Qwen2.5 takes), the problems and the
+verifier, and returns an `Experiment` (static setup + initial state). `run(config)` drives it with
+checkpoints, metrics (JSONL + TensorBoard under workdir), periodic evaluation, and writes results.json.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import shutil
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+
+from next_jax import grpo, hf, parallel, policy, rewards, tasks, trainer
+from next_jax import state_machine as sm
+from next_jax.checkpoint import Checkpointer
+from next_jax.metrics import MetricWriter
+from next_jax.predictor import PredictorConfig
+
+
+class ConfigError(ValueError):
+  """A config value that cannot run; the message starts with the field name."""
+
+
+def _check(ok: bool, field: str, value: Any, why: str) -> None:
+  if not ok:
+    raise ConfigError(f"config.{field}={value!r}: {why}")
+
+
+# ------------------------------------------------------------------------------------------- validate
+
+
+def lora_config(c) -> policy.LoraConfig | None:
+  if c.model.trainable == "full":
+    return None
+  targets = tuple(t.strip() for t in c.model.lora_targets.split(",") if t.strip())
+  try:
+    return policy.LoraConfig(rank=c.model.lora_rank, alpha=c.model.lora_alpha, targets=targets,
+                             rslora=c.model.rslora)
+  except ValueError as e:
+    raise ConfigError(f"config.model.lora_*: {e}") from e
+
+
+def nxt_config(c) -> sm.NExtConfig:
+  n, p = c.nxt, c.nxt.predictor
+  try:
+    pcfg = PredictorConfig(hidden=p.hidden, epochs=p.epochs, lr=p.lr, weight_decay=p.weight_decay,
+                           final_lr_ratio=p.final_lr_ratio, loss=p.loss, use_global=p.use_global,
+                           use_local=p.use_local)
+    return sm.NExtConfig(method=n.method, extrapolate_at=n.extrapolate_at, interval=n.interval, k=n.k,
+                         alpha="auto" if n.alpha_auto else float(n.alpha), total_steps=n.total_steps,
+                         cycles=n.cycles, sign=n.sign, continue_mode=n.continue_mode,
+                         horizon=n.horizon or None, predictor=pcfg)
+  except ValueError as e:
+    raise ConfigError(f"config.{str(e).removeprefix('config.')}") from e
+
+
+def loss_config(c) -> grpo.LossConfig:
+  r = c.rl
+  try:
+    return grpo.LossConfig(clip_low=r.clip_low, clip_high=r.clip_high, clip_c=r.clip_c or None,
+                           kl_coef=r.kl_coef, kl_estimator=r.kl_estimator, entropy_coef=r.entropy_coef,
+                           agg_mode=r.agg_mode, num_mini_batches=r.num_mini_batches,
+                           micro_batch_size=r.micro_batch_size or None)
+  except ValueError as e:
+    raise ConfigError(f"config.rl: {e}") from e
+
+
+def validate(c) -> None:
+  """Every check that can fail before work starts; raises ConfigError naming the field."""
+  _check(bool(c.model.dir), "model.dir", c.model.dir, "set it to a local HF model directory")
+  _check(c.model.trainable in ("lora", "full"), "model.trainable", c.model.trainable, "use 'lora' or 'full'")
+  _check(c.model.dtype in ("", "float32", "bfloat16"), "model.dtype", c.model.dtype,
+         "use '', 'float32' or 'bfloat16'")
+  lora_config(c)
+  _check(c.task.name in ("arith", "countdown", "file"), "task.name", c.task.name,
+         "use 'arith', 'countdown' or 'file'")
+  if c.task.name == "file":
+    _check(bool(c.task.path) and Path(c.task.path).is_file(), "task.path", c.task.path, "no such data file")
+  ro = c.rollout
+  for f in ("prompts_per_step", "group_size", "prompt_len", "max_new_tokens", "max_sampling_rounds"):
+    _check(isinstance(ro[f], int) and ro[f] >= 1, f"rollout.{f}", ro[f], "must be an integer ≥ 1")
+  _check(ro.temperature >= 0, "rollout.temperature", ro.temperature, "must be ≥ 0")
+  _check(0 < ro.top_p <= 1, "rollout.top_p", ro.top_p, "must be in (0, 1]")
+  _check(c.rl.estimator in ("grpo", "drgrpo", "rloo", "reinforce_pp"), "rl.estimator", c.rl.estimator,
+         "use grpo, drgrpo, rloo or reinforce_pp")
+  _check(c.rl.lr > 0, "rl.lr", c.rl.lr, "must be > 0")
+  n = ro.prompts_per_step * ro.group_size
+  _check(n % c.rl.num_mini_batches == 0, "rl.num_mini_batches", c.rl.num_mini_batches,
+         f"must divide prompts_per_step·group_size = {n}")
+  mini = n // c.rl.num_mini_batches
+  _check(not c.rl.micro_batch_size or mini % c.rl.micro_batch_size == 0, "rl.micro_batch_size",
+         c.rl.micro_batch_size, f"must divide the mini-batch of {mini} rows")
+  loss_config(c)
+  nxt_config(c)
+  _check(c.eval.chunk >= 1 and c.eval.samples >= 1, "eval.chunk", c.eval.chunk, "chunk and samples ≥ 1")
+  _check(c.mesh.data >= 0, "mesh.data", c.mesh.data, "must be ≥ 0 (0 = all devices)")
+  devices = c.mesh.data or jax.device_count()
+  _check(devices <= jax.device_count(), "mesh.data", c.mesh.data, f"only {jax.device_count()} devices")
+  _check(n % devices == 0 and ro.prompts_per_step % devices == 0, "mesh.data", c.mesh.data,
+         f"must divide prompts_per_step ({ro.prompts_per_step})")
+
+
+# ---------------------------------------------------------------------------------------------- build
+
+
+@dataclasses.dataclass
+class Experiment:
+  config: Any
+  setup: trainer.RLSetup
+  ncfg: sm.NExtConfig
+  base_params: policy.Params
+  tokenizer: Any
+  train: tuple
+  test: tuple
+  val: tuple
+  state: sm.NExtState
+
+
+def load_problems(c):
+  """(train, test, val) problem tuples for the configured task."""
+  if c.task.name == "file":
+    probs = tasks.load_problems(c.task.path, c.task.format)
+    train, test = tasks.hash_split(probs)
+    if c.task.test_path:
+      test = tasks.load_problems(c.task.test_path)
+  else:
+    train = tasks.make_task(c.task.name, c.task.n_train, seed=c.seed, split="train")
+    test = tasks.make_task(c.task.name, c.task.n_test + c.task.n_val, seed=c.seed + 1, split="test")
+  n_test = c.task.n_test or len(test) - c.task.n_val
+  return tuple(train), tuple(test[:n_test]), tuple(test[n_test:n_test + c.task.n_val])
+
+
+def build(c, model_dir: str | None = None) -> Experiment:
+  validate(c)
+  cfg, params, tok = hf.load_model(model_dir or c.model.dir, dtype=c.model.dtype or None)
+  cfg = dataclasses.replace(cfg, remat=c.model.remat)
+  mesh = parallel.make_mesh(c.mesh.data or None) if (c.mesh.data or jax.device_count()) > 1 else None
+  if mesh is not None:
+    params = jax.device_put(params, parallel.replicated(mesh))
+  train, test, val = load_problems(c)
+  lcfg = lora_config(c)
+  raw, instr = c.task.raw_prompt, c.task.instruction or None
+  encode = lambda p: tok(tasks.format_prompt(p, tok, instruction=instr, raw=raw),  # noqa: E731
+                         add_special_tokens=False)["input_ids"]
+  reward_fns = {name: rewards.get_reward(name) for name in {p.verifier for p in train + test + val}}
+  setup = trainer.RLSetup(
+      cfg=cfg, lora_cfg=lcfg, loss_cfg=loss_config(c),
+      rollout=trainer.RolloutConfig(**{k: c.rollout[k] for k in c.rollout}),
+      estimator=c.rl.estimator, encode=encode,
+      decode=lambda ids: tok.decode(ids, skip_special_tokens=True),
+      reward=lambda text, p: reward_fns[p.verifier](text, p.answer),
+      next_problems=lambda cursor, n: tasks.batch_at(train, cursor, n, c.seed),
+      pad_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id,
+      stop_ids=tuple(i for i in {tok.eos_token_id, tok.pad_token_id} if i is not None), mesh=mesh,
+      kl_in_reward=c.rl.kl_in_reward)
+  ncfg = nxt_config(c)
+  trainable = policy.init_lora(cfg, lcfg, jax.random.PRNGKey(c.seed)) if lcfg else params
+  tx = trainer.make_optimizer(trainer.OptimConfig(
+      lr=c.rl.lr, warmup_steps=c.rl.warmup_steps, schedule=c.rl.schedule,
+      decay_steps=ncfg.total_steps * c.rl.num_mini_batches, weight_decay=c.rl.weight_decay, b1=c.rl.b1,
+      b2=c.rl.b2, grad_clip=c.rl.grad_clip or None))
+  state = sm.init(setup, ncfg, params, trainer.init_state(trainable, tx, c.seed))
+  return Experiment(c, setup, ncfg, params, tok, train, test, val, state)
+
+
+def accuracy(exp: Experiment, state: sm.NExtState, problems, seed: int = 0) -> float:
+  """avg@samples accuracy of the state's policy on `problems` (config.eval)."""
+  base, trainable = state.base_params, state.rl.train.params
+  out = trainer.evaluate(exp.setup, base, trainable, problems, chunk=exp.config.eval.chunk,
+                         samples=exp.config.eval.samples, temperature=exp.config.eval.temperature, seed=seed)
+  return out["accuracy"]
+
+
+def icer(steps: int, acc: float, backbone: float) -> float:
+  """ICER = RL steps / (Avg − Avg_backbone) in accuracy points; inf when there is no gain."""
+  gain = 100.0 * (acc - backbone)
+  return steps / gain if gain > 0 else math.inf
+
+
+# ------------------------------------------------------------------------------------------------ run
+
+
+def prepare_workdir(c) -> Path:
+  """Refuse to mix two runs: an existing run needs ckpt.resume or ckpt.overwrite."""
+  wd = Path(c.workdir)
+  has_run = (wd / "ckpt").exists() and any((wd / "ckpt").iterdir())
+  if has_run and not (c.ckpt.resume or c.ckpt.overwrite):
+    raise ConfigError(f"config.workdir={c.workdir!r} already holds a run; pass --config.ckpt.resume=True "
+                      "to continue it or --config.ckpt.overwrite=True to replace it")
+  if has_run and c.ckpt.overwrite and not c.ckpt.resume:
+    shutil.rmtree(wd)
+  wd.mkdir(parents=True, exist_ok=True)
+  (wd / "config.json").write_text(c.to_json(indent=2))
+  return wd
+
+
+def run(c, model_dir: str | None = None) -> dict[str, Any]:
+  """Train per the config; returns (and writes to workdir/results.json) backbone and final accuracy,
+  the accuracy at each evaluation, ICER, jump diagnostics and timings."""
+  wd = prepare_workdir(c)
+  exp = build(c, model_dir)
+  ckpt = Checkpointer(wd / "ckpt", max_to_keep=c.ckpt.max_to_keep)
+  writer = MetricWriter(wd, tensorboard=c.log.tensorboard)
+  state = exp.state
+  if ckpt.latest_step() is not None:
+    state, meta = ckpt.restore(state)
+    writer.truncate_after(meta["step"])
+  results_path = wd / "results.json"
+  results = json.loads(results_path.read_text()) if results_path.exists() else {"evals": {}, "jumps": []}
+  if "backbone" not in results:
+    results["backbone"] = accuracy(exp, exp.state, exp.test)
+  val_score = (lambda s: accuracy(exp, s, exp.val, seed=1)) if exp.ncfg.alpha == "auto" else None
+
+  def on_jump(s, info):
+    results["jumps"].append({k: v for k, v in info.items() if k != "predictor_loss"})
+    results["jumps"][-1]["predictor_loss_first_last"] = {
+        d: (c_[0], c_[-1]) for d, c_ in info.get("predictor_loss", {}).items()}
+
+  def on_step(s, m):
+    step = int(s.rl.step)
+    if c.eval.every and step % c.eval.every == 0 and step < exp.ncfg.total_steps:
+      results["evals"][str(step)] = accuracy(exp, s, exp.test)
+      writer.write(step, {"eval/accuracy": results["evals"][str(step)]})
+
+  state = sm.run(exp.setup, exp.ncfg, state, writer=writer, checkpointer=ckpt, checkpoint_every=c.ckpt.every,
+                 score=val_score, on_jump=on_jump, on_step=on_step, progress_bar=c.log.progress)
+  final = accuracy(exp, state, exp.test)
+  steps = exp.ncfg.total_steps
+  results.update({"final": final, "steps": steps, "icer": icer(steps, final, results["backbone"]),
+                  "method": exp.ncfg.method, "workdir": str(wd), **sm.trajectory_bytes(state)})
+  results["evals"][str(steps)] = final
+  writer.write(steps, {"eval/accuracy": final})
+  writer.close()
+  results_path.write_text(json.dumps(results, indent=2, default=float))
+  return results

@@ -1,0 +1,106 @@
+"""Configs (parsing, validation, presets) and the entry point end to end."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import pytest
+
+from next_jax import experiment, policy, toy
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "configs"))
+import common  # noqa: E402
+import qwen25_paper  # noqa: E402
+import toy_arith  # noqa: E402
+
+
+def test_arg_selects_variants_with_types_from_the_defaults():
+  c = toy_arith.get_config("algo=rloo,seed=3,quick")
+  assert c.rl.estimator == "rloo" and c.seed == 3 and c.nxt.total_steps == 12
+  assert toy_arith.get_config("algo=dapo").rollout.dynamic_sampling
+  assert toy_arith.get_config("algo=drgrpo").rl.agg_mode == "seq-mean-token-sum-norm"
+  with pytest.raises(ValueError, match="colour"):
+    toy_arith.get_config("colour=red")
+
+
+def test_toy_config_validates():
+  experiment.validate(toy_arith.get_config())
+  experiment.validate(toy_arith.get_config("quick,trainable=full"))
+
+
+@pytest.mark.parametrize("field, value, match", [
+    ("model.trainable", "half", "model.trainable"),
+    ("rollout.top_p", 1.5, "rollout.top_p"),
+    ("rl.estimator", "ppo", "rl.estimator"),
+    ("rl.num_mini_batches", 7, "rl.num_mini_batches"),
+    ("nxt.extrapolate_at", 155, "nxt.extrapolate_at"),
+    ("nxt.k", 20, "nxt.k"),
+    ("nxt.method", "magic", "nxt.method"),
+    ("rl.agg_mode", "mean", "agg_mode"),
+    ("model.lora_targets", "q,attn", "lora"),
+    ("task.name", "file", "task.path"),
+])
+def test_bad_values_raise_one_error_naming_the_field(field, value, match):
+  c = toy_arith.get_config()
+  section, key = field.split(".")
+  c[section][key] = value
+  with pytest.raises(experiment.ConfigError, match=match):
+    experiment.validate(c)
+
+
+def test_unknown_override_key_is_rejected_by_the_entry_point():
+  out = subprocess.run([sys.executable, "-m", "experiments.main", "--config=configs/toy_arith.py",
+                        "--config.rl.learning_rate=1e-3"], cwd=ROOT, capture_output=True, text=True)
+  assert out.returncode != 0 and "learning_rate" in out.stderr
+
+
+@pytest.mark.parametrize("size", qwen25_paper.SIZES)
+def test_paper_presets_build_their_model_shapes_abstractly(size):
+  c = qwen25_paper.get_config(f"size={size}")
+  assert c.rollout.prompts_per_step == 128 and c.rollout.group_size == 8 and c.rl.num_mini_batches == 4
+  assert c.model.lora_rank == 64 and c.model.lora_alpha == 32 and c.nxt.alpha == 1.5
+  with pytest.raises(experiment.ConfigError, match="model.dir"):
+    experiment.validate(c)  # no local checkpoint given
+  cfg = policy.QWEN25[size]
+  lcfg = experiment.lora_config(c)
+  shapes = jax.eval_shape(lambda: policy.init_lora(cfg, lcfg, jax.random.key(0)))
+  per_layer = sum(lcfg.rank * sum(cfg.module_shape(m)) for m in lcfg.targets)
+  assert policy.count_params(shapes) == per_layer * cfg.num_layers
+
+
+@pytest.fixture(scope="module")
+def char_model_dir(tmp_path_factory):
+  d = tmp_path_factory.mktemp("charmodel") / "model"
+  cfg = policy.ModelConfig(vocab_size=17, hidden_size=32, intermediate_size=64, num_layers=1, num_heads=2,
+                           num_kv_heads=2, rope_theta=10000.0)
+  toy.make_random_model_dir(d, cfg, tokenizer=False)
+  toy.build_char_tokenizer("0123456789+-*=", out_dir=d)
+  return d
+
+
+def test_entry_point_runs_quick_end_to_end(char_model_dir, tmp_path):
+  wd = tmp_path / "run"
+  args = [sys.executable, "-m", "experiments.main", "--config=configs/toy_arith.py:quick",
+          f"--config.model.dir={char_model_dir}", f"--config.workdir={wd}", "--config.log.progress=False",
+          "--config.nxt.predictor.hidden=16", "--config.nxt.predictor.epochs=10"]
+  out = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=900)
+  assert out.returncode == 0, out.stderr[-3000:]
+  res = json.loads((wd / "results.json").read_text())
+  assert res["steps"] == 12 and res["method"] == "next" and len(res["jumps"]) == 1
+  assert 0.0 <= res["backbone"] <= 1.0 and 0.0 <= res["final"] <= 1.0
+  rows = [json.loads(x) for x in (wd / "metrics.jsonl").read_text().splitlines()]
+  assert max(r["step"] for r in rows) == 12 and any("alpha" in r for r in rows)
+  again = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert again.returncode != 0 and "ckpt.resume" in again.stderr  # never mixes two runs silently
+
+
+def test_icer_is_steps_per_accuracy_point():
+  assert experiment.icer(250, 0.242, 0.191) == pytest.approx(250 / 5.1)
+  assert experiment.icer(250, 0.19, 0.191) == float("inf")
+
+
+def test_common_algos_cover_the_grpo_family():
+  assert set(common.ALGOS) == {"grpo", "drgrpo", "dapo", "rloo", "reinforce_pp"}
