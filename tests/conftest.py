@@ -1,0 +1,163 @@
+"""Shared, session-scoped fixtures: tiny random HF checkpoints written by transformers itself, and jitted
+forwards reused across tests (so each shape compiles once per session).
+
+torch/transformers are imported lazily inside the fixtures that need them, so test modules that never ask
+for a torch reference do not pay for the import.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from next_jax import hf, policy
+
+# Parity with torch's fp32 matmuls: never let XLA pick a lower-precision algorithm.
+jax.config.update("jax_default_matmul_precision", "highest")
+
+# Tiny architectures (hidden 64, 2 layers, vocab 256). Each one varies what a loader bug could get wrong:
+# GQA vs MHA, tied vs untied head, RoPE theta, RMSNorm eps (1e-2 is large against mean(x²) ≈ 0.04 of the
+# std-0.2 embeddings, so a dropped eps shows), and for Llama: no biases and head_dim ≠ hidden / heads.
+_BASE = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+             max_position_embeddings=256)
+HF_SPECS: dict[str, tuple[str, dict[str, Any]]] = {
+    "qwen_gqa_untied": ("qwen2", dict(num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False,
+                                      rope_theta=10_000.0)),
+    "qwen_gqa_tied": ("qwen2", dict(num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
+                                    rope_theta=100.0)),
+    "qwen_mha_untied": ("qwen2", dict(num_attention_heads=4, num_key_value_heads=4, tie_word_embeddings=False,
+                                      rope_theta=1_000_000.0)),
+    "qwen_mha_tied": ("qwen2", dict(num_attention_heads=4, num_key_value_heads=4, tie_word_embeddings=True,
+                                    rope_theta=10_000.0, rms_norm_eps=1e-2)),
+    "llama": ("llama", dict(num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+                            tie_word_embeddings=False, rope_theta=500.0, rms_norm_eps=1e-5,
+                            attention_bias=False, mlp_bias=False)),
+}
+MAIN = "qwen_gqa_untied"  # the model every non-parity test (cache, LoRA, sampler) runs on
+WEIGHT_STD = 0.2
+
+
+@dataclasses.dataclass(frozen=True)
+class HFModel:
+  """A transformers-written fp32 HF directory and the torch model it was saved from (eval mode)."""
+
+  name: str
+  path: Path
+  torch_model: Any
+
+
+def reinit_torch_(model, seed: int, std: float = WEIGHT_STD) -> None:
+  """Every parameter ~ N(0, std²), norm weights ~ 1 + N(0, std²): default inits (zero biases, unit norms,
+  std-0.02 weights) would hide transposes, dropped biases and norm mix-ups behind near-uniform logits."""
+  import torch  # noqa: PLC0415
+
+  gen = torch.Generator().manual_seed(seed)
+  with torch.no_grad():
+    for name, p in model.named_parameters():  # tied embeddings appear once
+      noise = torch.randn(p.shape, generator=gen, dtype=torch.float32) * std
+      p.copy_(noise + 1.0 if "norm" in name else noise)
+
+
+def build_torch_model(kind: str, seed: int = 0, **overrides):
+  import torch  # noqa: PLC0415
+  import transformers  # noqa: PLC0415
+
+  config_cls, model_cls = {"qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
+                           "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM)}[kind]
+  torch.manual_seed(seed)
+  model = model_cls(config_cls(**{**_BASE, **overrides}))
+  reinit_torch_(model, seed)
+  return model.eval()
+
+
+def load_torch_model(path):
+  """A fresh torch model from an HF directory (transformers' own loader), fp32, eval mode."""
+  import torch  # noqa: PLC0415
+  import transformers  # noqa: PLC0415
+
+  return transformers.AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
+
+
+def torch_logits(model, tokens, mask=None) -> np.ndarray:
+  """fp32 logits of a torch causal LM; with a (left-padding) mask, position_ids = max(cumsum(mask)−1, 0)."""
+  import torch  # noqa: PLC0415
+
+  ids = torch.as_tensor(np.asarray(tokens), dtype=torch.long)
+  kwargs = {}
+  if mask is not None:
+    m = torch.as_tensor(np.asarray(mask), dtype=torch.long)
+    kwargs = {"attention_mask": m, "position_ids": torch.clamp(m.cumsum(-1) - 1, min=0)}
+  with torch.no_grad():
+    return model(input_ids=ids, **kwargs).logits.float().numpy()
+
+
+@pytest.fixture(scope="session")
+def hf_model(tmp_path_factory):
+  """hf_model(name) → HFModel for a name in HF_SPECS; each is built and saved once per session."""
+
+  @functools.cache
+  def get(name: str) -> HFModel:
+    kind, overrides = HF_SPECS[name]
+    model = build_torch_model(kind, seed=sorted(HF_SPECS).index(name), **overrides)
+    path = tmp_path_factory.mktemp(name)
+    model.save_pretrained(str(path))  # safetensors
+    return HFModel(name, path, model)
+
+  return get
+
+
+@pytest.fixture(scope="session")
+def main_model(hf_model):
+  """(cfg, params) of the main tiny Qwen2 (GQA, untied), loaded through `hf.load_model` in fp32."""
+  cfg, params, _ = hf.load_model(hf_model(MAIN).path, tokenizer=False)
+  return cfg, params
+
+
+@pytest.fixture(scope="session")
+def fwd():
+  """Jitted `policy.forward` → (logits, cache); shared so each (cfg, shapes) compiles once per session."""
+
+  @functools.partial(jax.jit, static_argnames=("cfg", "lora_cfg"))
+  def f(params, tokens, cfg, mask=None, positions=None, lora=None, lora_cfg=None, cache=None):
+    return policy.forward(params, tokens, cfg, mask=mask, positions=positions, lora=lora, lora_cfg=lora_cfg,
+                          cache=cache)
+
+  return f
+
+
+@pytest.fixture(scope="session")
+def padded_batch():
+  """tokens int32[3, 12] (vocab 256) and a left-padding mask: rows have 12, 9 and 4 real tokens."""
+  rng = np.random.default_rng(1234)
+  tokens = rng.integers(0, 256, size=(3, 12)).astype(np.int32)
+  lengths = np.array([12, 9, 4])
+  mask = np.arange(12)[None, :] >= (12 - lengths)[:, None]
+  tokens = np.where(mask, tokens, 0).astype(np.int32)
+  return tokens, mask
+
+
+def make_random_lora(cfg: policy.ModelConfig, lcfg: policy.LoraConfig, seed: int = 0, b_std: float = 0.1):
+  """A LoRA with `init_lora`'s A distribution (U(±1/√in)) and B ~ N(0, b_std²) instead of zeros, so the
+  adapter changes the model. numpy-drawn: eager jax.random would compile a kernel per shape."""
+  rng = np.random.default_rng(seed)
+  out = {}
+  for name in lcfg.targets:
+    n_in, n_out = cfg.module_shape(name)
+    bound = 1.0 / np.sqrt(n_in)
+    a = rng.uniform(-bound, bound, (cfg.num_layers, lcfg.rank, n_in))
+    b = rng.normal(0, b_std, (cfg.num_layers, n_out, lcfg.rank))
+    out[name] = {"a": jnp.asarray(a, cfg.jnp_dtype), "b": jnp.asarray(b, cfg.jnp_dtype)}
+  return out
+
+
+@pytest.fixture(scope="session")
+def random_lora():
+  """make_random_lora(cfg, lcfg, seed=0, b_std=0.1): a LoRA whose B is non-zero."""
+  return make_random_lora
