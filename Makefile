@@ -25,8 +25,14 @@ demo: $(VENV)/.installed-base
 test: $(VENV)/.installed-test
 	$(PY) -m pytest $(PYTEST_ARGS) tests
 
-bench: $(VENV)/.installed-test
+$(VENV)/.installed-bench: setup.py | $(PY)
+	$(PY) -m pip install -q -e '.[test,bench]'
+	touch $@ $(VENV)/.installed-test $(VENV)/.installed-base
+
+bench: $(VENV)/.installed-bench
 	$(PY) -m experiments.bench.sampler_vs_transformers
+	$(PY) -m experiments.bench.grpo_step_vs_trl
+	$(PY) -m experiments.bench.rank1_vs_dense
 
 lint: $(VENV)/.installed-test
 	$(PY) -m pip install -q ruff && $(VENV)/bin/ruff check next_jax experiments tests

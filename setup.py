@@ -27,11 +27,13 @@ setup(
         "tqdm>=4.66",
         "absl-py>=2.1",
         "math-verify>=0.9",
+        "matplotlib>=3.8",
         "tensorboardX>=2.6",
     ],
     extras_require={
         # torch is a *reference* for parity tests and benchmarks only; the package never imports it.
         "test": ["pytest>=8", "torch==2.13.0", "peft>=0.15", "nbclient>=0.10", "ipykernel>=6", "pyarrow>=14"],
+        "bench": ["torch==2.13.0", "peft>=0.15", "trl>=1.16,<2", "datasets>=4.7"],
         "dev": ["pytest>=8", "torch==2.13.0", "peft>=0.15", "nbclient>=0.10", "ipykernel>=6", "ruff>=0.6"],
     },
 )

@@ -265,15 +265,23 @@ def _split(tree, n: int):
   return jax.tree.map(f, tree)
 
 
+_SUM_KEYS = ("pg_loss", "clipfrac", "clipfrac_lower", "ppo_kl", "kl_ref", "entropy", "mismatch_abs")
+
+
 def _micro_loss(trainable, base_params, mb: Batch, old_logp, ref_logp, denom, cfg, lora_cfg,
                 lc: LossConfig):
-  """Σ-part of the objective on one micro-batch, divided by the mini-batch's denominator, + metrics."""
+  """Σ-part of the objective on one micro-batch, divided by the mini-batch's denominator, + metrics.
+
+  old_logp=None means on-policy (one mini-batch): old = stop_gradient(logp) of this very forward, which
+  equals a separate no-grad pass before the update and saves it."""
   logp, entropy = _policy_logprobs(trainable, base_params, mb.tokens, mb.mask, cfg, lora_cfg)
+  if old_logp is None:
+    old_logp = jax.lax.stop_gradient(logp)
   loss, clipped, clipped_lower, log_ratio = ppo_token_loss(logp, old_logp, mb.advantages, lc.clip_low,
                                                            lc.clip_high, lc.clip_c)
   m = mb.loss_mask
   total = agg_numerator(loss, m, lc.agg_mode)
-  kl = kl_estimate(logp, ref_logp, lc.kl_estimator)
+  kl = kl_estimate(logp, ref_logp, lc.kl_estimator) if lc.kl_coef else jnp.zeros_like(logp)
   if lc.kl_coef:
     total = total + lc.kl_coef * agg_numerator(kl, m, lc.agg_mode)
   if lc.entropy_coef:
@@ -282,7 +290,16 @@ def _micro_loss(trainable, base_params, mb: Batch, old_logp, ref_logp, denom, cf
   sums = {"pg_loss": agg_numerator(loss, m, lc.agg_mode) / denom, "clipfrac": (clipped * mf).sum(),
           "clipfrac_lower": (clipped_lower * mf).sum(), "ppo_kl": (-log_ratio * mf).sum(),
           "kl_ref": (kl * mf).sum(), "entropy": (entropy * mf).sum()}
+  mismatch = jnp.abs(mb.sampler_logprobs - old_logp) * mf
+  sums["mismatch_abs"], sums["mismatch_max"] = mismatch.sum(), mismatch.max()
   return total / denom, sums
+
+
+def _accumulate(acc, new):
+  """Add gradients and sums; keep the running maximum of "*_max" entries."""
+  grads = jax.tree.map(jnp.add, acc[0], new[0])
+  sums = {k: jnp.maximum(v, new[1][k]) if k.endswith("_max") else v + new[1][k] for k, v in acc[1].items()}
+  return grads, sums
 
 
 @functools.partial(jax.jit, donate_argnums=0, static_argnames=("cfg", "lora_cfg", "loss_cfg"))
@@ -291,8 +308,9 @@ def grpo_update(state: TrainState, base_params: Params, batch: Batch, *, cfg: Mo
   """One RL step's policy optimisation: num_mini_batches optimiser steps, each accumulating gradients
   over micro-batches with `lax.scan`.
 
-  old logprobs: the current policy, recomputed by this training graph before any step (the sampler's own
-  logprobs only feed the mismatch metrics); reference: `base_params` without LoRA (LoRA runs — no second
+  old logprobs: the current policy, recomputed by this training graph (the sampler's own logprobs only feed
+  the mismatch metrics): a no-grad pass before the first step when there are several mini-batches, the
+  gradient pass's own stop-gradient values when there is one (on-policy); reference: `base_params` without LoRA (LoRA runs — no second
   copy) or `base_params` as the frozen initial weights (full runs). Returns (new state, metrics).
   """
   lc = loss_cfg
@@ -305,10 +323,11 @@ def grpo_update(state: TrainState, base_params: Params, batch: Batch, *, cfg: Mo
     f = lambda c: sequence_logprobs(p, c[0], c[1], cfg, *lcfg)[0]  # noqa: E731
     return jax.lax.map(f, chunks).reshape(n, -1)
 
+  on_policy = lc.num_mini_batches == 1
   lora_args = (state.params, lora_cfg) if lora_cfg is not None else ()
-  old_logp = jax.lax.stop_gradient(
+  old_logp = None if on_policy else jax.lax.stop_gradient(
       no_grad_logprobs(base_params if lora_cfg is not None else state.params, lora_args))
-  ref_logp = no_grad_logprobs(base_params, ()) if lc.kl_coef else old_logp
+  ref_logp = no_grad_logprobs(base_params, ()) if lc.kl_coef else batch.sampler_logprobs
   tokens_all = jnp.maximum(batch.loss_mask.sum(), 1)
   grad_fn = jax.grad(_micro_loss, has_aux=True)
 
@@ -321,11 +340,10 @@ def grpo_update(state: TrainState, base_params: Params, batch: Batch, *, cfg: Mo
     def micro_step(acc, xs):
       b, o, r = xs
       g, sums = grad_fn(state.params, base_params, b, o, r, denom, cfg, lora_cfg, lc)
-      return jax.tree.map(jnp.add, acc, (g, sums)), None
+      return _accumulate(acc, (g, sums)), None
 
     zeros = jax.tree.map(jnp.zeros_like, state.params)
-    zero_sums = {k_: jnp.zeros((), jnp.float32) for k_ in
-                 ("pg_loss", "clipfrac", "clipfrac_lower", "ppo_kl", "kl_ref", "entropy")}
+    zero_sums = {k_: jnp.zeros((), jnp.float32) for k_ in _SUM_KEYS + ("mismatch_max",)}
     (grads, sums), _ = jax.lax.scan(micro_step, (zeros, zero_sums), _split((mb_batch, mb_old, mb_ref), k))
     updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
@@ -334,12 +352,11 @@ def grpo_update(state: TrainState, base_params: Params, batch: Batch, *, cfg: Mo
 
   minis = _split((batch, old_logp, ref_logp), lc.num_mini_batches)
   state, sums = jax.lax.scan(mini_step, state, minis)
-  m = batch.loss_mask.astype(jnp.float32)
   metrics = {k: sums[k].sum() / tokens_all for k in ("clipfrac", "clipfrac_lower", "ppo_kl", "kl_ref",
                                                      "entropy")}
   metrics["pg_loss"] = sums["pg_loss"].mean()
   metrics["grad_norm"] = sums["grad_norm"].mean()
-  diff = (batch.sampler_logprobs - old_logp) * m
-  metrics["sampler_logp_abs_diff"] = jnp.abs(diff).sum() / tokens_all
-  metrics["sampler_logp_max_abs_diff"] = jnp.abs(diff).max()
+  # sampler vs trainer log-probs of the sampled tokens, against the first mini-batch's old policy
+  metrics["sampler_logp_abs_diff"] = sums["mismatch_abs"].sum() / tokens_all
+  metrics["sampler_logp_max_abs_diff"] = sums["mismatch_max"].max()
   return state, metrics

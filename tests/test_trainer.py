@@ -63,6 +63,8 @@ def test_grpo_raises_a_learnable_reward(model):
   _, rows = run(make_setup(), params, fresh_state(lora), 15)
   rewards = [r["reward_mean"] for r in rows]
   assert np.mean(rewards[-5:]) > np.mean(rewards[:3]) + 0.2, rewards
+  # the sampler's log-probs of its own tokens agree with the training graph's (fp32, same weights)
+  assert max(r["sampler_logp_max_abs_diff"] for r in rows) < 1e-4
 
 
 def test_resume_from_checkpoint_is_bitwise_identical(model, tmp_path):
