@@ -133,6 +133,12 @@ def base() -> ml_collections.ConfigDict:
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = 1  # data-parallel devices (0 = all)
+  # multi-host (TPU pod slice / several GPU hosts): jax.distributed.initialize before anything else.
+  # On Cloud TPU leave the three fields empty and set distributed=True (JAX discovers the slice).
+  c.mesh.distributed = False
+  c.mesh.coordinator_address = ""  # "host:port" of process 0
+  c.mesh.num_processes = 0
+  c.mesh.process_id = -1
   return c
 
 

@@ -102,6 +102,8 @@ def validate(c) -> None:
   nxt_config(c)
   _check(c.eval.chunk >= 1 and c.eval.samples >= 1, "eval.chunk", c.eval.chunk, "chunk and samples ≥ 1")
   _check(c.mesh.data >= 0, "mesh.data", c.mesh.data, "must be ≥ 0 (0 = all devices)")
+  if c.mesh.distributed and not jax.distributed.is_initialized():
+    return  # devices are known only after jax.distributed.initialize (done by build)
   devices = c.mesh.data or jax.device_count()
   _check(devices <= jax.device_count(), "mesh.data", c.mesh.data, f"only {jax.device_count()} devices")
   _check(n % devices == 0 and ro.prompts_per_step % devices == 0, "mesh.data", c.mesh.data,
@@ -139,6 +141,8 @@ def load_problems(c):
 
 
 def build(c, model_dir: str | None = None) -> Experiment:
+  if c.mesh.distributed:  # must precede any JAX computation, including validate's device count
+    parallel.initialize_distributed(c.mesh.coordinator_address, c.mesh.num_processes, c.mesh.process_id)
   validate(c)
   cfg, params, tok = hf.load_model(model_dir or c.model.dir, dtype=c.model.dtype or None)
   cfg = dataclasses.replace(cfg, remat=c.model.remat)

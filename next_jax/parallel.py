@@ -14,6 +14,23 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 DATA = "data"
 
 
+def initialize_distributed(coordinator_address: str = "", num_processes: int = 0,
+                           process_id: int = -1) -> None:
+  """`jax.distributed.initialize` for multi-host runs (call once, before any other JAX work).
+
+  Empty/zero/negative fields are left for JAX to discover (Cloud TPU, SLURM, Open MPI environments).
+  Every host then sees all devices in `jax.devices()`; a mesh over them shards the batch across hosts and
+  each host feeds only its `jax.process_index()` part."""
+  kwargs = {}
+  if coordinator_address:
+    kwargs["coordinator_address"] = coordinator_address
+  if num_processes:
+    kwargs["num_processes"] = num_processes
+  if process_id >= 0:
+    kwargs["process_id"] = process_id
+  jax.distributed.initialize(**kwargs)
+
+
 def make_mesh(data: int | None = None, devices=None) -> Mesh:
   """A 1-D mesh ("data",) over `data` devices (default: all)."""
   devices = list(devices if devices is not None else jax.devices())

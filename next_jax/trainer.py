@@ -118,8 +118,16 @@ def _sample(setup: RLSetup, base_params, trainable, prompts, prompt_mask, key, g
                   top_k=ro.top_k, top_p=ro.top_p, stop_ids=setup.stop_ids, pad_id=setup.pad_id)
 
 
+def host_array(x: jax.Array) -> np.ndarray:
+  """The full value of a (possibly multi-host sharded) array on this host."""
+  if jax.process_count() == 1:
+    return np.asarray(x)
+  from jax.experimental import multihost_utils  # noqa: PLC0415
+  return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
 def _score(setup: RLSetup, problems, group_size, out) -> tuple[np.ndarray, list[str]]:
-  tokens, mask = np.asarray(out.tokens), np.asarray(out.mask)
+  tokens, mask = host_array(out.tokens), host_array(out.mask)
   texts = [setup.decode(tokens[i][mask[i]].tolist()) for i in range(tokens.shape[0])]
   rewards = np.asarray([setup.reward(t, problems[i // group_size]) for i, t in enumerate(texts)], np.float32)
   return rewards, texts
@@ -143,12 +151,13 @@ def collect(setup: RLSetup, base_params: Params, state: RLState):
                   g, ro.temperature)
     rewards, _ = _score(setup, problems, g, out)
     if ro.overlong_cache:
-      rewards = rewards + np.asarray(grpo.overlong_penalty(out.lengths, ro.max_new_tokens, ro.overlong_cache))
+      rewards = rewards + np.asarray(grpo.overlong_penalty(host_array(out.lengths), ro.max_new_tokens,
+                                                           ro.overlong_cache))
     spread = rewards.reshape(p, g).std(axis=1) > 0
     seen_groups, zero_spread = seen_groups + p, zero_spread + int((~spread).sum())
     arrays = {"prompts": np.repeat(prompts, g, 0), "pmask": np.repeat(pmask, g, 0),
-              "tokens": np.asarray(out.tokens), "rmask": np.asarray(out.mask),
-              "logprobs": np.asarray(out.logprobs), "rewards": rewards}
+              "tokens": host_array(out.tokens), "rmask": host_array(out.mask),
+              "logprobs": host_array(out.logprobs), "rewards": rewards}
     for i in range(p):
       if spread[i] or not ro.dynamic_sampling:
         kept.append(({k: v[i * g:(i + 1) * g] for k, v in arrays.items()}, True))
