@@ -1,6 +1,6 @@
 """Tiny local stand-ins for a real checkpoint: a byte-level BPE tokenizer with a Qwen-style chat template,
-a character-level Qwen2 tokenizer for the toy tasks, and random Qwen2 HF directories. Nothing is downloaded; everything loads through `hf.load_model`, the path a
-real Qwen2.5 directory takes.
+a character-level Qwen2 tokenizer for the toy tasks, and random Qwen2 HF directories. Nothing is downloaded;
+everything loads through `hf.load_model`, the path a real Qwen2.5 directory takes.
 """
 
 from __future__ import annotations
@@ -58,9 +58,9 @@ def build_char_tokenizer(alphabet: Iterable[str], out_dir: str | os.PathLike | N
   vocab: the alphabet's characters in order (ids 0 … n−1, duplicates dropped), then SPECIAL_TOKENS
   <|endoftext|> (n, pad), <|im_start|> (n+1), <|im_end|> (n+2, eos). Every character must be one byte
   (its vocab entry is the byte-level symbol: ' ' → 'Ġ'), so each character is exactly one token. Saved
-  files load through `AutoTokenizer` as a real Qwen2.5's do (tokenizer_class Qwen2Tokenizer); characters
-  outside the alphabet are dropped by the encoder (no unk token), as Qwen drops nothing only because its
-  256 byte symbols are all in its vocab. No chat template: toy prompts are raw (format_prompt(raw=True)).
+  files load through `AutoTokenizer` as a real Qwen2.5's do (tokenizer_class Qwen2Tokenizer, same
+  pre-tokenizer and decoder). Characters outside the alphabet are silently dropped by the encoder (no unk
+  token, no byte fallback). No chat template: toy prompts are raw (format_prompt(raw=True)).
   """
   import transformers  # noqa: PLC0415
 
