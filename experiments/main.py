@@ -20,6 +20,8 @@ _CONFIG = config_flags.DEFINE_config_file("config", "configs/toy_arith.py", "exp
 
 def main(argv):
   del argv
+  from absl import logging as absl_logging  # noqa: PLC0415
+  absl_logging.set_verbosity(absl_logging.WARNING)  # orbax logs every save at INFO
   from next_jax import experiment  # noqa: PLC0415 (after flag parsing: fast --help)
 
   c = _CONFIG.value

@@ -224,7 +224,7 @@ def run(c, model_dir: str | None = None) -> dict[str, Any]:
   val_score = (lambda s: accuracy(exp, s, exp.val, seed=1)) if exp.ncfg.alpha == "auto" else None
 
   def on_jump(s, info):
-    results["jumps"].append({k: v for k, v in info.items() if k != "predictor_loss"})
+    results["jumps"].append({"step": int(s.rl.step), **{k: v for k, v in info.items() if k != "predictor_loss"}})
     results["jumps"][-1]["predictor_loss_first_last"] = {
         d: (c_[0], c_[-1]) for d, c_ in info.get("predictor_loss", {}).items()}
 
