@@ -4,6 +4,8 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?= -x -q
+# OpenBLAS (numpy, and JAX's CPU QR/SVD) busy-waits its threads; on 2 shared cores one thread is far faster.
+export OPENBLAS_NUM_THREADS ?= 1
 
 .PHONY: demo test bench lint clean
 

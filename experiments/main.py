@@ -9,6 +9,13 @@ Every value is validated before any work starts; a bad value or an unknown key i
 The toy config builds its base model (experiments/make_toy_base.py) when artifacts/toy_base is missing.
 """
 
+import os
+
+# OpenBLAS (behind numpy and JAX's CPU QR/SVD) busy-waits its threads: on a small or shared machine a
+# 256×128 QR then takes seconds instead of milliseconds. One thread per process is far faster here.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+
 import json
 import sys
 

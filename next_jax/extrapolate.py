@@ -49,10 +49,9 @@ def pair_triplets(traj, pairs, scale: float, sign: str, devices: str = "pmap",
 def _chunk_triplets(mod, pairs, scale, sign, devices) -> Triplet:
   """Triplets of one module for a few pairs, flattened to [len(pairs)·L, ...]."""
   if "a" in mod:
-    ps, qs = zip(*(rank1.lora_delta_factors(mod["a"], mod["b"], i, j) for i, j in pairs))
-    p, q = jnp.stack(ps), jnp.stack(qs)  # [n_pairs, L, m, k], [n_pairs, L, k, n]
-    return rank1.batched_factored_triplets(p.reshape(-1, *p.shape[2:]), q.reshape(-1, *q.shape[2:]), scale,
-                                           sign, devices)
+    i, j = (jnp.asarray(x, jnp.int32) for x in zip(*pairs))
+    p, q = rank1.pair_factors(mod["a"], mod["b"], i, j)  # [n_pairs·L, m, 2r], [n_pairs·L, 2r, n]
+    return rank1.batched_factored_triplets(p, q, scale, sign, devices)
   d = jnp.stack([jnp.swapaxes(mod["kernel"][i] - mod["kernel"][j], -1, -2) for i, j in pairs])
   return rank1.batched_dense_triplets(d.reshape(-1, *d.shape[2:]), sign, devices)
 

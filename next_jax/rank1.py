@@ -132,6 +132,15 @@ def lora_delta_factors(a: jax.Array, b: jax.Array, i: jax.Array | int, j: jax.Ar
   return jnp.concatenate([b[i], -b[j]], axis=-1), jnp.concatenate([a[i], a[j]], axis=-2)
 
 
+@jax.jit
+def pair_factors(a: jax.Array, b: jax.Array, i: jax.Array, j: jax.Array):
+  """Factors of W_i − W_j for index arrays i, j (int32[n]), flattened over (pair, layer), in one jitted
+  gather: a [K, L, r, n], b [K, L, m, r] → P [n·L, m, 2r], Q [n·L, 2r, n]."""
+  p = jnp.concatenate([b[i], -b[j]], axis=-1)
+  q = jnp.concatenate([a[i], a[j]], axis=-2)
+  return p.reshape(-1, *p.shape[2:]), q.reshape(-1, *q.shape[2:])
+
+
 def delta_pairs(num_snapshots: int, k: int) -> dict[str, list[tuple[int, int | None]]]:
   """Index pairs (i, j) meaning W_i − W_j for snapshots 0 (= W₀) … K−1, as in METHOD §1:
 

@@ -5,7 +5,12 @@ torch/transformers are imported lazily inside the fixtures that need them, so te
 for a torch reference do not pay for the import.
 """
 
+
 from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # OpenBLAS threads thrash on 2 shared cores
 
 import dataclasses
 import functools
