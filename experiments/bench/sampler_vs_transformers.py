@@ -47,6 +47,9 @@ PRESETS = {
                   num_kv_heads=2),
 }
 RESULTS = Path(__file__).resolve().parents[1] / "results" / "bench_sampler.md"
+# Other processes' mean CPU (cores) above which a row is flagged: with torch using every core, a fraction of a
+# core taken by someone else can slow transformers' generate 10× or more (threads wait on each other).
+CONTENDED = 0.25
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -242,14 +245,15 @@ def table(rows: list[dict]) -> str:
     agree_s = (f"{agree['tokens']:.1%} (rows {agree['rows']:.0%}, first diff @ {agree['first_div']:.1f})"
                if agree else "n/a (sampled)")
     lines.append(f"| {r['preset']} | {r['mode']} | {r['shape']} | {mo:,.0f} ({io:,.0f}) "
-                 f"| {mt:,.0f} ({it:,.0f}) | **{mo / mt:.2f}×** | {agree_s} | {r['others']:.2f} |")
+                 f"| {mt:,.0f} ({it:,.0f}) | **{mo / mt:.2f}×** | {agree_s} | {r['others']:.2f}"
+                 f"{' ⚠ contended: rerun' if r['others'] > CONTENDED else ''} |")
   return head + "\n".join(lines) + "\n"
 
 
 def compile_note(r: dict) -> str:
   """First-call times; our compile ≈ first call − median steady call (none when the jit cache hit)."""
   comp = r["first_ours"] - r["shape_tokens"] / stats(r["tps_ours"])[0]
-  what = f"≈ {comp:.2f} s trace + XLA compile" if r["compiled"] else "no compile: program reused (traced args)"
+  what = f"≈ {comp:.2f} s trace + XLA compile" if r["compiled"] else "no compile: jit cache hit (traced args)"
   steady = r["shape_tokens"] / stats(r["tps_theirs"])[0]
   return (f"ours first call {r['first_ours']:.2f} s ({what}); transformers first call "
           f"{r['first_theirs']:.2f} s (steady {steady:.2f} s)")
