@@ -15,8 +15,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from next_jax import drift, rank1
 from next_jax import predictor as pred_lib
-from next_jax import rank1
 from next_jax.rank1 import Triplet
 
 METHODS = ("next", "rl_extra", "alpharl", "relex")
@@ -141,22 +141,6 @@ def alpharl(traj, steps: jax.Array, t_target: float, scale: float, devices: str 
   return out
 
 
-def _gram(mod, num: int, scale: float) -> jax.Array:
-  """⟨ΔW_s, ΔW_t⟩_F for ΔW_t = W_t − W₀, s, t = 1..num−1, per layer: [L, T, T].
-
-  LoRA: ΔW_t = s·P_t·Q_t with P_t = [B_t, −B₀], Q_t = [A_t; A₀] (snapshot 0 need not have B = 0), so the
-  Gram is s²·Σ (P_sᵀP_t)∘(Q_sQ_tᵀ)."""
-  if "a" in mod:
-    a0, b0 = mod["a"][0], mod["b"][0]
-    a = jnp.concatenate([mod["a"][1:num], jnp.broadcast_to(a0, (num - 1, *a0.shape))], axis=-2)
-    b = jnp.concatenate([mod["b"][1:num], jnp.broadcast_to(-b0, (num - 1, *b0.shape))], axis=-1)
-    bb = jnp.einsum("slmr,tlmq->lstrq", b, b)
-    aa = jnp.einsum("slrn,tlqn->lstrq", a, a)
-    return scale * scale * (bb * aa).sum((-1, -2))
-  d = mod["kernel"][1:num] - mod["kernel"][0]
-  return jnp.einsum("slnm,tlnm->lst", d, d)
-
-
 def relex(traj, steps: jax.Array, t_target: float, scale: float) -> dict[str, jax.Array]:
   """RELEX (arXiv 2605.21468): per matrix, M = [vec(ΔW_t)]_t (T×d); top right-singular direction
   v = Mᵀe/√λ from the T×T Gram matrix's top eigenpair (λ, e); c_t = M v = √λ·e; least-squares line
@@ -165,7 +149,7 @@ def relex(traj, steps: jax.Array, t_target: float, scale: float) -> dict[str, ja
   last = num - 1
   out = {}
   for m, mod in traj.items():
-    gram = _gram(mod, num, scale)  # [L, T, T]
+    gram = drift.delta_gram(mod, scale)[:, 1:, 1:]  # [L, T, T], T = num − 1
     lam, vecs = jnp.linalg.eigh(gram)
     lam1, e = jnp.maximum(lam[:, -1], 1e-30), vecs[:, :, -1]  # [L], [L, T]
     e = e * jnp.where(e.sum(-1, keepdims=True) < 0, -1.0, 1.0)

@@ -25,11 +25,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from next_jax import extrapolate, trainer
+from next_jax import drift, extrapolate, trainer
 from next_jax.metrics import MetricWriter, Timer, progress
 from next_jax.policy import ALL_MODULES, Params, merge_lora
 from next_jax.predictor import PredictorConfig
-from next_jax.rank1 import energy_ratios
 
 COLLECT, EXTRAPOLATE, CONTINUE, DONE = 0, 1, 2, 3
 PHASES = ("COLLECT", "EXTRAPOLATE", "CONTINUE", "DONE")
@@ -149,6 +148,11 @@ def train_step(setup: trainer.RLSetup, ncfg: NExtConfig, state: NExtState, timer
   return state, metrics
 
 
+def jump_key(state: NExtState) -> jax.Array:
+  """The predictor's key at this jump: fold_in(fold_in(rng, step), 0x5EED)."""
+  return jax.random.fold_in(jax.random.fold_in(state.rl.rng, int(state.rl.step)), 0x5EED)
+
+
 def method_deltas(ncfg: NExtConfig, traj: Params, steps: np.ndarray, scale: float, key: jax.Array):
   """Δ per module for the configured method, from a full trajectory (steps: RL step of each snapshot)."""
   steps = jnp.asarray(steps, jnp.float32)
@@ -190,27 +194,41 @@ def _add_to_kernels(params: Params, deltas: Params, alpha: float) -> Params:
   return {**params, "layers": layers}
 
 
+def drift_diagnostics(ncfg: NExtConfig, traj: Params, steps: np.ndarray, scale: float,
+                      extra: dict | None = None) -> dict[str, float]:
+  """{"drift/<measure>": median over trained matrices} of the observed trajectory (next_jax.drift), with
+  E₁ of the last global delta (reusing NExt's triplets when `extra` holds them)."""
+  last = (extra or {}).get("triplets", {}).get("last_global")
+  if last is None:
+    last = extrapolate.pair_triplets(traj, [(len(steps) - 1, 0)], scale, "none")
+  spectra = jnp.concatenate([t.spectrum[-1].reshape(-1, t.spectrum.shape[-1]) for t in last.values()])
+  horizon = min(ncfg.k, (len(steps) - 1) // 2)
+  med, _ = drift.trajectory_drift(traj, steps, scale, horizon, spectra)
+  return {f"drift/{k}": v for k, v in med.items()}
+
+
 def extrapolate_step(setup: trainer.RLSetup, ncfg: NExtConfig, state: NExtState,
-                     score: Callable[[NExtState], float] | None = None):
-  """EXTRAPOLATE: compute the method's Δ from the trajectory, choose α (fixed, or the best of alpha_grid
-  by `score` on held-out prompts), jump, and move to CONTINUE (or the next cycle's COLLECT).
+                     score: Callable[[NExtState], float] | None = None, deltas: Params | None = None):
+  """EXTRAPOLATE: compute the method's Δ from the trajectory (or take precomputed `deltas`, e.g. to
+  sweep α), choose α (fixed, or the best of alpha_grid by `score` on held-out prompts), jump, and move to
+  CONTINUE (or the next cycle's COLLECT). Logs the trajectory's drift measures and, for NExt, the
+  predictor's loss curves and E₁.
 
   Deterministic: the predictor's key is fold_in(rng, step). Returns (state, info)."""
   t0 = time.perf_counter()
   lora_cfg = setup.lora_cfg
   scale = lora_cfg.scale if lora_cfg is not None else 1.0
   steps = int(state.cycle_start) + ncfg.interval * np.arange(ncfg.num_snapshots)
-  key = jax.random.fold_in(jax.random.fold_in(state.rl.rng, int(state.rl.step)), 0x5EED)
-  deltas, extra = method_deltas(ncfg, state.trajectory, steps, scale, key)
+  extra = {}
+  if deltas is None:
+    deltas, extra = method_deltas(ncfg, state.trajectory, steps, scale, jump_key(state))
   deltas = jax.block_until_ready(deltas)
   info = {"time/extrapolate": time.perf_counter() - t0, "method": ncfg.method}
   finite = all(bool(jnp.isfinite(d).all()) for d in deltas.values())
   info["finite"] = finite
   if "loss_curves" in extra:
     info["predictor_loss"] = {int(d): np.asarray(c).tolist() for d, c in extra["loss_curves"].items()}
-    e1, e1sq = energy_ratios(jnp.concatenate([t.spectrum[-1].reshape(-1, t.spectrum.shape[-1])
-                                              for t in extra["triplets"]["last_global"].values()]))
-    info["E1_median"], info["E1_sq_median"] = float(jnp.median(e1)), float(jnp.median(e1sq))
+  info.update(drift_diagnostics(ncfg, state.trajectory, steps, scale, extra))
   if not finite:  # refuse a non-finite prediction: no jump
     alpha, curve = 0.0, {}
   elif ncfg.alpha == "auto":

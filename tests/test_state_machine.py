@@ -54,6 +54,10 @@ def test_run_goes_collect_extrapolate_continue_done(full_run):
   assert len(jumps) == 1 and jumps[0]["finite"] and jumps[0]["alpha"] == 1.5
   losses = next(iter(jumps[0]["predictor_loss"].values()))
   assert len(losses) == 20 and losses[-1] < losses[0]
+  drift = {k: v for k, v in jumps[0].items() if k.startswith("drift/")}
+  assert {"drift/increment_cos", "drift/growth_exp", "drift/r2_linear", "drift/skill_vs_hold",
+          "drift/E1"} <= set(drift) and all(np.isfinite(v) for v in drift.values())
+  assert 1 / LCFG.rank <= drift["drift/E1"] <= 1.0
   tags = {m["tag"] for m in (ckpt.restore(sm.init(full_run[0], NCFG, *_model_for(full_run)), s)[1]
                              for s in ckpt.all_steps())}
   assert {"EXTRAPOLATE", "jump", "DONE"} <= tags
@@ -115,3 +119,20 @@ def test_baselines_jump_through_the_same_state_machine(model, method):
   assert jumps[0]["method"] == method and jumps[0]["finite"] and int(state.rl.step) == 9
   moved = np.abs(np.asarray(state.base_params["layers"]["q"]["kernel"] - params["layers"]["q"]["kernel"]))
   assert moved.max() > 0  # the jump landed in the base weights ("keep" mode)
+
+
+def test_extrapolate_step_with_precomputed_deltas_equals_computing_them(model):
+  """What `reproduce` relies on to sweep α: method_deltas at jump_key, passed in, gives the same jump."""
+  import dataclasses
+  params, lora = model
+  setup = make_setup()
+  ncfg = dataclasses.replace(NCFG, method="rl_extra", total_steps=9)
+  state = sm.init(setup, ncfg, params, fresh_state(lora))
+  while int(state.phase) != sm.EXTRAPOLATE:
+    state, _ = sm.train_step(setup, ncfg, state)
+  steps = ncfg.interval * np.arange(ncfg.num_snapshots)
+  deltas, _ = sm.method_deltas(ncfg, state.trajectory, steps, LCFG.scale, sm.jump_key(state))
+  a, _ = sm.extrapolate_step(setup, ncfg, state)
+  b, _ = sm.extrapolate_step(setup, ncfg, state, deltas=deltas)
+  for x, y in zip(jax.tree.leaves(a.base_params), jax.tree.leaves(b.base_params)):
+    np.testing.assert_array_equal(x, y)
