@@ -166,3 +166,16 @@ def make_random_lora(cfg: policy.ModelConfig, lcfg: policy.LoraConfig, seed: int
 def random_lora():
   """make_random_lora(cfg, lcfg, seed=0, b_std=0.1): a LoRA whose B is non-zero."""
   return make_random_lora
+
+
+@pytest.fixture(scope="session")
+def toy_model_dir(tmp_path_factory):
+  """A tiny random Qwen2 with the arithmetic task's character tokenizer (toy configs run on it in seconds)."""
+  from next_jax import toy  # noqa: PLC0415
+
+  d = tmp_path_factory.mktemp("charmodel") / "model"
+  cfg = policy.ModelConfig(vocab_size=17, hidden_size=32, intermediate_size=64, num_layers=1, num_heads=2,
+                           num_kv_heads=2, rope_theta=10000.0)
+  toy.make_random_model_dir(d, cfg, tokenizer=False)
+  toy.build_char_tokenizer("0123456789+-*=", out_dir=d)
+  return d

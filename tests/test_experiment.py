@@ -72,13 +72,8 @@ def test_paper_presets_build_their_model_shapes_abstractly(size):
 
 
 @pytest.fixture(scope="module")
-def char_model_dir(tmp_path_factory):
-  d = tmp_path_factory.mktemp("charmodel") / "model"
-  cfg = policy.ModelConfig(vocab_size=17, hidden_size=32, intermediate_size=64, num_layers=1, num_heads=2,
-                           num_kv_heads=2, rope_theta=10000.0)
-  toy.make_random_model_dir(d, cfg, tokenizer=False)
-  toy.build_char_tokenizer("0123456789+-*=", out_dir=d)
-  return d
+def char_model_dir(toy_model_dir):
+  return toy_model_dir
 
 
 def test_entry_point_runs_quick_end_to_end(char_model_dir, tmp_path):

@@ -1,0 +1,312 @@
+"""The paper's tables at CPU scale, on the toy task: every method branches from one shared COLLECT phase.
+
+    python -m experiments.reproduce                 # 3 seeds, the paper's schedule (150 + 100 vs 250 / 400)
+    python -m experiments.reproduce --quick         # CI-sized smoke run (seconds per family)
+    python -m experiments.reproduce --seeds 0 --families lora,alpha
+
+Per seed, a *family* is one RL run from the backbone to the jump point (step 150, a snapshot every 10)
+and the branches taken from that state (each a fresh copy, so every method sees the same trajectory):
+  lora     GRPO-LoRA continued to 400 (the 250/400 baselines, and the true future W₂₀₀ − W₁₅₀);
+           NExt, RL-Extra, AlphaRL, RELEX jumps + 100 steps; ablations w/o global delta, w/o local delta,
+           sign="none"; predicted-vs-actual Δ agreement; drift measures
+  alpha    the α grid from the same step-150 state (accuracy right after the jump and 100 steps later)
+  full     GRPO full-parameter to 400; NExt on the dense trajectory (the "w/o LoRA" ablation)
+  rloo, reinforce_pp   the compatibility study: plain to 250/400 and NExt at 250
+  cyclic   NExt with a jump every 60 steps (cycles=3), evaluated along the way
+Rows go to <out>/rows.jsonl as each family finishes (a killed run resumes at family granularity);
+`experiments.report` turns them into Markdown + CSV tables and PNG plots.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # see experiments/demo.py
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "configs"))
+
+import toy_arith  # noqa: E402
+
+from experiments import report  # noqa: E402
+from experiments.make_toy_base import build_toy_base  # noqa: E402
+from next_jax import drift, experiment, rank1  # noqa: E402
+from next_jax import extrapolate as ex  # noqa: E402
+from next_jax import state_machine as sm  # noqa: E402
+from next_jax.metrics import progress  # noqa: E402
+
+FAMILIES = ("lora", "full", "rloo", "reinforce_pp", "cyclic", "alpha")
+BASELINES = {"rl_extra": "RL-Extra", "alpharl": "AlphaRL", "relex": "RELEX"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Schedule:
+  jump: int = 150  # extrapolate_at
+  interval: int = 10
+  k: int = 5
+  extra: int = 100  # RL steps after the jump
+  long: int = 400  # the long baseline
+  cyclic_every: int = 60
+
+  @property
+  def short(self) -> int:
+    return self.jump + self.extra
+
+
+PAPER = Schedule()
+QUICK = Schedule(jump=8, interval=2, k=2, extra=4, long=16, cyclic_every=6)
+
+
+def make_config(seed: int, sched: Schedule, quick: bool, algo: str = "grpo", trainable: str = "lora"):
+  c = toy_arith.get_config(f"algo={algo},seed={seed},trainable={trainable}" + (",quick" if quick else ""))
+  c.nxt.extrapolate_at, c.nxt.interval, c.nxt.k = sched.jump, sched.interval, sched.k
+  c.nxt.total_steps = sched.long
+  c.eval.every, c.log.progress = 0, False
+  if quick:  # a smoke run: a small predictor, trained briefly
+    c.nxt.predictor.hidden, c.nxt.predictor.epochs = 32, 20
+  return c
+
+
+# -------------------------------------------------------------------------------------------- running
+
+
+def fork(state):
+  """An independent copy: train_step donates its input, and every branch starts from the same state."""
+  return jax.tree.map(jnp.copy, state)
+
+
+def advance(exp, ncfg, state, until: int, evals=(), snaps=(), desc: str = ""):
+  """train_step to RL step `until` (or the next jump point); accuracy at `evals`, trained matrices at
+  `snaps`; returns (state, accs, mats, seconds per RL step excluding evaluation)."""
+  accs, mats, lora = {}, {}, exp.setup.lora_cfg is not None
+  start, train_s = int(state.rl.step), 0.0
+  bar = progress(until - start, desc=desc)
+  for _ in range(until - start):
+    t0 = time.perf_counter()
+    state, _ = sm.train_step(exp.setup, ncfg, state)
+    train_s += time.perf_counter() - t0
+    bar.update(1)
+    step = int(state.rl.step)
+    if int(state.phase) == sm.EXTRAPOLATE and step < until:
+      break  # a cyclic run reached its next jump point
+    if step in snaps:
+      mats[step] = fork(sm.trained_matrices(state.rl.train.params, lora))
+    if step in evals:
+      accs[step] = experiment.accuracy(exp, state, exp.test)
+  bar.close()
+  sec = train_s / max(until - start, 1)  # RL only: evaluations excluded
+  return state, accs, mats, sec
+
+
+def collect(exp, sched: Schedule, desc: str):
+  """Backbone → the jump point (phase EXTRAPOLATE), evaluating every `jump/3` steps."""
+  backbone = experiment.accuracy(exp, exp.state, exp.test)
+  marks = {sched.jump * i // 3 for i in (1, 2, 3)}
+  state, accs, _, sec = advance(exp, exp.ncfg, fork(exp.state), sched.jump, evals=marks, desc=desc)
+  assert int(state.phase) == sm.EXTRAPOLATE, "COLLECT did not end at the jump point"
+  return state, backbone, accs, sec
+
+
+def as_continue(state):
+  return state.replace(phase=jnp.asarray(sm.CONTINUE, jnp.int32))
+
+
+def jump_and_continue(exp, ncfg, s_jump, sched, deltas=None, desc=""):
+  """extrapolate_step from a copy of the jump-point state, then `extra` steps; (acc_after, info)."""
+  state, info = sm.extrapolate_step(exp.setup, ncfg, fork(s_jump), deltas=deltas)
+  state, accs, _, _ = advance(exp, ncfg, state, sched.short, evals={sched.short}, desc=desc)
+  return accs[sched.short], info
+
+
+def actual_future(exp, s_jump, mats_future) -> dict:
+  """Dense W_{t+h} − W_t per module ([L, n, m]) from two sets of trained matrices."""
+  lora = exp.setup.lora_cfg is not None
+  scale = exp.setup.lora_cfg.scale if lora else 1.0
+  now = sm.trained_matrices(s_jump.rl.train.params, lora)
+  pair = jax.tree.map(lambda a, b: jnp.stack([a, b]), now, mats_future)
+  return {m: ex.snapshot_delta(mod, 1, 0, scale) for m, mod in pair.items()}
+
+
+def trajectory_analysis(exp, s_jump, sched: Schedule) -> dict:
+  """E₁ of G_i at every snapshot, the drift measures and the per-matrix R² values at the jump point."""
+  lora = exp.setup.lora_cfg is not None
+  scale = exp.setup.lora_cfg.scale if lora else 1.0
+  traj, num = s_jump.trajectory, exp.ncfg.num_snapshots
+  steps = sched.interval * np.arange(num)
+  trip = ex.pair_triplets(traj, [(i, 0) for i in range(1, num)], scale, "none")
+  spectra = jnp.concatenate([t.spectrum.reshape(num - 1, -1, t.spectrum.shape[-1]) for t in trip.values()], 1)
+  e1 = [float(jnp.median(rank1.energy_ratios(spectra[i])[0])) for i in range(num - 1)]
+  med, values = drift.trajectory_drift(traj, steps, scale, sched.k, spectra[-1])
+  return {"E1_steps": steps[1:].tolist(), "E1_by_step": e1, "drift": med,
+          "r2_values": values["r2_linear"].tolist()}
+
+
+def row(table, family, seed, method, steps, acc, backbone, **extra):
+  return {"table": table, "family": family, "seed": seed, "method": method, "steps": steps, "acc": acc,
+          "backbone": backbone, **extra}
+
+
+def lora_family(exp, sched, seed) -> list[dict]:
+  """GRPO-LoRA to 400, every method from the same step-150 state, ablations, Δ agreement, drift."""
+  s_jump, bb, accs, sec = collect(exp, sched, f"s{seed} lora collect")
+  h = sched.k * sched.interval
+  ncfg = exp.ncfg
+  rows = [row("curve", "lora", seed, "GRPO-LoRA", s, a, bb) for s, a in accs.items()]
+  marks = set(range(sched.jump + h, sched.long + 1, h)) | {sched.short, sched.long}
+  _, accs, mats, sec2 = advance(exp, ncfg, as_continue(fork(s_jump)), sched.long, evals=marks,
+                                snaps={sched.jump + h}, desc=f"s{seed} GRPO-LoRA")
+  rows += [row("curve", "lora", seed, "GRPO-LoRA", s, a, bb) for s, a in accs.items()]
+  rows += [row("main", "lora", seed, "GRPO-LoRA", s, accs[s], bb) for s in (sched.short, sched.long)]
+  actual = actual_future(exp, s_jump, mats[sched.jump + h])
+  steps = sched.interval * np.arange(ncfg.num_snapshots)
+  scale = exp.setup.lora_cfg.scale
+  analysis = trajectory_analysis(exp, s_jump, sched)
+  t0 = time.perf_counter()
+  next_deltas, _ = sm.method_deltas(ncfg, s_jump.trajectory, steps, scale, sm.jump_key(s_jump))
+  t_next = time.perf_counter() - t0
+  agreement = {"NExt": ex.delta_agreement(next_deltas, actual)}
+  acc_next, _ = jump_and_continue(exp, ncfg, s_jump, sched, next_deltas, f"s{seed} NExt")
+  rows.append(row("main", "lora", seed, "NExt", sched.short, acc_next, bb, alpha=ncfg.alpha))
+  rows.append({"table": "overhead", "family": "lora", "seed": seed, "extrapolate_s": t_next,
+               "sec_per_step": (sec + sec2) / 2, "steps_saved": sched.long - sched.short})
+  for m, name in BASELINES.items():
+    n = dataclasses.replace(ncfg, method=m)
+    d, _ = sm.method_deltas(n, s_jump.trajectory, steps, scale, sm.jump_key(s_jump))
+    agreement[name] = ex.delta_agreement(d, actual)
+    acc, _ = jump_and_continue(exp, n, s_jump, sched, d, f"s{seed} {name}")
+    rows.append(row("main", "lora", seed, name, sched.short, acc, bb))
+  rows.append({"table": "analysis", "family": "lora", "seed": seed, "agreement": agreement, **analysis})
+  return rows + ablations(exp, ncfg, s_jump, sched, seed, bb)
+
+
+def alpha_family(exp, sched, seed) -> list[dict]:
+  """Accuracy right after the jump and after the `extra` steps for each α of the grid (0 = no jump),
+  from the same (deterministic) step-150 state and NExt prediction as the lora family."""
+  s_jump, bb, _, _ = collect(exp, sched, f"s{seed} alpha collect")
+  ncfg = exp.ncfg
+  steps = sched.interval * np.arange(ncfg.num_snapshots)
+  deltas, _ = sm.method_deltas(ncfg, s_jump.trajectory, steps, exp.setup.lora_cfg.scale, sm.jump_key(s_jump))
+  rows = []
+  for a in (0.0,) + ncfg.alpha_grid:
+    n = dataclasses.replace(ncfg, alpha=a)
+    state, _ = sm.extrapolate_step(exp.setup, n, fork(s_jump), deltas=deltas)
+    rows.append(row("alpha", "lora", seed, "NExt", sched.jump, experiment.accuracy(exp, state, exp.test),
+                    bb, alpha=a, when="before"))
+    _, accs, _, _ = advance(exp, n, state, sched.short, evals={sched.short}, desc=f"s{seed} α={a}")
+    rows.append(row("alpha", "lora", seed, "NExt", sched.short, accs[sched.short], bb, alpha=a, when="after"))
+  return rows
+
+
+def ablations(exp, ncfg, s_jump, sched, seed, bb) -> list[dict]:
+  variants = {"w/o global delta": dict(predictor=dataclasses.replace(ncfg.predictor, use_global=False)),
+              "w/o local delta": dict(predictor=dataclasses.replace(ncfg.predictor, use_local=False)),
+              "sign none (official)": dict(sign="none")}
+  rows = []
+  for name, kw in variants.items():
+    acc, _ = jump_and_continue(exp, dataclasses.replace(ncfg, **kw), s_jump, sched, desc=f"s{seed} {name}")
+    rows.append(row("ablation", "lora", seed, name, sched.short, acc, bb))
+  return rows
+
+
+def plain_and_next(exp, sched, seed, family, label) -> list[dict]:
+  """A family with GRPO(-like) to 250/400 and NExt from its step-150 state (full, rloo, reinforce_pp)."""
+  s_jump, bb, accs, sec = collect(exp, sched, f"s{seed} {family} collect")
+  rows = [row("curve", family, seed, label, s, a, bb) for s, a in accs.items()]
+  _, accs, _, _ = advance(exp, exp.ncfg, as_continue(fork(s_jump)), sched.long,
+                          evals={sched.short, sched.long}, desc=f"s{seed} {label}")
+  table = "main" if family == "full" else "compat"
+  rows += [row(table, family, seed, label, s, accs[s], bb) for s in (sched.short, sched.long)]
+  acc, info = jump_and_continue(exp, exp.ncfg, s_jump, sched, desc=f"s{seed} {label}+NExt")
+  name = "w/o LoRA (dense SVD)" if family == "full" else f"{label} + NExt"
+  rows.append(row("ablation" if family == "full" else "compat", family, seed, name, sched.short, acc, bb))
+  if family == "full":
+    rows.append({"table": "analysis", "family": "full", "seed": seed,
+                 **trajectory_analysis(exp, s_jump, sched)})
+  return rows
+
+
+def cyclic_family(exp, sched, seed) -> list[dict]:
+  """NExt jumping every `cyclic_every` steps (up to 3 jumps), evaluated every k·interval steps to 250."""
+  bb = experiment.accuracy(exp, exp.state, exp.test)
+  ncfg, state, h = exp.ncfg, fork(exp.state), sched.k * sched.interval
+  rows, jumps = [], []
+  marks = set(range(h, sched.short + 1, h)) | {sched.short}
+  while int(state.phase) != sm.DONE:
+    if int(state.phase) == sm.EXTRAPOLATE:
+      state, info = sm.extrapolate_step(exp.setup, ncfg, state)
+      jumps.append(int(state.rl.step))
+      continue
+    nxt = min(m for m in marks if m > int(state.rl.step))
+    state, accs, _, _ = advance(exp, ncfg, state, nxt, evals={nxt}, desc=f"s{seed} cyclic")
+    rows += [row("cyclic", "cyclic", seed, "cyclic NExt", s, a, bb, jumps=list(jumps)) for s, a in accs.items()]
+    if int(state.rl.step) >= sched.short:
+      break
+  return rows
+
+
+def run_family(family: str, seed: int, sched: Schedule, quick: bool, model_dir=None) -> list[dict]:
+  if family == "cyclic":
+    c = make_config(seed, sched, quick)
+    c.nxt.extrapolate_at, c.nxt.total_steps = sched.cyclic_every, sched.short
+    c.nxt.cycles = min(3, sched.short // sched.cyclic_every)
+    return cyclic_family(experiment.build(c, model_dir), sched, seed)
+  algo = family if family in ("rloo", "reinforce_pp") else "grpo"
+  c = make_config(seed, sched, quick, algo=algo, trainable="full" if family == "full" else "lora")
+  exp = experiment.build(c, model_dir)
+  if family == "lora":
+    return lora_family(exp, sched, seed)
+  if family == "alpha":
+    return alpha_family(exp, sched, seed)
+  label = {"full": "GRPO-full", "rloo": "RLOO", "reinforce_pp": "REINFORCE++"}[family]
+  return plain_and_next(exp, sched, seed, family, label)
+
+
+def main(argv=None):
+  ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  ap.add_argument("--quick", action="store_true")
+  ap.add_argument("--seeds", default="0,1,2")
+  ap.add_argument("--families", default=",".join(FAMILIES))
+  ap.add_argument("--out", default=None, help="default experiments/results/repro[_quick]")
+  ap.add_argument("--model-dir", default=None, help="default: the toy base (built if missing)")
+  args = ap.parse_args(argv)
+  from absl import logging as absl_logging  # noqa: PLC0415
+  absl_logging.set_verbosity(absl_logging.WARNING)
+  os.chdir(ROOT)
+  sched = QUICK if args.quick else PAPER
+  out = Path(args.out or f"experiments/results/repro{'_quick' if args.quick else ''}")
+  out.mkdir(parents=True, exist_ok=True)
+  rows_path = out / "rows.jsonl"
+  rows = [json.loads(x) for x in rows_path.read_text().splitlines()] if rows_path.exists() else []
+  done = {(r["family"], r["seed"]) for r in rows if r["table"] == "done"}
+  if args.model_dir is None:
+    build_toy_base("artifacts/toy_base")
+  todo = [(f, int(s)) for f in args.families.split(",") for s in args.seeds.split(",")
+          if (f, int(s)) not in done]  # family-major: an interrupted run still has whole tables
+  t_all = time.time()
+  for i, (family, seed) in enumerate(todo):
+    print(f"== [{i + 1}/{len(todo)}] family {family}, seed {seed}", flush=True)
+    t0 = time.time()
+    new = run_family(family, seed, sched, args.quick, args.model_dir)
+    new.append({"table": "done", "family": family, "seed": seed, "minutes": (time.time() - t0) / 60})
+    with rows_path.open("a") as f:
+      f.writelines(json.dumps(r, default=float) + "\n" for r in new)
+    rows += new
+    print(f"{family} seed {seed}: {(time.time() - t0) / 60:.1f} min", flush=True)
+  command = "python -m experiments.reproduce" + (" --quick" if args.quick else "")
+  report.write(rows, out, command=command, schedule=dataclasses.asdict(sched))
+  print(f"done in {(time.time() - t_all) / 60:.1f} min; tables: {out}/tables.md")
+
+
+if __name__ == "__main__":
+  main()
