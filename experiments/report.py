@@ -117,6 +117,11 @@ def overhead_table(rows, out: Path) -> str:
                  "extrapolation / saved"], body, out / "overhead.csv")
 
 
+def _legend(ax, **kw):
+  if ax.get_legend_handles_labels()[0]:
+    ax.legend(**kw)
+
+
 def plots(rows, out: Path) -> list[str]:
   try:
     import matplotlib  # noqa: PLC0415
@@ -144,17 +149,17 @@ def plots(rows, out: Path) -> list[str]:
     xs = sorted(cyc)
     axes[0].plot(xs, [np.mean(cyc[x]) for x in xs], marker="x", ls="--", label="cyclic NExt")
   axes[0].set(xlabel="real RL steps", ylabel="test accuracy (%)", title="accuracy vs real steps")
-  axes[0].legend(fontsize=8)
+  _legend(axes[0], fontsize=8)
   for fam, style in (("lora", "-"), ("full", "--")):
     an = _pick(rows, table="analysis", family=fam)
     if an:
       axes[1].plot(an[0]["E1_steps"], np.mean([r["E1_by_step"] for r in an], 0), style, marker="o", label=fam)
       axes[2].hist(np.concatenate([r["r2_values"] for r in an]).clip(-5, 1), bins=30, alpha=0.5, label=fam)
   axes[1].set(xlabel="RL step", ylabel="median E₁ = σ₁/Σσ of W_t − W₀", title="rank-1 dominance")
-  axes[1].legend()
+  _legend(axes[1])
   axes[2].set(xlabel="R² (clipped at −5)", ylabel="matrices", title="linear fit: 10 snapshots → next 5")
   axes[2].axvline(0, color="grey", ls=":")
-  axes[2].legend()
+  _legend(axes[2])
   fig.tight_layout()
   fig.savefig(out / "reproduction.png", dpi=110)
   made.append("reproduction.png")
