@@ -1,0 +1,142 @@
+"""next_jax.sharding: partition rules, abstract shardings of the paper presets, and a tiny model sharded
+data=2 × fsdp=2 × tensor=2 on 8 forced CPU devices (in a subprocess: tests/sharding_child.py) giving the same
+logits, GRPO updates, sampled tokens and rank-1 triplets as one device."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import AbstractMesh, NamedSharding, PartitionSpec as P
+
+from next_jax import policy, sharding, trainer
+
+ROOT = Path(__file__).resolve().parents[1]
+SIZES = {"data": 2, "fsdp": 4, "tensor": 8}
+
+
+@pytest.fixture(scope="module")
+def eight_devices():
+  """Observations from one 8-device child process (~40 s of CPU: it compiles every program twice)."""
+  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu",
+         "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+  proc = subprocess.run([sys.executable, str(ROOT / "tests" / "sharding_child.py")], env=env, check=False,
+                        capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+# ------------------------------------------------------------------------------- 8 devices vs one
+
+
+@pytest.mark.slow
+def test_sharded_logits_equal_single_device(eight_devices):
+  assert eight_devices["device_count"] == 8
+  assert eight_devices["logits_max_abs"] > 1.0
+  assert eight_devices["logits_diff"] <= 1e-5
+
+
+@pytest.mark.slow
+def test_sharded_grpo_updates_equal_single_device(eight_devices):
+  for kind in ("lora", "full"):
+    assert eight_devices[f"{kind}_moved"] > 1e-3  # the update really changed the weights
+    assert eight_devices[f"{kind}_update_diff"] <= 1e-5
+
+
+@pytest.mark.slow
+def test_sharded_sampler_gives_the_same_tokens(eight_devices):
+  assert eight_devices["greedy_equal"] and eight_devices["sampled_equal"]
+  assert eight_devices["sampled_distinct_rows"] > 1  # sampling was not degenerate
+
+
+@pytest.mark.slow
+def test_update_keeps_params_and_adam_moments_sharded(eight_devices):
+  assert eight_devices["q_kernel_after_spec"] == [None, "fsdp", "tensor"]
+  assert eight_devices["q_kernel_shard"] == [2, 32, 32]  # [L, D/fsdp, H·hd/tensor]
+  assert eight_devices["down_kernel_after_spec"] == [None, "tensor", "fsdp"]
+  assert eight_devices["adam_mu_q_spec"] == [None, "fsdp", "tensor"]
+  assert eight_devices["lora_q_b_after_spec"] == [None, "tensor"]
+
+
+@pytest.mark.slow
+def test_rank1_under_pmap_accepts_sharded_lora_factors(eight_devices):
+  assert eight_devices["rank1_input_spec"] == [None, "tensor", None]
+  assert eight_devices["rank1_sigma"] > 0.1
+  assert eight_devices["rank1_sigma_diff"] <= 1e-5 and eight_devices["rank1_u_diff"] <= 1e-5
+
+
+# ------------------------------------------------------------------------------------ rules
+
+
+def test_fit_dims_aligns_to_trailing_dims_and_drops_non_dividing_axes():
+  assert sharding.fit_dims((28, 3584, 512), ("fsdp", "tensor"), SIZES) == P(None, "fsdp", "tensor")
+  assert sharding.fit_dims((28, 3584, 4), ("fsdp", "tensor"), SIZES) == P(None, "fsdp", None)
+  assert sharding.fit_dims((6, 16), (("data", "fsdp"), None), SIZES) == P("data", None)
+  assert sharding.fit_dims((16, 3), (("data", "fsdp"), None), SIZES) == P(("data", "fsdp"), None)
+  assert sharding.fit_dims((), ("fsdp",), SIZES) == P()
+  assert sharding.fit_dims((8, 8), ("fsdp", "tensor"), {"data": 8}) == P(None, None)  # 1-D data mesh
+
+
+def test_rules_cover_params_lora_and_optimizer_paths():
+  rule = lambda path: sharding.rule_dims(path)  # noqa: E731
+  assert rule("layers/q/kernel") == ("fsdp", "tensor") and rule("layers/down/kernel") == ("tensor", "fsdp")
+  assert rule("layers/k/bias") == ("tensor",) and rule("layers/attn_norm") == () and rule("final_norm") == ()
+  assert rule("embed") == ("tensor", "fsdp") and rule("lm_head") == ("fsdp", "tensor")
+  assert rule("q/a") == (None, "fsdp") and rule("q/b") == ("tensor", None)
+  assert rule("o/a") == (None, "tensor") and rule("o/b") == ("fsdp", None)
+  assert rule("1/0/mu/up/b") == ("tensor", None) and rule("1/0/count") == ()
+
+
+def _abstract_state(cfg, lcfg):
+  params = jax.eval_shape(policy.init_params, cfg, jax.random.PRNGKey(0))
+  trainable = params if lcfg is None else jax.eval_shape(policy.init_lora, cfg, lcfg, jax.random.PRNGKey(0))
+  tx = trainer.make_optimizer(trainer.OptimConfig())
+  return params, trainable, jax.eval_shape(tx.init, trainable)
+
+
+@pytest.mark.parametrize("size", sorted(policy.QWEN25))
+@pytest.mark.parametrize("trainable", ["lora", "full"])
+def test_every_paper_preset_gets_valid_abstract_shardings(size, trainable):
+  cfg = policy.QWEN25[size]
+  lcfg = policy.LoraConfig(rank=64, alpha=32.0) if trainable == "lora" else None
+  mesh = AbstractMesh((2, 4, 8), sharding.AXES)
+  for tree in _abstract_state(cfg, lcfg):
+    shards = sharding.named_shardings(tree, mesh)
+    for x, s in zip(jax.tree.leaves(tree), jax.tree.leaves(shards, is_leaf=lambda v: isinstance(v, NamedSharding))):
+      shard_shape = s.shard_shape(x.shape)  # raises if a spec does not fit its array
+      assert np.prod(shard_shape) * 32 >= np.prod(x.shape)  # at most fsdp·tensor = 32-way split
+  kernel = sharding.named_shardings(_abstract_state(cfg, lcfg)[0], mesh)["layers"]["gate"]["kernel"]
+  assert kernel.shard_shape((cfg.num_layers, cfg.hidden_size, cfg.intermediate_size)) == (
+      cfg.num_layers, cfg.hidden_size // 4, cfg.intermediate_size // 8)
+
+
+def test_7b_param_bytes_per_device_match_hand_count():
+  """Qwen2.5-7B bf16 on fsdp=4 × tensor=8: every matrix splits 32 ways; norms and biases as hand-counted."""
+  cfg = policy.QWEN25["7B"]
+  params = jax.eval_shape(policy.init_params, cfg, jax.random.PRNGKey(0))
+  total = policy.count_params(params)
+  assert total == 7_615_616_512  # the published Qwen2.5-7B-Instruct parameter count
+  L, d, v = 28, 3584, 152064
+  norms = 2 * L * d + d  # replicated
+  biases = L * (3584 + 512 + 512)  # q, k, v biases over tensor only
+  matrices = total - norms - biases
+  expected = 2 * (matrices // 32 + biases // 8 + norms)
+  assert sharding.tree_shard_bytes(params, SIZES) == expected
+  assert v * d % 32 == 0
+
+
+def test_constrain_is_a_no_op_without_a_mesh():
+  x = jnp.ones((4, 3, 2))
+  assert sharding.constrain_activation(x) is x
+
+
+def test_make_mesh_checks_device_count():
+  with pytest.raises(ValueError, match=r"mesh data×fsdp×tensor = 1×2×1 = 2 needs"):
+    sharding.make_mesh(data=1, fsdp=2, devices=jax.devices()[:1])
+  mesh = sharding.make_mesh(devices=jax.devices()[:1])
+  assert mesh.axis_names == sharding.AXES and dict(mesh.shape) == {"data": 1, "fsdp": 1, "tensor": 1}
