@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from jax.sharding import AbstractMesh, NamedSharding, PartitionSpec as P
 
-from next_jax import policy, sharding, trainer
+from next_jax import experiment, memory, policy, sharding, trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZES = {"data": 2, "fsdp": 4, "tensor": 8}
@@ -93,24 +93,30 @@ def test_rules_cover_params_lora_and_optimizer_paths():
 
 
 def _abstract_state(cfg, lcfg):
-  params = jax.eval_shape(policy.init_params, cfg, jax.random.PRNGKey(0))
-  trainable = params if lcfg is None else jax.eval_shape(policy.init_lora, cfg, lcfg, jax.random.PRNGKey(0))
-  tx = trainer.make_optimizer(trainer.OptimConfig())
-  return params, trainable, jax.eval_shape(tx.init, trainable)
+  return memory.abstract_state(cfg, lcfg, trainer.make_optimizer(trainer.OptimConfig()), snapshots=16)
+
+
+def _is_sharding(x):
+  return isinstance(x, NamedSharding)
 
 
 @pytest.mark.parametrize("size", sorted(policy.QWEN25))
 @pytest.mark.parametrize("trainable", ["lora", "full"])
 def test_every_paper_preset_gets_valid_abstract_shardings(size, trainable):
+  """Params, trainable, Adam state and the K=16 trajectory on an abstract 2×4×8 mesh (no devices)."""
   cfg = policy.QWEN25[size]
   lcfg = policy.LoraConfig(rank=64, alpha=32.0) if trainable == "lora" else None
   mesh = AbstractMesh((2, 4, 8), sharding.AXES)
-  for tree in _abstract_state(cfg, lcfg):
-    shards = sharding.named_shardings(tree, mesh)
-    for x, s in zip(jax.tree.leaves(tree), jax.tree.leaves(shards, is_leaf=lambda v: isinstance(v, NamedSharding))):
+  state = _abstract_state(cfg, lcfg)
+  split = 0
+  for tree in state.values():
+    shards = jax.tree.leaves(sharding.named_shardings(tree, mesh), is_leaf=_is_sharding)
+    for x, s in zip(jax.tree.leaves(tree), shards, strict=True):
       shard_shape = s.shard_shape(x.shape)  # raises if a spec does not fit its array
-      assert np.prod(shard_shape) * 32 >= np.prod(x.shape)  # at most fsdp·tensor = 32-way split
-  kernel = sharding.named_shardings(_abstract_state(cfg, lcfg)[0], mesh)["layers"]["gate"]["kernel"]
+      assert np.prod(shard_shape) * 32 >= np.prod(x.shape)  # at most fsdp·tensor = 32-way, never data
+      split += np.prod(shard_shape) < np.prod(x.shape)
+  assert split >= 7 * 3  # every projection of params, trainable and trajectory really split
+  kernel = sharding.named_shardings(state["params"], mesh)["layers"]["gate"]["kernel"]
   assert kernel.shard_shape((cfg.num_layers, cfg.hidden_size, cfg.intermediate_size)) == (
       cfg.num_layers, cfg.hidden_size // 4, cfg.intermediate_size // 8)
 
@@ -118,7 +124,7 @@ def test_every_paper_preset_gets_valid_abstract_shardings(size, trainable):
 def test_7b_param_bytes_per_device_match_hand_count():
   """Qwen2.5-7B bf16 on fsdp=4 × tensor=8: every matrix splits 32 ways; norms and biases as hand-counted."""
   cfg = policy.QWEN25["7B"]
-  params = jax.eval_shape(policy.init_params, cfg, jax.random.PRNGKey(0))
+  params = jax.eval_shape(lambda: policy.init_params(cfg, jax.random.key(0)))
   total = policy.count_params(params)
   assert total == 7_615_616_512  # the published Qwen2.5-7B-Instruct parameter count
   L, d, v = 28, 3584, 152064
@@ -140,3 +146,28 @@ def test_make_mesh_checks_device_count():
     sharding.make_mesh(data=1, fsdp=2, devices=jax.devices()[:1])
   mesh = sharding.make_mesh(devices=jax.devices()[:1])
   assert mesh.axis_names == sharding.AXES and dict(mesh.shape) == {"data": 1, "fsdp": 1, "tensor": 1}
+
+
+def _toy_config():
+  sys.path.insert(0, str(ROOT / "configs"))
+  import toy_arith  # noqa: PLC0415
+  return toy_arith.get_config()
+
+
+@pytest.mark.parametrize("field, value, match", [
+    ("fsdp", 0, "config.mesh.fsdp=0: must be an integer ≥ 1"),
+    ("tensor", -1, "config.mesh.tensor=-1: must be an integer ≥ 1"),
+    ("fsdp", 64, r"config.mesh.fsdp=64: fsdp·tensor = 64 > \d+ devices"),
+])
+def test_validate_names_the_bad_mesh_field(field, value, match):
+  c = _toy_config()
+  c.mesh[field] = value
+  with pytest.raises(experiment.ConfigError, match=match):
+    experiment.validate(c)
+
+
+def test_validate_rejects_an_unknown_model_preset():
+  c = _toy_config()
+  c.model.preset = "70B"
+  with pytest.raises(experiment.ConfigError, match="config.model.preset='70B'"):
+    experiment.validate(c)
