@@ -6,7 +6,8 @@
 
 The model comes from `config.model.preset` (a Qwen2.5 size: no checkpoint needed) or model.dir's
 config.json. mesh.data=0 ("all devices") is planned as --chips // (fsdp·tensor), or 1 without --chips.
---sweep prints, for a list of meshes, each one's peak per device and whether it fits each accelerator.
+--sweep prints, for a list of meshes, each one's peak per device and whether it fits each accelerator;
+--summary does so for every Qwen2.5 size, LoRA and full (the README table).
 """
 
 import os
@@ -14,6 +15,7 @@ import os
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 import dataclasses  # noqa: E402
+import math  # noqa: E402
 import sys  # noqa: E402
 
 from absl import app, flags  # noqa: E402
@@ -22,9 +24,10 @@ from ml_collections import config_flags  # noqa: E402
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/qwen25_paper.py", "experiment config file[:arg]")
 _CHIPS = flags.DEFINE_integer("chips", 0, "devices in the slice, for mesh.data=0")
 _SWEEP = flags.DEFINE_bool("sweep", False, "plan every mesh of SWEEP_MESHES instead of config.mesh")
+_SUMMARY = flags.DEFINE_bool("summary", False, "peak per device of every Qwen2.5 preset, LoRA and full")
 
-SWEEP_MESHES = ((1, 1, 1), (1, 4, 1), (1, 8, 1), (1, 4, 4), (1, 8, 4), (2, 8, 4), (1, 8, 8), (4, 8, 4),
-                (2, 8, 8), (4, 8, 8))  # (data, fsdp, tensor)
+SWEEP_MESHES = ((1, 1, 1), (1, 8, 1), (1, 4, 4), (1, 16, 1), (1, 8, 4), (2, 8, 4), (1, 8, 8), (4, 8, 4),
+                (1, 16, 8), (4, 8, 8))  # (data, fsdp, tensor)
 ROWS = ("params", "trainable", "optimizer", "grads", "trajectory", "update_activations_remat",
         "update_activations_no_remat", "kv_cache", "sampler_activations", "train_remat", "train_no_remat",
         "sample")
@@ -89,6 +92,29 @@ def sweep_table(cfg, lcfg, tx, w) -> str:
   return "\n".join(lines)
 
 
+SUMMARY_MESHES = ((1, 8, 1), (1, 4, 4), (1, 8, 4), (2, 8, 4), (4, 8, 4), (4, 8, 8))
+
+
+def summary_table(c, tx) -> str:
+  """Every Qwen2.5 preset × {LoRA, full} of this config: peak GB/device (remat) on SUMMARY_MESHES and the
+  smallest of SWEEP_MESHES that fits each accelerator."""
+  from next_jax import experiment, memory, policy  # noqa: PLC0415
+  names = ["×".join(map(str, m)) for m in SUMMARY_MESHES]
+  lines = ["| preset | " + " | ".join(names) + " | " + " | ".join(memory.ACCELERATORS) + " |",
+           "|---|" + "---:|" * len(names) + ":-:|" * len(memory.ACCELERATORS)]
+  for size in policy.QWEN25:
+    for trainable in ("lora", "full"):
+      c.model.preset, c.model.trainable = size, trainable
+      cfg, lcfg, w = model_config(c), experiment.lora_config(c), workload(c)
+      peak = {m: memory.plan(cfg, lcfg, tx, w, dict(zip(("data", "fsdp", "tensor"), m)))["peak_remat"]
+              for m in dict.fromkeys(SUMMARY_MESHES + SWEEP_MESHES)}
+      best = [next(("×".join(map(str, m)) for m in sorted(SWEEP_MESHES, key=math.prod)
+                    if peak[m] <= cap), "none") for cap in memory.ACCELERATORS.values()]
+      lines.append(f"| {size} {trainable} | " + " | ".join(f"{peak[m] / 1e9:.1f}" for m in SUMMARY_MESHES)
+                   + " | " + " | ".join(best) + " |")
+  return "\n".join(lines)
+
+
 def main(argv):
   del argv
   from next_jax import experiment, memory, trainer  # noqa: PLC0415
@@ -99,6 +125,9 @@ def main(argv):
     sys.exit(f"config error: {e}")
   tx = trainer.make_optimizer(trainer.OptimConfig(lr=c.rl.lr, grad_clip=c.rl.grad_clip or None))
   sizes = mesh_sizes(c, _CHIPS.value)
+  if _SUMMARY.value:
+    print(summary_table(c, tx))
+    return
   print(describe(c, cfg, lcfg, w, sizes))
   if _SWEEP.value:
     print(sweep_table(cfg, lcfg, tx, w))

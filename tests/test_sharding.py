@@ -78,6 +78,7 @@ def test_fit_dims_aligns_to_trailing_dims_and_drops_non_dividing_axes():
   assert sharding.fit_dims((28, 3584, 4), ("fsdp", "tensor"), SIZES) == P(None, "fsdp", None)
   assert sharding.fit_dims((6, 16), (("data", "fsdp"), None), SIZES) == P("data", None)
   assert sharding.fit_dims((16, 3), (("data", "fsdp"), None), SIZES) == P(("data", "fsdp"), None)
+  assert sharding.fit_dims((8,), (("data", "fsdp"),), {"data": 2, "fsdp": 8}) == P("fsdp")  # largest split
   assert sharding.fit_dims((), ("fsdp",), SIZES) == P()
   assert sharding.fit_dims((8, 8), ("fsdp", "tensor"), {"data": 8}) == P(None, None)  # 1-D data mesh
 
