@@ -48,7 +48,8 @@ def workload(c):
   ncfg = experiment.nxt_config(c)
   return memory.Workload(
       prompts=c.rollout.prompts_per_step, group_size=c.rollout.group_size, prompt_len=c.rollout.prompt_len,
-      max_new_tokens=c.rollout.max_new_tokens, micro_batch=c.rl.micro_batch_size or rows // c.rl.num_mini_batches,
+      max_new_tokens=c.rollout.max_new_tokens,
+      micro_batch=c.rl.micro_batch_size or rows // c.rl.num_mini_batches,
       snapshots=0 if ncfg.method == "none" else ncfg.num_snapshots)
 
 
@@ -60,8 +61,9 @@ def mesh_sizes(c, chips: int) -> dict[str, int]:
 def describe(c, cfg, lcfg, w, sizes) -> str:
   n = sizes["data"] * sizes["fsdp"] * sizes["tensor"]
   kind = f"LoRA r={lcfg.rank}" if lcfg else "full-parameter"
-  return (f"model {c.model.get('preset', '') or c.model.dir} ({cfg.dtype}, {kind}); mesh data={sizes['data']} "
-          f"fsdp={sizes['fsdp']} tensor={sizes['tensor']} ({n} devices)\nworkload: {w.prompts} prompts × "
+  return (f"model {c.model.get('preset', '') or c.model.dir} ({cfg.dtype}, {kind}); "
+          f"mesh data={sizes['data']} fsdp={sizes['fsdp']} tensor={sizes['tensor']} ({n} devices)\n"
+          f"workload: {w.prompts} prompts × "
           f"G={w.group_size}, {w.prompt_len}+{w.max_new_tokens} tokens, micro-batch {w.micro_batch}, "
           f"trajectory K={w.snapshots}")
 
@@ -82,7 +84,8 @@ def plan_table(p: dict) -> str:
 
 def sweep_table(cfg, lcfg, tx, w) -> str:
   from next_jax import memory  # noqa: PLC0415
-  lines = ["| data×fsdp×tensor | devices | peak GB/dev (remat) | TPU v5e 16 GB | TPU v5p 95 GB | H100 80 GB |",
+  lines = ["| data×fsdp×tensor | devices | peak GB/dev (remat) | "
+           + " | ".join(f"{k} {v / 1e9:.0f} GB" for k, v in memory.ACCELERATORS.items()) + " |",
            "|---|---:|---:|:-:|:-:|:-:|"]
   for d, f, t in SWEEP_MESHES:
     p = memory.plan(cfg, lcfg, tx, w, {"data": d, "fsdp": f, "tensor": t})

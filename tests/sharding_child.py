@@ -3,6 +3,7 @@ vs the same model sharded data=2 × fsdp=2 × tensor=2. Prints one JSON object o
 
 import json
 import sys
+import tempfile
 import time
 
 import jax
@@ -12,6 +13,7 @@ import numpy as np
 jax.config.update("jax_default_matmul_precision", "highest")
 
 from next_jax import grpo, parallel, policy, rank1, sampler, sharding, trainer  # noqa: E402
+from next_jax.checkpoint import Checkpointer  # noqa: E402
 
 CFG = policy.ModelConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
                          num_kv_heads=2, rope_theta=10_000.0, tie_embeddings=False, dtype="float32")
@@ -91,6 +93,19 @@ def rank1_check(lora, mesh):
           "rank1_input_spec": spec_of(sp)}
 
 
+def checkpoint_check(state):
+  """Orbax save of a sharded TrainState, restored into the same template: values and shardings kept."""
+  with tempfile.TemporaryDirectory() as d:
+    ckpt = Checkpointer(d)
+    ckpt.save(1, state, {"step": 1})
+    restored, _ = ckpt.restore(state)
+    ckpt.close()
+  host = lambda t: jax.tree.map(np.asarray, t)  # noqa: E731
+  return {"ckpt_diff": max_diff(host(state.params), host(restored.params)),
+          "ckpt_spec": spec_of(restored.params["layers"]["q"]["kernel"]),
+          "ckpt_mu_spec": spec_of(restored.opt_state[1][0].mu["layers"]["q"]["kernel"])}
+
+
 def main():
   t0 = time.time()
   params, lora, tokens, mask = inputs()
@@ -116,7 +131,7 @@ def main():
          "down_kernel_after_spec": spec_of(fstate.params["layers"]["down"]["kernel"]),
          "adam_mu_q_spec": spec_of(fstate.opt_state[1][0].mu["layers"]["q"]["kernel"]),
          "lora_q_b_after_spec": spec_of(lstate.params["q"]["b"]),
-         **rank1_check(lora, mesh)}
+         **rank1_check(lora, mesh), **checkpoint_check(fstate)}
   obs["seconds"] = [t1 - t0, t2 - t1, time.time() - t2]
   print(json.dumps(obs))
 

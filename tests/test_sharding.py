@@ -64,6 +64,13 @@ def test_update_keeps_params_and_adam_moments_sharded(eight_devices):
 
 
 @pytest.mark.slow
+def test_orbax_restores_sharded_state_with_its_shardings(eight_devices):
+  assert eight_devices["ckpt_diff"] == 0.0
+  assert eight_devices["ckpt_spec"] == [None, "fsdp", "tensor"]
+  assert eight_devices["ckpt_mu_spec"] == [None, "fsdp", "tensor"]
+
+
+@pytest.mark.slow
 def test_rank1_under_pmap_accepts_sharded_lora_factors(eight_devices):
   assert eight_devices["rank1_input_spec"] == [None, "tensor", None]
   assert eight_devices["rank1_sigma"] > 0.1

@@ -1,4 +1,4 @@
-"""Time one RL step (sample + GRPO update) of a small random Qwen2 under different meshes on forced CPU devices.
+"""Time one RL step (sample + GRPO update) of a small random Qwen2 under several meshes on forced CPU devices.
 
     python -m experiments.bench.mesh_step --devices=2 --meshes=2x1x1,1x2x1,1x1x2
 
