@@ -48,6 +48,7 @@ def base() -> ml_collections.ConfigDict:
   c.model.lora_targets = "q,k,v,o,gate,up,down"
   c.model.rslora = False
   c.model.remat = False
+  c.model.preset = ""  # a policy.QWEN25 size ("7B", …): its architecture for the memory plan
 
   c.task = ml_collections.ConfigDict()
   c.task.name = "arith"  # arith | countdown | file
@@ -132,7 +133,9 @@ def base() -> ml_collections.ConfigDict:
   c.ckpt.overwrite = False  # wipe a workdir that already holds a run
 
   c.mesh = ml_collections.ConfigDict()
-  c.mesh.data = 1  # data-parallel devices (0 = all)
+  c.mesh.data = 1  # data-parallel devices (0 = all that fsdp·tensor leave)
+  c.mesh.fsdp = 1  # fully-sharded params + batch (next_jax/sharding.py); see experiments/memory_plan.py
+  c.mesh.tensor = 1  # tensor parallelism: heads / MLP width / vocabulary split over devices
   # multi-host (TPU pod slice / several GPU hosts): jax.distributed.initialize before anything else.
   # On Cloud TPU leave the three fields empty and set distributed=True (JAX discovers the slice).
   c.mesh.distributed = False

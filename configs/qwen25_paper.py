@@ -30,6 +30,7 @@ def get_config(arg=None):
   c.model.trainable = a.trainable
   c.model.lora_rank, c.model.lora_alpha = 64, 32.0
   c.model.remat = True
+  c.model.preset = a.size
   c.task.name, c.task.path, c.task.raw_prompt = "file", "", False
   c.task.instruction = ""  # DAPO-Math prompts carry their own instruction
   c.task.n_test, c.task.n_val = 0, 64  # evaluation uses a separate benchmark file (task.test_path)

@@ -18,7 +18,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from next_jax import grpo, hf, parallel, policy, rewards, tasks, trainer
+from next_jax import grpo, hf, parallel, policy, rewards, sharding, tasks, trainer
 from next_jax import state_machine as sm
 from next_jax.checkpoint import Checkpointer
 from next_jax.metrics import MetricWriter
@@ -102,12 +102,21 @@ def validate(c) -> None:
   nxt_config(c)
   _check(c.eval.chunk >= 1 and c.eval.samples >= 1, "eval.chunk", c.eval.chunk, "chunk and samples ≥ 1")
   _check(c.mesh.data >= 0, "mesh.data", c.mesh.data, "must be ≥ 0 (0 = all devices)")
+  _check(c.model.preset in ("",) + tuple(policy.QWEN25), "model.preset", c.model.preset,
+         f"use '' or one of {sorted(policy.QWEN25)}")
+  for f in ("fsdp", "tensor"):
+    _check(isinstance(c.mesh[f], int) and c.mesh[f] >= 1, f"mesh.{f}", c.mesh[f], "must be an integer ≥ 1")
   if c.mesh.distributed and not jax.distributed.is_initialized():
     return  # devices are known only after jax.distributed.initialize (done by build)
-  devices = c.mesh.data or jax.device_count()
-  _check(devices <= jax.device_count(), "mesh.data", c.mesh.data, f"only {jax.device_count()} devices")
-  _check(n % devices == 0 and ro.prompts_per_step % devices == 0, "mesh.data", c.mesh.data,
-         f"must divide prompts_per_step ({ro.prompts_per_step})")
+  model = c.mesh.fsdp * c.mesh.tensor
+  _check(model <= jax.device_count(), "mesh.fsdp", c.mesh.fsdp,
+         f"fsdp·tensor = {model} > {jax.device_count()} devices")
+  devices = c.mesh.data or jax.device_count() // model
+  _check(devices * model <= jax.device_count(), "mesh.data", c.mesh.data,
+         f"data·fsdp·tensor = {devices * model} > {jax.device_count()} devices")
+  split = devices * c.mesh.fsdp  # the batch is split over data×fsdp
+  _check(n % split == 0 and ro.prompts_per_step % split == 0, "mesh.data", c.mesh.data,
+         f"data·fsdp = {split} must divide prompts_per_step ({ro.prompts_per_step})")
 
 
 # ---------------------------------------------------------------------------------------------- build
@@ -140,15 +149,29 @@ def load_problems(c):
   return tuple(train), tuple(test[:n_test]), tuple(test[n_test:n_test + c.task.n_val])
 
 
+def run_mesh(c):
+  """None (one device), a 1-D data mesh (parallel), or a (data, fsdp, tensor) mesh when fsdp·tensor > 1."""
+  if c.mesh.fsdp * c.mesh.tensor > 1:
+    return sharding.make_mesh(c.mesh.data, c.mesh.fsdp, c.mesh.tensor)
+  return parallel.make_mesh(c.mesh.data or None) if (c.mesh.data or jax.device_count()) > 1 else None
+
+
+def place(tree, mesh):
+  """Replicated on a data mesh; split by the partition rules on a (data, fsdp, tensor) mesh."""
+  if sharding.FSDP in mesh.axis_names:
+    return sharding.shard(tree, mesh)
+  return jax.device_put(tree, parallel.replicated(mesh))
+
+
 def build(c, model_dir: str | None = None) -> Experiment:
   if c.mesh.distributed:  # must precede any JAX computation, including validate's device count
     parallel.initialize_distributed(c.mesh.coordinator_address, c.mesh.num_processes, c.mesh.process_id)
   validate(c)
   cfg, params, tok = hf.load_model(model_dir or c.model.dir, dtype=c.model.dtype or None)
   cfg = dataclasses.replace(cfg, remat=c.model.remat)
-  mesh = parallel.make_mesh(c.mesh.data or None) if (c.mesh.data or jax.device_count()) > 1 else None
+  mesh = run_mesh(c)
   if mesh is not None:
-    params = jax.device_put(params, parallel.replicated(mesh))
+    params = place(params, mesh)
   train, test, val = load_problems(c)
   lcfg = lora_config(c)
   raw, instr = c.task.raw_prompt, c.task.instruction or None
@@ -167,6 +190,7 @@ def build(c, model_dir: str | None = None) -> Experiment:
       kl_in_reward=c.rl.kl_in_reward)
   ncfg = nxt_config(c)
   trainable = policy.init_lora(cfg, lcfg, jax.random.PRNGKey(c.seed)) if lcfg else params
+  trainable = place(trainable, mesh) if mesh is not None else trainable
   tx = trainer.make_optimizer(trainer.OptimConfig(
       lr=c.rl.lr, warmup_steps=c.rl.warmup_steps, schedule=c.rl.schedule,
       decay_steps=ncfg.total_steps * c.rl.num_mini_batches, weight_decay=c.rl.weight_decay, b1=c.rl.b1,

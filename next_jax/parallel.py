@@ -44,18 +44,25 @@ def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 
 
+def _batch_axes(mesh: Mesh) -> tuple[str, ...]:
+  """"data", plus "fsdp" on a sharding.make_mesh mesh (FSDP splits the batch too)."""
+  return tuple(a for a in (DATA, "fsdp") if a in mesh.axis_names)
+
+
 def batch_sharding(mesh: Mesh) -> NamedSharding:
-  """Leading (batch) axis split over "data", other axes replicated."""
-  return NamedSharding(mesh, P(DATA))
+  """Leading (batch) axis split over "data" (and "fsdp" when the mesh has it), other axes replicated."""
+  axes = _batch_axes(mesh)
+  return NamedSharding(mesh, P(axes[0] if len(axes) == 1 else axes))
 
 
 def shard_batch(tree, mesh: Mesh):
-  """Place every leaf with its leading axis sharded over "data" (its size must divide evenly)."""
-  n = mesh.shape[DATA]
+  """Place every leaf with its leading axis sharded over the batch axes (its size must divide evenly)."""
+  axes = _batch_axes(mesh)
+  n = int(np.prod([mesh.shape[a] for a in axes]))
 
   def put(x):
     if x.shape[0] % n:
-      raise ValueError(f"batch axis {x.shape[0]} is not divisible by mesh data={n}")
+      raise ValueError(f"batch axis {x.shape[0]} is not divisible by mesh {'×'.join(axes)}={n}")
     return jax.device_put(x, batch_sharding(mesh))
 
   return jax.tree.map(put, tree)

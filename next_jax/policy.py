@@ -28,6 +28,8 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
+from next_jax.sharding import constrain_activation
+
 Params = dict[str, Any]
 ATTN_MODULES = ("q", "k", "v", "o")
 MLP_MODULES = ("gate", "up", "down")
@@ -286,6 +288,7 @@ def forward(params: Params, tokens: jax.Array, cfg: ModelConfig, *, mask: jax.Ar
   def body(carry, xs):
     x, ck, cv = carry
     i, p, lo = xs
+    x = constrain_activation(x)  # layer boundary: batch over data×fsdp (no-op without an active mesh)
     x, kv = _layer(cfg, scale, x, positions, attn_mask, p, lo, None if ck is None else (i, ck, cv), index)
     return (x,) + ((None, None) if kv is None else kv[1:]), None
 

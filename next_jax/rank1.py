@@ -20,6 +20,7 @@ import functools
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 SIGN_MODES = ("max_abs_u", "none")
 
@@ -89,6 +90,17 @@ def _batched_fn(kind: str, sign: str, devices: str):
   return jax.pmap(jax.vmap(fn)) if devices == "pmap" else jax.jit(jax.vmap(fn))
 
 
+def gather_factors(x: jax.Array) -> jax.Array:
+  """An array sharded over a mesh (fsdp/tensor LoRA factors [N, m, k]) as one uncommitted whole copy:
+  pmap takes only uncommitted or pmap-sharded inputs. Only the small factors come here, never W."""
+  if not isinstance(x, jax.Array) or len(x.sharding.device_set) == 1:
+    return x
+  if not x.is_fully_addressable:
+    from jax.experimental import multihost_utils  # noqa: PLC0415
+    return jnp.asarray(multihost_utils.process_allgather(x, tiled=True))
+  return jnp.asarray(np.asarray(x))
+
+
 def _run_batched(kind: str, sign: str, devices: str, *arrays):
   """vmap over the leading axis N; with devices="pmap", N is split over all local devices (padded to a
   multiple of the device count, padding dropped after)."""
@@ -97,6 +109,7 @@ def _run_batched(kind: str, sign: str, devices: str, *arrays):
     raise ValueError(f"devices={devices!r}; choose 'pmap' or 'vmap'")
   if n_dev == 1:
     return _batched_fn(kind, sign, "vmap")(*arrays)
+  arrays = [gather_factors(a) for a in arrays]
   n = arrays[0].shape[0]
   pad = -n % n_dev
   padded = [jnp.concatenate([a, jnp.zeros((pad, *a.shape[1:]), a.dtype)]) if pad else a for a in arrays]

@@ -16,7 +16,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from next_jax.policy import KVCache, LoraConfig, ModelConfig, Params, forward, init_cache
+from next_jax.policy import (KVCache, LoraConfig, ModelConfig, Params, forward, init_cache,
+                             logits_from_hidden)
+from next_jax.sharding import constrain_cache
 
 DEFAULT_BUCKETS = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
 
@@ -134,12 +136,13 @@ def generate(params: Params, prompts: jax.Array, prompt_mask: jax.Array, rng: ja
   g, n = num_samples, prompts.shape[0] * num_samples
   temperature = jnp.asarray(temperature, jnp.float32)
   top_p = jnp.asarray(top_p, jnp.float32)
-  cache = init_cache(cfg, b, t + max_new_tokens)
+  cache = constrain_cache(init_cache(cfg, b, t + max_new_tokens))  # batch × KV heads (under a mesh)
   positions = jnp.maximum(jnp.cumsum(prompt_mask.astype(jnp.int32), axis=-1) - 1, 0)
-  logits, cache = forward(params, prompts, cfg, mask=prompt_mask, positions=positions, lora=lora,
-                          lora_cfg=lora_cfg, cache=cache)
-  cache = KVCache(k=_tile(cache.k, g, 1), v=_tile(cache.v, g, 1), key_mask=_tile(cache.key_mask, g, 0),
-                  index=cache.index)
+  hidden, cache = forward(params, prompts, cfg, mask=prompt_mask, positions=positions, lora=lora,
+                          lora_cfg=lora_cfg, cache=cache, return_hidden=True)
+  logits = logits_from_hidden(params, hidden[:, -1:], cfg)  # only the last position: no [B, T, V] logits
+  cache = constrain_cache(KVCache(k=_tile(cache.k, g, 1), v=_tile(cache.v, g, 1),
+                                  key_mask=_tile(cache.key_mask, g, 0), index=cache.index))
   rng, first = jax.random.split(rng)
   token, logp = _choose(_tile(logits[:, -1], g, 0), first, temperature, top_k, top_p)
   stops = jnp.asarray(stop_ids if stop_ids else (-1,), jnp.int32)

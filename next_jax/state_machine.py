@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from next_jax import drift, extrapolate, trainer
+from next_jax import drift, extrapolate, sharding, trainer
 from next_jax.metrics import MetricWriter, Timer, progress
 from next_jax.policy import ALL_MODULES, Params, merge_lora
 from next_jax.predictor import PredictorConfig
@@ -113,7 +113,13 @@ def init(setup: trainer.RLSetup, ncfg: NExtConfig, base_params: Params, rl: trai
   """A state in COLLECT with snapshot 0 taken (phase CONTINUE from the start for method "none")."""
   lora = setup.lora_cfg is not None
   mats = trained_matrices(rl.train.params, lora)
-  traj = jax.tree.map(lambda x: jnp.zeros((ncfg.num_snapshots, *x.shape), x.dtype), mats)
+  shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct((ncfg.num_snapshots, *x.shape), x.dtype), mats)
+  mesh = setup.mesh if setup.mesh is not None and sharding.FSDP in setup.mesh.axis_names else None
+  if mesh is None:
+    traj = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), shapes)
+  else:  # born sharded: a full run's K snapshots never sit on one device
+    traj = jax.tree.map(lambda x, s: jnp.zeros(x.shape, x.dtype, device=s), shapes,
+                        sharding.named_shardings(shapes, mesh))
   z = jnp.zeros((), jnp.int32)
   phase = CONTINUE if ncfg.method == "none" else COLLECT
   state = NExtState(rl=rl, base_params=base_params, trajectory=traj, phase=jnp.asarray(phase, jnp.int32),

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from next_jax import grpo, parallel
+from next_jax import grpo, parallel, sharding
 from next_jax.metrics import MetricWriter, Timer, progress
 from next_jax.policy import LoraConfig, ModelConfig, Params
 from next_jax.sampler import generate, pad_prompts
@@ -95,7 +95,7 @@ class RLSetup:
   next_problems: Callable[[int, int], tuple[Sequence[Any], int]]
   pad_id: int
   stop_ids: tuple[int, ...]
-  mesh: Any = None  # a data-parallel jax Mesh, or None for one device
+  mesh: Any = None  # parallel.make_mesh (data) or sharding.make_mesh (data, fsdp, tensor); None: one device
   kl_in_reward: float = 0.0  # REINFORCE++ token-level KL-in-reward coefficient
 
 
@@ -113,9 +113,10 @@ def _sample(setup: RLSetup, base_params, trainable, prompts, prompt_mask, key, g
   ro = setup.rollout
   if setup.mesh is not None:
     prompts, prompt_mask = parallel.shard_batch((prompts, prompt_mask), setup.mesh)
-  return generate(params, prompts, prompt_mask, key, cfg=setup.cfg, lora=lora, lora_cfg=lora_cfg,
-                  max_new_tokens=ro.max_new_tokens, num_samples=group_size, temperature=temperature,
-                  top_k=ro.top_k, top_p=ro.top_p, stop_ids=setup.stop_ids, pad_id=setup.pad_id)
+  with sharding.use_mesh(setup.mesh):  # activates the KV-cache / layer-boundary constraints
+    return generate(params, prompts, prompt_mask, key, cfg=setup.cfg, lora=lora, lora_cfg=lora_cfg,
+                    max_new_tokens=ro.max_new_tokens, num_samples=group_size, temperature=temperature,
+                    top_k=ro.top_k, top_p=ro.top_p, stop_ids=setup.stop_ids, pad_id=setup.pad_id)
 
 
 def host_array(x: jax.Array) -> np.ndarray:
@@ -215,7 +216,7 @@ def train_step(setup: RLSetup, base_params: Params, state: RLState, timer: Timer
   adv = grpo.compute_advantages(setup.estimator, jnp.asarray(arrays["rewards"]), jnp.asarray(resp_mask),
                                 setup.rollout.group_size, token_kl=token_kl, kl_coef=setup.kl_in_reward)
   batch = make_batch(setup, arrays, adv)
-  with timer("update"):
+  with timer("update"), sharding.use_mesh(setup.mesh):
     train, upd = grpo.grpo_update(state.train, base_params, batch, cfg=setup.cfg, lora_cfg=setup.lora_cfg,
                                   loss_cfg=setup.loss_cfg)
     upd = jax.device_get(upd)

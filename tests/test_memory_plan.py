@@ -1,0 +1,99 @@
+"""next_jax.memory and experiments/memory_plan.py: per-device bytes of the paper presets against hand counts,
+the activation estimate against XLA's own buffer assignment, and the command line."""
+
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from next_jax import grpo, memory, policy, trainer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MESH = {"data": 1, "fsdp": 8, "tensor": 4}
+PAPER = memory.Workload(prompts=128, group_size=8, prompt_len=1024, max_new_tokens=4096, micro_batch=8,
+                        snapshots=16)
+TX = trainer.make_optimizer(trainer.OptimConfig())
+
+
+@pytest.fixture(scope="module")
+def plan_14b():
+  return memory.plan(policy.QWEN25["14B"], policy.LoraConfig(rank=64, alpha=32.0), TX, PAPER, MESH)
+
+
+def test_14b_param_bytes_match_hand_count(plan_14b):
+  L, d, f, q, kv, v = 48, 5120, 13824, 5120, 1024, 152064
+  matrices = 2 * v * d + L * (d * q + 2 * d * kv + q * d + 3 * d * f)  # every one splits fsdp·tensor = 32
+  biases = L * (q + 2 * kv)  # tensor only
+  norms = 2 * L * d + d  # replicated
+  assert matrices + biases + norms == 14_770_033_664  # published Qwen2.5-14B-Instruct size
+  assert plan_14b["params"] == 2 * (matrices // 32 + biases // 4 + norms)
+
+
+def test_14b_lora_optimizer_and_trajectory_bytes_match_hand_count(plan_14b):
+  L, d, f, q, kv, r = 48, 5120, 13824, 5120, 1024, 64
+  # a [L, r, in] splits its `in` like the kernel, b [L, out, r] its `out`: D over fsdp (8), rest tensor (4)
+  per_layer = (r * d // 8 + q * r // 4) + 2 * (r * d // 8 + kv * r // 4) + (r * q // 4 + d * r // 8) \
+      + 2 * (r * d // 8 + f * r // 4) + (r * f // 4 + d * r // 8)
+  lora = 2 * L * per_layer  # bf16
+  assert plan_14b["trainable"] == lora and plan_14b["grads"] == 2 * lora
+  assert 0 <= plan_14b["optimizer"] - 2 * lora <= 64  # Adam μ, ν + a few int32 counts
+  assert plan_14b["trajectory"] == 16 * lora
+
+
+def test_14b_kv_cache_bytes_match_hand_count(plan_14b):
+  L, kvh, hd, s = 48, 8, 128, 1024 + 4096
+  rows = lambda n: 2 * L * (n // 8) * s * (kvh // 4) * hd * 2  # noqa: E731 (k and v, bf16)
+  assert plan_14b["kv_cache"] == rows(128 * 8) + rows(128)
+
+
+def test_totals_add_up_and_remat_saves_memory(plan_14b):
+  p = plan_14b
+  resident = p["params"] + p["trainable"] + p["optimizer"] + p["trajectory"]
+  assert p["train_remat"] == resident + p["grads"] + p["update_activations_remat"]
+  assert p["sample"] == resident + p["kv_cache"] + p["sampler_activations"]
+  assert p["peak_remat"] == max(p["train_remat"], p["sample"])
+  assert p["update_activations_no_remat"] > 5 * p["update_activations_remat"]
+
+
+def test_more_devices_never_need_more_memory_per_device():
+  cfg = policy.QWEN25["7B"]
+  small = memory.plan(cfg, None, TX, PAPER, {"data": 1, "fsdp": 4, "tensor": 1})
+  big = memory.plan(cfg, None, TX, PAPER, {"data": 1, "fsdp": 8, "tensor": 4})
+  assert all(big[k] <= small[k] for k in small)
+  assert big["params"] < small["params"] / 7  # matrices split 32 instead of 4 ways
+  assert memory.fits(10 * memory.GB) == {"TPU v5e": True, "TPU v5p": True, "H100": True}
+  assert memory.fits(90 * memory.GB) == {"TPU v5e": False, "TPU v5p": True, "H100": False}
+
+
+@pytest.mark.parametrize("remat", [True, False])
+def test_activation_estimate_is_within_a_factor_of_xla_buffers(remat):
+  """XLA's temp buffers for grad(Σ logp + Σ entropy) of a small model vs our formula (one device)."""
+  cfg = policy.ModelConfig(vocab_size=2048, hidden_size=128, intermediate_size=384, num_layers=4, num_heads=4,
+                           num_kv_heads=2, dtype="float32", remat=remat)
+  params = jax.eval_shape(lambda: policy.init_params(cfg, jax.random.key(0)))
+  b, t = 4, 257
+  tok, msk = jax.ShapeDtypeStruct((b, t), jnp.int32), jax.ShapeDtypeStruct((b, t), bool)
+
+  def loss(p, tokens, mask):
+    logp, entropy = grpo.sequence_logprobs(p, tokens, mask, cfg)
+    return logp.sum() + entropy.sum()
+
+  xla = jax.jit(jax.grad(loss)).lower(params, tok, msk).compile().memory_analysis().temp_size_in_bytes
+  estimate = memory.update_activations(cfg, b, t - 1, {}, remat)
+  assert 1 / 1.6 <= estimate / xla <= 1.6, (estimate, xla)
+
+
+def test_command_line_prints_the_plan_and_fit():
+  out = subprocess.run([sys.executable, "-m", "experiments.memory_plan",
+                        "--config=configs/qwen25_paper.py:size=14B", "--config.mesh.fsdp=8",
+                        "--config.mesh.tensor=4", "--config.mesh.data=1"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu"})
+  assert out.returncode == 0, out.stderr[-3000:]
+  p = memory.plan(policy.QWEN25["14B"], policy.LoraConfig(rank=64, alpha=32.0), TX, PAPER, MESH)
+  assert "mesh data=1 fsdp=8 tensor=4 (32 devices)" in out.stdout
+  assert f"| params | {p['params'] / 1e9:.2f} |" in out.stdout
+  assert f"**peak (remat)** | **{p['peak_remat'] / 1e9:.2f}**" in out.stdout

@@ -1,0 +1,181 @@
+"""next_jax.sharding: partition rules, abstract shardings of the paper presets, and a tiny model sharded
+data=2 × fsdp=2 × tensor=2 on 8 forced CPU devices (in a subprocess: tests/sharding_child.py) giving the same
+logits, GRPO updates, sampled tokens and rank-1 triplets as one device."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import AbstractMesh, NamedSharding, PartitionSpec as P
+
+from next_jax import experiment, memory, policy, sharding, trainer
+
+ROOT = Path(__file__).resolve().parents[1]
+SIZES = {"data": 2, "fsdp": 4, "tensor": 8}
+
+
+@pytest.fixture(scope="module")
+def eight_devices():
+  """Observations from one 8-device child process (~40 s of CPU: it compiles every program twice)."""
+  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu",
+         "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+  proc = subprocess.run([sys.executable, str(ROOT / "tests" / "sharding_child.py")], env=env, check=False,
+                        capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+# ------------------------------------------------------------------------------- 8 devices vs one
+
+
+@pytest.mark.slow
+def test_sharded_logits_equal_single_device(eight_devices):
+  assert eight_devices["device_count"] == 8
+  assert eight_devices["logits_max_abs"] > 1.0
+  assert eight_devices["logits_diff"] <= 1e-5
+
+
+@pytest.mark.slow
+def test_sharded_grpo_updates_equal_single_device(eight_devices):
+  for kind in ("lora", "full"):
+    assert eight_devices[f"{kind}_moved"] > 1e-3  # the update really changed the weights
+    assert eight_devices[f"{kind}_update_diff"] <= 1e-5
+
+
+@pytest.mark.slow
+def test_sharded_sampler_gives_the_same_tokens(eight_devices):
+  assert eight_devices["greedy_equal"] and eight_devices["sampled_equal"]
+  assert eight_devices["sampled_distinct_rows"] > 1  # sampling was not degenerate
+
+
+@pytest.mark.slow
+def test_update_keeps_params_and_adam_moments_sharded(eight_devices):
+  assert eight_devices["q_kernel_after_spec"] == [None, "fsdp", "tensor"]
+  assert eight_devices["q_kernel_shard"] == [2, 32, 32]  # [L, D/fsdp, H·hd/tensor]
+  assert eight_devices["down_kernel_after_spec"] == [None, "tensor", "fsdp"]
+  assert eight_devices["adam_mu_q_spec"] == [None, "fsdp", "tensor"]
+  assert eight_devices["lora_q_b_after_spec"] == [None, "tensor"]
+
+
+@pytest.mark.slow
+def test_orbax_restores_sharded_state_with_its_shardings(eight_devices):
+  assert eight_devices["ckpt_diff"] == 0.0
+  assert eight_devices["ckpt_spec"] == [None, "fsdp", "tensor"]
+  assert eight_devices["ckpt_mu_spec"] == [None, "fsdp", "tensor"]
+
+
+@pytest.mark.slow
+def test_rank1_under_pmap_accepts_sharded_lora_factors(eight_devices):
+  assert eight_devices["rank1_input_spec"] == [None, "tensor", None]
+  assert eight_devices["rank1_sigma"] > 0.1
+  assert eight_devices["rank1_sigma_diff"] <= 1e-5 and eight_devices["rank1_u_diff"] <= 1e-5
+
+
+# ------------------------------------------------------------------------------------ rules
+
+
+def test_fit_dims_aligns_to_trailing_dims_and_drops_non_dividing_axes():
+  assert sharding.fit_dims((28, 3584, 512), ("fsdp", "tensor"), SIZES) == P(None, "fsdp", "tensor")
+  assert sharding.fit_dims((28, 3584, 4), ("fsdp", "tensor"), SIZES) == P(None, "fsdp", None)
+  assert sharding.fit_dims((6, 16), (("data", "fsdp"), None), SIZES) == P("data", None)
+  assert sharding.fit_dims((16, 3), (("data", "fsdp"), None), SIZES) == P(("data", "fsdp"), None)
+  assert sharding.fit_dims((8,), (("data", "fsdp"),), {"data": 2, "fsdp": 8}) == P("fsdp")  # largest split
+  assert sharding.fit_dims((), ("fsdp",), SIZES) == P()
+  assert sharding.fit_dims((8, 8), ("fsdp", "tensor"), {"data": 8}) == P(None, None)  # 1-D data mesh
+
+
+def test_rules_cover_params_lora_and_optimizer_paths():
+  rule = lambda path: sharding.rule_dims(path)  # noqa: E731
+  assert rule("layers/q/kernel") == ("fsdp", "tensor") and rule("layers/down/kernel") == ("tensor", "fsdp")
+  assert rule("layers/k/bias") == ("tensor",) and rule("layers/attn_norm") == () and rule("final_norm") == ()
+  assert rule("embed") == ("tensor", "fsdp") and rule("lm_head") == ("fsdp", "tensor")
+  assert rule("q/a") == (None, "fsdp") and rule("q/b") == ("tensor", None)
+  assert rule("o/a") == (None, "tensor") and rule("o/b") == ("fsdp", None)
+  assert rule("1/0/mu/up/b") == ("tensor", None) and rule("1/0/count") == ()
+
+
+def _abstract_state(cfg, lcfg):
+  return memory.abstract_state(cfg, lcfg, trainer.make_optimizer(trainer.OptimConfig()), snapshots=16)
+
+
+def _is_sharding(x):
+  return isinstance(x, NamedSharding)
+
+
+@pytest.mark.parametrize("size", sorted(policy.QWEN25))
+@pytest.mark.parametrize("trainable", ["lora", "full"])
+def test_every_paper_preset_gets_valid_abstract_shardings(size, trainable):
+  """Params, trainable, Adam state and the K=16 trajectory on an abstract 2×4×8 mesh (no devices)."""
+  cfg = policy.QWEN25[size]
+  lcfg = policy.LoraConfig(rank=64, alpha=32.0) if trainable == "lora" else None
+  mesh = AbstractMesh((2, 4, 8), sharding.AXES)
+  state = _abstract_state(cfg, lcfg)
+  split = 0
+  for tree in state.values():
+    shards = jax.tree.leaves(sharding.named_shardings(tree, mesh), is_leaf=_is_sharding)
+    for x, s in zip(jax.tree.leaves(tree), shards, strict=True):
+      shard_shape = s.shard_shape(x.shape)  # raises if a spec does not fit its array
+      assert np.prod(shard_shape) * 32 >= np.prod(x.shape)  # at most fsdp·tensor = 32-way, never data
+      split += np.prod(shard_shape) < np.prod(x.shape)
+  assert split >= 7 * 3  # every projection of params, trainable and trajectory really split
+  kernel = sharding.named_shardings(state["params"], mesh)["layers"]["gate"]["kernel"]
+  assert kernel.shard_shape((cfg.num_layers, cfg.hidden_size, cfg.intermediate_size)) == (
+      cfg.num_layers, cfg.hidden_size // 4, cfg.intermediate_size // 8)
+
+
+def test_7b_param_bytes_per_device_match_hand_count():
+  """Qwen2.5-7B bf16 on fsdp=4 × tensor=8: every matrix splits 32 ways; norms and biases as hand-counted."""
+  cfg = policy.QWEN25["7B"]
+  params = jax.eval_shape(lambda: policy.init_params(cfg, jax.random.key(0)))
+  total = policy.count_params(params)
+  assert total == 7_615_616_512  # the published Qwen2.5-7B-Instruct parameter count
+  L, d, v = 28, 3584, 152064
+  norms = 2 * L * d + d  # replicated
+  biases = L * (3584 + 512 + 512)  # q, k, v biases over tensor only
+  matrices = total - norms - biases
+  expected = 2 * (matrices // 32 + biases // 8 + norms)
+  assert sharding.tree_shard_bytes(params, SIZES) == expected
+  assert v * d % 32 == 0
+
+
+def test_constrain_is_a_no_op_without_a_mesh():
+  x = jnp.ones((4, 3, 2))
+  assert sharding.constrain_activation(x) is x
+
+
+def test_make_mesh_checks_device_count():
+  with pytest.raises(ValueError, match=r"mesh data×fsdp×tensor = 1×2×1 = 2 needs"):
+    sharding.make_mesh(data=1, fsdp=2, devices=jax.devices()[:1])
+  mesh = sharding.make_mesh(devices=jax.devices()[:1])
+  assert mesh.axis_names == sharding.AXES and dict(mesh.shape) == {"data": 1, "fsdp": 1, "tensor": 1}
+
+
+def _toy_config():
+  sys.path.insert(0, str(ROOT / "configs"))
+  import toy_arith  # noqa: PLC0415
+  return toy_arith.get_config()
+
+
+@pytest.mark.parametrize("field, value, match", [
+    ("fsdp", 0, "config.mesh.fsdp=0: must be an integer ≥ 1"),
+    ("tensor", -1, "config.mesh.tensor=-1: must be an integer ≥ 1"),
+    ("fsdp", 64, r"config.mesh.fsdp=64: fsdp·tensor = 64 > \d+ devices"),
+])
+def test_validate_names_the_bad_mesh_field(field, value, match):
+  c = _toy_config()
+  c.mesh[field] = value
+  with pytest.raises(experiment.ConfigError, match=match):
+    experiment.validate(c)
+
+
+def test_validate_rejects_an_unknown_model_preset():
+  c = _toy_config()
+  c.model.preset = "70B"
+  with pytest.raises(experiment.ConfigError, match="config.model.preset='70B'"):
+    experiment.validate(c)
