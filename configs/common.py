@@ -140,6 +140,7 @@ def base() -> ml_collections.ConfigDict:
   c.mesh.coordinator_address = ""  # "host:port" of process 0
   c.mesh.num_processes = 0
   c.mesh.process_id = -1
+  c.lock()  # the schema: a misspelt or unknown key is an error, not a silently ignored new field
   return c
 
 

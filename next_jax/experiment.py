@@ -73,8 +73,52 @@ def loss_config(c) -> grpo.LossConfig:
     raise ConfigError(f"config.rl: {e}") from e
 
 
+_KINDS = {
+    int: ("seed", "model.lora_rank", "task.n_train", "task.n_test", "task.n_val", "rollout.top_k",
+          "rollout.overlong_cache", "rl.warmup_steps", "rl.num_mini_batches", "rl.micro_batch_size",
+          "rl.max_faults", "nxt.extrapolate_at", "nxt.interval", "nxt.k", "nxt.total_steps", "nxt.cycles",
+          "nxt.horizon", "nxt.predictor.hidden", "nxt.predictor.epochs", "eval.every", "eval.chunk",
+          "eval.samples", "ckpt.every", "ckpt.max_to_keep", "mesh.data"),
+    float: ("model.lora_alpha", "rollout.temperature", "rollout.top_p", "rl.lr", "rl.weight_decay", "rl.b1",
+            "rl.b2", "rl.grad_clip", "rl.clip_low", "rl.clip_high", "rl.clip_c", "rl.kl_coef",
+            "rl.kl_in_reward", "rl.entropy_coef", "nxt.alpha", "nxt.predictor.lr", "eval.temperature"),
+    str: ("workdir", "model.dir", "model.dtype", "model.trainable", "model.lora_targets", "task.name",
+          "task.path", "task.format", "rl.estimator", "rl.agg_mode", "rl.kl_estimator", "nxt.method",
+          "nxt.sign", "nxt.continue_mode"),
+}
+_POSITIVE = ("rl.num_mini_batches", "nxt.extrapolate_at", "nxt.interval", "nxt.k", "nxt.total_steps",
+             "nxt.cycles", "nxt.predictor.epochs", "nxt.predictor.hidden", "model.lora_rank")
+
+
+def _get(c, field: str):
+  for part in field.split("."):
+    c = c[part]
+  return c
+
+
+def _is(kind: type, v: Any) -> bool:
+  if kind is float:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+  return isinstance(v, kind) and not (kind is int and isinstance(v, bool))
+
+
+def _check_kinds(c) -> None:
+  """Types first, so the value checks below never meet a None, a string or a list where a number goes."""
+  names = {int: "an integer", float: "a finite number", str: "a string"}
+  for kind, fields in _KINDS.items():
+    for f in fields:
+      try:
+        v = _get(c, f)
+      except (KeyError, AttributeError) as e:
+        raise ConfigError(f"config.{f}: missing") from e
+      _check(_is(kind, v), f, v, f"must be {names[kind]}")
+  for f in _POSITIVE:
+    _check(_get(c, f) >= 1, f, _get(c, f), "must be ≥ 1")
+
+
 def validate(c) -> None:
   """Every check that can fail before work starts; raises ConfigError naming the field."""
+  _check_kinds(c)
   _check(bool(c.model.dir), "model.dir", c.model.dir, "set it to a local HF model directory")
   _check(c.model.trainable in ("lora", "full"), "model.trainable", c.model.trainable, "use 'lora' or 'full'")
   _check(c.model.dtype in ("", "float32", "bfloat16"), "model.dtype", c.model.dtype,
@@ -130,7 +174,7 @@ def _load_file(path: str, field: str, fmt: str = "auto"):
   try:
     return tasks.load_problems(path, fmt)
   except (ValueError, OSError) as e:
-    raise ConfigError(f"config.{field}={path!r}: {e}") from e
+    raise ConfigError(f"config.{field}: {e}") from e  # e names the file
 
 
 def load_problems(c):
