@@ -92,7 +92,7 @@ def base() -> ml_collections.ConfigDict:
   c.rl.agg_mode = "token-mean"
   c.rl.num_mini_batches = 1
   c.rl.micro_batch_size = 0  # 0 = whole mini-batch
-  c.rl.max_faults = 5  # stop (at the last good checkpoint) after this many non-finite updates in a row; 0: never
+  c.rl.max_faults = 5  # stop at the last good checkpoint after this many non-finite steps in a row (0: never)
 
   c.nxt = ml_collections.ConfigDict()
   c.nxt.method = "next"  # next | rl_extra | alpharl | relex | none

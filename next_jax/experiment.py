@@ -270,14 +270,14 @@ def check_workdir(c) -> bool:
     diff = sorted(k for k in old.keys() | new.keys()
                   if old.get(k) != new.get(k) and not k.startswith(RESUMABLE))
     if diff:
+      changes = "; ".join(f"{k}: {old.get(k)!r} → {new.get(k)!r}" for k in diff[:5])
       raise ConfigError(f"config.ckpt.resume=True but {', '.join(diff[:5])} differ from the run in "
-                        f"{c.workdir!r} (" + "; ".join(f"{k}: {old.get(k)!r} → {new.get(k)!r}" for k in diff[:5])
-                        + "); resume with the same config or start a new workdir")
+                        f"{c.workdir!r} ({changes}); resume with the same config or start a new workdir")
   return has_run and bool(c.ckpt.resume)
 
 
 def prepare_workdir(c) -> Path:
-  """Create workdir (wiping an existing run only with ckpt.overwrite and not ckpt.resume); write config.json."""
+  """Create workdir (wipe an existing run only with ckpt.overwrite and not ckpt.resume), write config.json."""
   wd = Path(c.workdir)
   check_workdir(c)
   if _has_run(wd) and c.ckpt.overwrite and not c.ckpt.resume:
@@ -295,7 +295,7 @@ def run(c, model_dir: str | None = None) -> dict[str, Any]:
 
   Order: validate, check the workdir, load model and data (every error so far leaves the disk untouched),
   then create/wipe the workdir. Each checkpoint's metadata carries the partial results and the number of
-  metric rows written, so a run killed anywhere resumes with both exactly as the uninterrupted run has them."""
+  metric rows written, so a run killed anywhere resumes both exactly as the uninterrupted run has them."""
   validate(c)
   check_workdir(c)
   exp = build(c, model_dir)
@@ -331,7 +331,8 @@ def run(c, model_dir: str | None = None) -> dict[str, Any]:
 
   state = sm.run(exp.setup, exp.ncfg, state, writer=writer, checkpointer=ckpt, checkpoint_every=c.ckpt.every,
                  score=val_score, on_jump=on_jump, on_step=on_step, progress_bar=c.log.progress,
-                 max_faults=c.rl.max_faults, meta=lambda: {"results": results, "metric_rows": writer.num_rows()})
+                 max_faults=c.rl.max_faults,
+                 meta=lambda: {"results": results, "metric_rows": writer.num_rows()})
   final = accuracy(exp, state, exp.test)
   steps = exp.ncfg.total_steps
   results.update({"final": final, "steps": steps, "icer": icer(steps, final, results["backbone"]),

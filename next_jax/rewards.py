@@ -308,8 +308,8 @@ def math_reward(response: str, ground_truth: str, timeout_s: float | None = MATH
 
   answer = extract_answer(response) (last \\boxed{}, else "Answer: X"); no answer → 0.0. Only the answer
   (≤ MAX_ANSWER_CHARS, passing `answer_guard`) is parsed, as `\\boxed{answer}`; the gold as
-  `\\boxed{ground_truth}`, by math-verify's LaTeX parser only (its plain-expression fallback calls sympy's
-  `parse_expr`, which evaluates text with `eval`); then `math_verify.verify(gold, answer)`. The whole call has one wall-clock
+  `\\boxed{ground_truth}`, by math-verify's LaTeX parser only (its plain-expression fallback calls
+  sympy's `parse_expr`, which evaluates text with `eval`); then `math_verify.verify(gold, answer)`. The whole call has one wall-clock
   budget of timeout_s seconds (main thread; see the module docstring); timeout or any exception → 0.0.
   """
   try:

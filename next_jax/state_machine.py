@@ -250,8 +250,8 @@ class NumericalFault(RuntimeError):
 def _give_up(checkpointer, state: NExtState, faults: int) -> NumericalFault:
   """Restore the last checkpoint (none is written while faults persist) and explain what happened."""
   step = int(state.rl.step)
-  msg = (f"{faults} consecutive RL steps (up to step {step}) had a non-finite loss or gradient; their updates "
-         f"were skipped. Stopping (limit: {faults}).")
+  msg = (f"{faults} consecutive RL steps (up to step {step}) had a non-finite loss or gradient; their "
+         f"updates were skipped. Stopping (limit: {faults}).")
   if checkpointer is None or checkpointer.latest_step() is None:
     return NumericalFault(msg + " No checkpoint to restore.")
   good, meta = checkpointer.restore(state)

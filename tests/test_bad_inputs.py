@@ -124,9 +124,13 @@ def _wrong_shapes(model_dir, tmp):
   return d
 
 
-@pytest.mark.parametrize("case", ["missing_model_dir", "hf_wrong_shapes", "hf_pickle_only", "data_missing_column",
-                                  "data_pickle", "resume_with_changed_config", "no_resume_flag"])
-def test_a_bad_input_raises_one_clear_error_and_leaves_the_old_run_untouched(case, old_run, model_dir, tmp_path):
+CASES = ["missing_model_dir", "hf_wrong_shapes", "hf_pickle_only", "data_missing_column", "data_pickle",
+         "resume_with_changed_config", "no_resume_flag"]
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_a_bad_input_raises_one_clear_error_and_leaves_the_old_run_untouched(case, old_run, model_dir,
+                                                                              tmp_path):
   c, wd, before = old_run
   c.ckpt.overwrite = case != "no_resume_flag"
   if case == "missing_model_dir":
@@ -141,8 +145,8 @@ def test_a_bad_input_raises_one_clear_error_and_leaves_the_old_run_untouched(cas
     path = tmp_path / ("d.jsonl" if case == "data_missing_column" else "d.pkl")
     path.write_text('{"prompt": "1+1=", "answer": "2"}\n{"prompt": "2+2="}\n')
     c.task.name, c.task.path = "file", str(path)
-    err, match = experiment.ConfigError, ("task.path: .*line 2: missing field" if case == "data_missing_column"
-                                          else "task.path.*never loaded")
+    missing = case == "data_missing_column"
+    err, match = experiment.ConfigError, "task.path: .*line 2: missing field" if missing else "never loaded"
   elif case == "resume_with_changed_config":
     c.ckpt.overwrite, c.ckpt.resume, c.rl.lr = False, True, 0.5
     err, match = experiment.ConfigError, r"rl\.lr: 0\.001 → 0\.5"
@@ -265,6 +269,7 @@ def test_entry_point_names_an_unknown_key_in_a_config_file(tmp_path):
   cfg = tmp_path / "typo.py"
   cfg.write_text(f"import sys\nsys.path.insert(0, {str(ROOT / 'configs')!r})\nimport common\n\n"
                  "def get_config():\n  c = common.base()\n  c.rl.learnig_rate = 1e-3\n  return c\n")
+  env = {**os.environ, "OPENBLAS_NUM_THREADS": "1"}
   out = subprocess.run([sys.executable, "-m", "experiments.main", f"--config={cfg}"], cwd=ROOT,
-                       capture_output=True, text=True, timeout=120, env={**os.environ, "OPENBLAS_NUM_THREADS": "1"})
+                       capture_output=True, text=True, timeout=120, env=env)
   assert out.returncode != 0 and "learnig_rate" in out.stderr

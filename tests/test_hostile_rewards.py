@@ -2,6 +2,7 @@
 LaTeX nesting, unbalanced braces, control characters, 1 MB strings, arbitrary unicode), returns 0.0 or 1.0
 within its time limit, and never compiles or evaluates model text (an audit hook watches `compile`/`exec`)."""
 
+import gc
 import json
 import sys
 import time
@@ -13,7 +14,7 @@ from hypothesis import strategies as st
 from next_jax import rewards
 
 LIMIT_S = 0.5  # math_reward's budget in these tests (its default is MATH_TIMEOUT_S = 2 s)
-SLACK_S = 0.5  # signal delivery + a loaded machine
+SLACK_S = 1.0  # signal delivery + a loaded shared machine
 PLAIN_LIMIT_S = 0.5  # exact/countdown have no timer: they must be fast by construction
 GOLDS = {"math": ["1", "\\frac{1}{2}", "x^2+2x+1", "2^{10}", "\\sqrt{2}"],
          "exact": ["7", "007", "-3.5"],
@@ -63,8 +64,8 @@ fragments = st.one_of(
     st.text(alphabet="{}[]()\\^_$ boxed", max_size=60),  # unbalanced braces and box fragments
     st.text(alphabet=st.characters(categories=["Cc", "Cs", "Co"]), max_size=20),  # control chars, surrogates
     st.text(max_size=40),  # any unicode
-    st.sampled_from(["\\boxed{", "}", "Answer: ", "\\fbox{", "\\left(", "\\right)", "$", "=", "*", "/", "\\div",
-                     "\\times", "__import__('os')", "lambda: 0", "Symbol('x')", "\\begin{matrix}", "\\\\"]),
+    st.sampled_from(["\\boxed{", "}", "Answer: ", "\\fbox{", "\\left(", "\\right)", "$", "=", "*", "/",
+                     "\\div", "\\times", "__import__('os')", "lambda: 0", "Symbol('x')", "\\begin{matrix}", "\\\\"]),
 )
 wrappers = st.sampled_from(["{}", "\\boxed{{{}}}", "Answer: {}", "The answer is \\boxed{{{}}}.", "$${}$$",
                             "\\boxed{{\\boxed{{{}}}}}", "{}\\boxed{{1}}"])
@@ -89,6 +90,16 @@ def check_all(text: str, key: str) -> None:
       assert r in (0.0, 1.0) and isinstance(r, float), (name, r)
       assert took < (LIMIT_S if name == "math" else PLAIN_LIMIT_S) + SLACK_S, (name, took, text[:200])
       assert not NoEval.seen, (name, NoEval.seen[:3], text[:200])
+
+
+@pytest.fixture(scope="module", autouse=True)
+def frozen_heap():
+  """A full gc pass over the suite's heap (JAX, torch) is one C call no signal interrupts, and it can take
+  over a second; freezing the objects that exist now keeps collections during the timed calls small."""
+  gc.collect()
+  gc.freeze()
+  yield
+  gc.unfreeze()
 
 
 def _settings(n):

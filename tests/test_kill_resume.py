@@ -31,8 +31,8 @@ def env(tmp_path_factory):
                            num_kv_heads=2, rope_theta=10000.0)
   toy.make_random_model_dir(model, cfg, tokenizer=False)
   toy.build_char_tokenizer("0123456789+-*=", out_dir=model)
-  cache = {"JAX_COMPILATION_CACHE_DIR": str(base / "jax_cache"), "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
-           "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0", "OPENBLAS_NUM_THREADS": "1"}
+  cache = {"JAX_COMPILATION_CACHE_DIR": str(base / "jax_cache"), "OPENBLAS_NUM_THREADS": "1",
+           "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
   return base, model, {**os.environ, **cache}
 
 
