@@ -32,7 +32,8 @@ setup(
     ],
     extras_require={
         # torch is a *reference* for parity tests and benchmarks only; the package never imports it.
-        "test": ["pytest>=8", "torch==2.13.0", "peft>=0.15", "nbclient>=0.10", "ipykernel>=6", "pyarrow>=14"],
+        "test": ["pytest>=8", "hypothesis>=6.100",
+                 "torch==2.13.0", "peft>=0.15", "nbclient>=0.10", "ipykernel>=6", "pyarrow>=14"],
         "bench": ["torch==2.13.0", "peft>=0.15", "trl>=1.16,<2", "datasets>=4.7"],
         "dev": ["pytest>=8", "torch==2.13.0", "peft>=0.15", "nbclient>=0.10", "ipykernel>=6", "ruff>=0.6"],
     },

@@ -93,6 +93,7 @@ def base() -> ml_collections.ConfigDict:
   c.rl.agg_mode = "token-mean"
   c.rl.num_mini_batches = 1
   c.rl.micro_batch_size = 0  # 0 = whole mini-batch
+  c.rl.max_faults = 5  # stop at the last good checkpoint after this many non-finite steps in a row (0: never)
 
   c.nxt = ml_collections.ConfigDict()
   c.nxt.method = "next"  # next | rl_extra | alpharl | relex | none
@@ -142,6 +143,7 @@ def base() -> ml_collections.ConfigDict:
   c.mesh.coordinator_address = ""  # "host:port" of process 0
   c.mesh.num_processes = 0
   c.mesh.process_id = -1
+  c.lock()  # the schema: a misspelt or unknown key is an error, not a silently ignored new field
   return c
 
 

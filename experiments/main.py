@@ -29,7 +29,8 @@ def main(argv):
   del argv
   from absl import logging as absl_logging  # noqa: PLC0415
   absl_logging.set_verbosity(absl_logging.WARNING)  # orbax logs every save at INFO
-  from next_jax import experiment  # noqa: PLC0415 (after flag parsing: fast --help)
+  from next_jax import experiment, hf  # noqa: PLC0415 (after flag parsing: fast --help)
+  from next_jax.state_machine import NumericalFault  # noqa: PLC0415
 
   c = _CONFIG.value
   try:
@@ -39,7 +40,12 @@ def main(argv):
   if c.model.dir == "artifacts/toy_base":
     from experiments.make_toy_base import build_toy_base  # noqa: PLC0415
     build_toy_base(c.model.dir)
-  results = experiment.run(c)
+  try:
+    results = experiment.run(c)
+  except (experiment.ConfigError, hf.CheckpointError) as e:
+    sys.exit(f"error: {e}")
+  except NumericalFault as e:
+    sys.exit(f"stopped: {e}")
   print(json.dumps({k: results[k] for k in ("method", "backbone", "final", "steps", "icer", "workdir")},
                    indent=2, default=float))
 

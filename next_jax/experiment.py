@@ -73,8 +73,52 @@ def loss_config(c) -> grpo.LossConfig:
     raise ConfigError(f"config.rl: {e}") from e
 
 
+_KINDS = {
+    int: ("seed", "model.lora_rank", "task.n_train", "task.n_test", "task.n_val", "rollout.top_k",
+          "rollout.overlong_cache", "rl.warmup_steps", "rl.num_mini_batches", "rl.micro_batch_size",
+          "rl.max_faults", "nxt.extrapolate_at", "nxt.interval", "nxt.k", "nxt.total_steps", "nxt.cycles",
+          "nxt.horizon", "nxt.predictor.hidden", "nxt.predictor.epochs", "eval.every", "eval.chunk",
+          "eval.samples", "ckpt.every", "ckpt.max_to_keep", "mesh.data"),
+    float: ("model.lora_alpha", "rollout.temperature", "rollout.top_p", "rl.lr", "rl.weight_decay", "rl.b1",
+            "rl.b2", "rl.grad_clip", "rl.clip_low", "rl.clip_high", "rl.clip_c", "rl.kl_coef",
+            "rl.kl_in_reward", "rl.entropy_coef", "nxt.alpha", "nxt.predictor.lr", "eval.temperature"),
+    str: ("workdir", "model.dir", "model.dtype", "model.trainable", "model.lora_targets", "task.name",
+          "task.path", "task.format", "rl.estimator", "rl.agg_mode", "rl.kl_estimator", "nxt.method",
+          "nxt.sign", "nxt.continue_mode"),
+}
+_POSITIVE = ("rl.num_mini_batches", "nxt.extrapolate_at", "nxt.interval", "nxt.k", "nxt.total_steps",
+             "nxt.cycles", "nxt.predictor.epochs", "nxt.predictor.hidden", "model.lora_rank")
+
+
+def _get(c, field: str):
+  for part in field.split("."):
+    c = c[part]
+  return c
+
+
+def _is(kind: type, v: Any) -> bool:
+  if kind is float:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+  return isinstance(v, kind) and not (kind is int and isinstance(v, bool))
+
+
+def _check_kinds(c) -> None:
+  """Types first, so the value checks below never meet a None, a string or a list where a number goes."""
+  names = {int: "an integer", float: "a finite number", str: "a string"}
+  for kind, fields in _KINDS.items():
+    for f in fields:
+      try:
+        v = _get(c, f)
+      except (KeyError, AttributeError) as e:
+        raise ConfigError(f"config.{f}: missing") from e
+      _check(_is(kind, v), f, v, f"must be {names[kind]}")
+  for f in _POSITIVE:
+    _check(_get(c, f) >= 1, f, _get(c, f), "must be ≥ 1")
+
+
 def validate(c) -> None:
   """Every check that can fail before work starts; raises ConfigError naming the field."""
+  _check_kinds(c)
   _check(bool(c.model.dir), "model.dir", c.model.dir, "set it to a local HF model directory")
   _check(c.model.trainable in ("lora", "full"), "model.trainable", c.model.trainable, "use 'lora' or 'full'")
   _check(c.model.dtype in ("", "float32", "bfloat16"), "model.dtype", c.model.dtype,
@@ -135,13 +179,20 @@ class Experiment:
   state: sm.NExtState
 
 
+def _load_file(path: str, field: str, fmt: str = "auto"):
+  try:
+    return tasks.load_problems(path, fmt)
+  except (ValueError, OSError) as e:
+    raise ConfigError(f"config.{field}: {e}") from e  # e names the file
+
+
 def load_problems(c):
   """(train, test, val) problem tuples for the configured task."""
   if c.task.name == "file":
-    probs = tasks.load_problems(c.task.path, c.task.format)
+    probs = _load_file(c.task.path, "task.path", c.task.format)
     train, test = tasks.hash_split(probs)
     if c.task.test_path:
-      test = tasks.load_problems(c.task.test_path)
+      test = _load_file(c.task.test_path, "task.test_path")
   else:
     train = tasks.make_task(c.task.name, c.task.n_train, seed=c.seed, split="train")
     test = tasks.make_task(c.task.name, c.task.n_test + c.task.n_val, seed=c.seed + 1, split="test")
@@ -216,33 +267,76 @@ def icer(steps: int, acc: float, backbone: float) -> float:
 # ------------------------------------------------------------------------------------------------ run
 
 
-def prepare_workdir(c) -> Path:
-  """Refuse to mix two runs: an existing run needs ckpt.resume or ckpt.overwrite."""
+RESUMABLE = ("ckpt.", "log.", "workdir")  # fields a resumed run may change; any other change is refused
+
+
+def _flat(d: dict, prefix: str = "") -> dict[str, Any]:
+  out = {}
+  for k, v in d.items():
+    out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+  return out
+
+
+def _has_run(wd: Path) -> bool:
+  return (wd / "ckpt").is_dir() and any((wd / "ckpt").iterdir())
+
+
+def check_workdir(c) -> bool:
+  """→ whether workdir holds a run to resume. Refuses to mix two runs: an existing run needs ckpt.resume
+  (with the same config, up to RESUMABLE fields) or ckpt.overwrite. Touches nothing."""
   wd = Path(c.workdir)
-  has_run = (wd / "ckpt").exists() and any((wd / "ckpt").iterdir())
+  has_run = _has_run(wd)
   if has_run and not (c.ckpt.resume or c.ckpt.overwrite):
     raise ConfigError(f"config.workdir={c.workdir!r} already holds a run; pass --config.ckpt.resume=True "
                       "to continue it or --config.ckpt.overwrite=True to replace it")
-  if has_run and c.ckpt.overwrite and not c.ckpt.resume:
+  if has_run and c.ckpt.resume and (wd / "config.json").is_file():
+    old, new = _flat(json.loads((wd / "config.json").read_text())), _flat(json.loads(c.to_json()))
+    diff = sorted(k for k in old.keys() | new.keys()
+                  if old.get(k) != new.get(k) and not k.startswith(RESUMABLE))
+    if diff:
+      changes = "; ".join(f"{k}: {old.get(k)!r} → {new.get(k)!r}" for k in diff[:5])
+      raise ConfigError(f"config.ckpt.resume=True but {', '.join(diff[:5])} differ from the run in "
+                        f"{c.workdir!r} ({changes}); resume with the same config or start a new workdir")
+  return has_run and bool(c.ckpt.resume)
+
+
+def prepare_workdir(c) -> Path:
+  """Create workdir (wipe an existing run only with ckpt.overwrite and not ckpt.resume), write config.json."""
+  wd = Path(c.workdir)
+  check_workdir(c)
+  if _has_run(wd) and c.ckpt.overwrite and not c.ckpt.resume:
     shutil.rmtree(wd)
   wd.mkdir(parents=True, exist_ok=True)
-  (wd / "config.json").write_text(c.to_json(indent=2))
+  tmp = wd / "config.json.tmp"
+  tmp.write_text(c.to_json(indent=2))
+  tmp.replace(wd / "config.json")
   return wd
 
 
 def run(c, model_dir: str | None = None) -> dict[str, Any]:
   """Train per the config; returns (and writes to workdir/results.json) backbone and final accuracy,
-  the accuracy at each evaluation, ICER, jump diagnostics and timings."""
-  wd = prepare_workdir(c)
+  the accuracy at each evaluation, ICER, jump diagnostics and timings.
+
+  Order: validate, check the workdir, load model and data (every error so far leaves the disk untouched),
+  then create/wipe the workdir. Each checkpoint's metadata carries the partial results and the number of
+  metric rows written, so a run killed anywhere resumes both exactly as the uninterrupted run has them."""
+  validate(c)
+  check_workdir(c)
   exp = build(c, model_dir)
+  wd = prepare_workdir(c)
   ckpt = Checkpointer(wd / "ckpt", max_to_keep=c.ckpt.max_to_keep)
   writer = MetricWriter(wd, tensorboard=c.log.tensorboard)
-  state = exp.state
+  state, results = exp.state, {"evals": {}, "jumps": [], "nonfinite_steps": 0}
   if ckpt.latest_step() is not None:
     state, meta = ckpt.restore(state)
-    writer.truncate_after(meta["step"])
+    if "metric_rows" in meta:
+      writer.truncate_rows(meta["metric_rows"])
+      results = {"nonfinite_steps": 0, **meta["results"]}
+    else:  # a checkpoint written before results travelled with it
+      writer.truncate_after(meta["step"])
+  else:
+    writer.truncate_rows(0)  # rows of a run killed before its first checkpoint
   results_path = wd / "results.json"
-  results = json.loads(results_path.read_text()) if results_path.exists() else {"evals": {}, "jumps": []}
   if "backbone" not in results:
     results["backbone"] = accuracy(exp, exp.state, exp.test)
   val_score = (lambda s: accuracy(exp, s, exp.val, seed=1)) if exp.ncfg.alpha == "auto" else None
@@ -254,12 +348,15 @@ def run(c, model_dir: str | None = None) -> dict[str, Any]:
 
   def on_step(s, m):
     step = int(s.rl.step)
+    results["nonfinite_steps"] += int(m.get("nonfinite_updates", 0) > 0)
     if c.eval.every and step % c.eval.every == 0 and step < exp.ncfg.total_steps:
       results["evals"][str(step)] = accuracy(exp, s, exp.test)
       writer.write(step, {"eval/accuracy": results["evals"][str(step)]})
 
   state = sm.run(exp.setup, exp.ncfg, state, writer=writer, checkpointer=ckpt, checkpoint_every=c.ckpt.every,
-                 score=val_score, on_jump=on_jump, on_step=on_step, progress_bar=c.log.progress)
+                 score=val_score, on_jump=on_jump, on_step=on_step, progress_bar=c.log.progress,
+                 max_faults=c.rl.max_faults,
+                 meta=lambda: {"results": results, "metric_rows": writer.num_rows()})
   final = accuracy(exp, state, exp.test)
   steps = exp.ncfg.total_steps
   results.update({"final": final, "steps": steps, "icer": icer(steps, final, results["backbone"]),
@@ -267,5 +364,7 @@ def run(c, model_dir: str | None = None) -> dict[str, Any]:
   results["evals"][str(steps)] = final
   writer.write(steps, {"eval/accuracy": final})
   writer.close()
-  results_path.write_text(json.dumps(results, indent=2, default=float))
+  tmp = results_path.with_suffix(".tmp")
+  tmp.write_text(json.dumps(results, indent=2, default=float))
+  tmp.replace(results_path)
   return results

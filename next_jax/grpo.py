@@ -302,6 +302,17 @@ def _accumulate(acc, new):
   return grads, sums
 
 
+def _all_finite(tree) -> jax.Array:
+  """bool[]: every entry of every floating leaf is finite."""
+  leaves = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
+  return jnp.all(jnp.stack([jnp.isfinite(x).all() for x in leaves]))
+
+
+def keep_if_finite(ok: jax.Array, new, old):
+  """new if ok else old, leaf by leaf: a non-finite loss/gradient/update leaves the state untouched."""
+  return jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
+
+
 @functools.partial(jax.jit, donate_argnums=0, static_argnames=("cfg", "lora_cfg", "loss_cfg"))
 def grpo_update(state: TrainState, base_params: Params, batch: Batch, *, cfg: ModelConfig,
                 lora_cfg: LoraConfig | None, loss_cfg: LossConfig):
@@ -312,6 +323,10 @@ def grpo_update(state: TrainState, base_params: Params, batch: Batch, *, cfg: Mo
   the mismatch metrics): a no-grad pass before the first step when there are several mini-batches, the
   gradient pass's own stop-gradient values when there is one (on-policy); reference: `base_params` without LoRA (LoRA runs — no second
   copy) or `base_params` as the frozen initial weights (full runs). Returns (new state, metrics).
+
+  Fault tolerance: a mini-batch whose loss, gradient or updated parameters hold a NaN/Inf is skipped: the
+  optimiser step is not taken (params, opt_state and step stay bit-identical) and
+  metrics["nonfinite_updates"] counts the skipped steps.
   """
   lc = loss_cfg
   n = batch.tokens.shape[0]
@@ -346,9 +361,12 @@ def grpo_update(state: TrainState, base_params: Params, batch: Batch, *, cfg: Mo
     zero_sums = {k_: jnp.zeros((), jnp.float32) for k_ in _SUM_KEYS + ("mismatch_max",)}
     (grads, sums), _ = jax.lax.scan(micro_step, (zeros, zero_sums), _split((mb_batch, mb_old, mb_ref), k))
     updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
+    new = state.replace(params=optax.apply_updates(state.params, updates), opt_state=opt_state,
+                        step=state.step + 1)
     sums["grad_norm"] = optax.tree.norm(grads)
-    return state.replace(params=params, opt_state=opt_state, step=state.step + 1), sums
+    ok = _all_finite((grads, sums["pg_loss"], new.params))
+    sums["nonfinite"] = 1.0 - ok.astype(jnp.float32)
+    return keep_if_finite(ok, new, state), sums
 
   minis = _split((batch, old_logp, ref_logp), lc.num_mini_batches)
   state, sums = jax.lax.scan(mini_step, state, minis)
@@ -359,4 +377,5 @@ def grpo_update(state: TrainState, base_params: Params, batch: Batch, *, cfg: Mo
   # sampler vs trainer log-probs of the sampled tokens, against the first mini-batch's old policy
   metrics["sampler_logp_abs_diff"] = sums["mismatch_abs"].sum() / tokens_all
   metrics["sampler_logp_max_abs_diff"] = sums["mismatch_max"].max()
+  metrics["nonfinite_updates"] = sums["nonfinite"].sum()  # skipped optimiser steps (state kept)
   return state, metrics

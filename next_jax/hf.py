@@ -370,6 +370,11 @@ def load_peft_adapter(adapter_dir: str | os.PathLike, cfg: ModelConfig) -> tuple
   lcfg = LoraConfig(rank=int(acfg["r"]), alpha=float(acfg["lora_alpha"]),
                     targets=tuple(t for t in ALL_MODULES if _HF_MODULE[t].split(".")[1] in targets),
                     rslora=bool(acfg.get("use_rslora", False)))
+  pickled = (adapter_dir / "adapter_model.bin").exists()
+  if pickled and not (adapter_dir / "adapter_model.safetensors").exists():
+    raise CheckpointError(f"{adapter_dir}: only adapter_model.bin (a pickle) is present; pickles are never "
+                          "loaded. Convert it once with peft: `PeftModel.from_pretrained(base, d)"
+                          ".save_pretrained(d, safe_serialization=True)`")
   tensors = read_safetensors(adapter_dir / "adapter_model.safetensors")
   dt = np.dtype(cfg.jnp_dtype)
   lora = {}

@@ -45,6 +45,17 @@ class MetricWriter:
     tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
     os.replace(tmp, self.path)
 
+  def num_rows(self) -> int:
+    return len(self.read())
+
+  def truncate_rows(self, n: int) -> None:
+    """Keep only the first n rows (what was written before a checkpoint; a resumed run rewrites the rest)."""
+    if not self.path.exists():
+      return
+    tmp = self.path.with_suffix(".tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in self.read()[:n]))
+    os.replace(tmp, self.path)
+
   def write(self, step: int, scalars: dict[str, Any]) -> dict[str, Any]:
     row = {"step": int(step), **{k: _scalar(v) for k, v in scalars.items()}}
     with open(self.path, "a") as f:
@@ -56,9 +67,16 @@ class MetricWriter:
     return row
 
   def read(self) -> list[dict[str, Any]]:
+    """All rows; a torn last line (the process was killed mid-write) is dropped."""
     if not self.path.exists():
       return []
-    return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+    lines = [line for line in self.path.read_text().splitlines() if line.strip()]
+    rows = [json.loads(line) for line in lines[:-1]]
+    try:
+      rows += [json.loads(line) for line in lines[-1:]]
+    except json.JSONDecodeError:
+      pass
+    return rows
 
   def close(self) -> None:
     if self._tb is not None:

@@ -56,6 +56,7 @@ _ANSWER_LINE = re.compile(r"answer\s*(?:is\b\s*:?|:)[ \t]*([^\n]*)", re.IGNORECA
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 _NUMBER = re.compile(r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)")
 _DIGIT_RUN = re.compile(r"[0-9]+")
+_DECIMAL = re.compile(r"[0-9]+\.[0-9]*|\.[0-9]+")
 _POWER = re.compile(r"\^|\*\*")
 _TOKEN = re.compile(r"[+-]?(?:[0-9]+|\\?[A-Za-z]+)")
 _LATEX_COMMAND = re.compile(r"\\[A-Za-z]+")
@@ -272,8 +273,25 @@ class _DropTimeoutDisabled(logging.Filter):
     return not str(record.msg).startswith("Timeout is disabled")
 
 
+def _numeral(text: str):
+  """The sympy number of a LaTeX numeral ("1,024", "0.5"), built without `sympify`: sympify runs sympy's
+  parse_expr, which evaluates its input with `eval`. latex2sympy calls sympy.Number(str) on numerals."""
+  import sympy  # noqa: PLC0415
+
+  t = text.replace(",", "")
+  if t.isascii() and t.isdigit():
+    return sympy.Integer(int(t))
+  if _DECIMAL.fullmatch(t):
+    return sympy.Float(t)  # mpmath parses the string
+  raise ValueError(f"not a numeral: {text[:40]!r}")
+
+
 def _math_verify():
   import math_verify  # noqa: PLC0415  (imports sympy: ~1 s, only when the math verifier is used)
+  from latex2sympy2_extended import latex2sympy2 as l2s  # noqa: PLC0415
+
+  l2s._Latex2Sympy.parse_number = lambda self, text: _numeral(text)  # no eval of model text
+  l2s.Number = _numeral  # convert_number's "333,333" path
 
   for name in ("math_verify.parser", "math_verify.grader"):
     log = logging.getLogger(name)
@@ -290,7 +308,8 @@ def math_reward(response: str, ground_truth: str, timeout_s: float | None = MATH
 
   answer = extract_answer(response) (last \\boxed{}, else "Answer: X"); no answer → 0.0. Only the answer
   (≤ MAX_ANSWER_CHARS, passing `answer_guard`) is parsed, as `\\boxed{answer}`; the gold as
-  `\\boxed{ground_truth}`; then `math_verify.verify(gold, answer)`. The whole call has one wall-clock
+  `\\boxed{ground_truth}`, by math-verify's LaTeX parser only (its plain-expression fallback calls
+  sympy's `parse_expr`, which evaluates text with `eval`); then `math_verify.verify(gold, answer)`. The whole call has one wall-clock
   budget of timeout_s seconds (main thread; see the module docstring); timeout or any exception → 0.0.
   """
   try:
@@ -302,9 +321,11 @@ def math_reward(response: str, ground_truth: str, timeout_s: float | None = MATH
       return 0.0
     mv = _math_verify()
 
+    latex_only = [mv.LatexExtractionConfig()]  # ExprExtractionConfig would run sympy's parse_expr: eval
+
     def check() -> float:
-      g = mv.parse("\\boxed{" + gold + "}", parsing_timeout=None)
-      p = mv.parse("\\boxed{" + answer + "}", parsing_timeout=None)
+      g = mv.parse("\\boxed{" + gold + "}", latex_only, parsing_timeout=None)
+      p = mv.parse("\\boxed{" + answer + "}", latex_only, parsing_timeout=None)
       if not g or not p:
         return 0.0
       return float(mv.verify(g, p, timeout_seconds=None))

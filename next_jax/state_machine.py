@@ -17,6 +17,7 @@ continues per `continue_mode`:
 from __future__ import annotations
 
 import dataclasses
+import logging
 import time
 from collections.abc import Callable
 
@@ -29,6 +30,8 @@ from next_jax import drift, extrapolate, sharding, trainer
 from next_jax.metrics import MetricWriter, Timer, progress
 from next_jax.policy import ALL_MODULES, Params, merge_lora
 from next_jax.predictor import PredictorConfig
+
+log = logging.getLogger(__name__)
 
 COLLECT, EXTRAPOLATE, CONTINUE, DONE = 0, 1, 2, 3
 PHASES = ("COLLECT", "EXTRAPOLATE", "CONTINUE", "DONE")
@@ -235,8 +238,9 @@ def extrapolate_step(setup: trainer.RLSetup, ncfg: NExtConfig, state: NExtState,
   if "loss_curves" in extra:
     info["predictor_loss"] = {int(d): np.asarray(c).tolist() for d, c in extra["loss_curves"].items()}
   info.update(drift_diagnostics(ncfg, state.trajectory, steps, scale, extra))
-  if not finite:  # refuse a non-finite prediction: no jump
-    alpha, curve = 0.0, {}
+  if not finite:  # refuse a non-finite prediction: no jump (0·NaN is NaN, so Δ itself is zeroed)
+    log.warning("step %d: %s prediction is not finite; no jump", int(state.rl.step), ncfg.method)
+    alpha, curve, deltas = 0.0, {}, jax.tree.map(jnp.zeros_like, deltas)
   elif ncfg.alpha == "auto":
     if score is None:
       raise ValueError("nxt.alpha='auto' needs a validation score function")
@@ -259,20 +263,48 @@ def extrapolate_step(setup: trainer.RLSetup, ncfg: NExtConfig, state: NExtState,
 # ------------------------------------------------------------------------------------------------ run
 
 
+class NumericalFault(RuntimeError):
+  """Too many consecutive non-finite updates; `state` is the last good checkpoint's state (or None)."""
+
+  def __init__(self, msg: str, state: NExtState | None = None):
+    super().__init__(msg)
+    self.state = state
+
+
+def _give_up(checkpointer, state: NExtState, faults: int) -> NumericalFault:
+  """Restore the last checkpoint (none is written while faults persist) and explain what happened."""
+  step = int(state.rl.step)
+  msg = (f"{faults} consecutive RL steps (up to step {step}) had a non-finite loss or gradient; their "
+         f"updates were skipped. Stopping (limit: {faults}).")
+  if checkpointer is None or checkpointer.latest_step() is None:
+    return NumericalFault(msg + " No checkpoint to restore.")
+  good, meta = checkpointer.restore(state)
+  return NumericalFault(msg + f" Restored the last good checkpoint {checkpointer.directory}/"
+                        f"{checkpointer.latest_step()} (RL step {meta['step']}); lower rl.lr or check the "
+                        "rewards, then rerun with ckpt.resume=True.", good)
+
+
 def run(setup: trainer.RLSetup, ncfg: NExtConfig, state: NExtState, *, writer: MetricWriter | None = None,
         checkpointer=None, checkpoint_every: int = 0, score: Callable[[NExtState], float] | None = None,
         desc: str = "nxt", on_jump: Callable[[NExtState, dict], None] | None = None,
-        on_step: Callable[[NExtState, dict], None] | None = None, progress_bar: bool = True) -> NExtState:
+        on_step: Callable[[NExtState, dict], None] | None = None, progress_bar: bool = True,
+        max_faults: int = 0, meta: Callable[[], dict] | None = None) -> NExtState:
   """Drive the state machine to DONE, checkpointing every `checkpoint_every` steps and at every phase
   transition (entering EXTRAPOLATE, after the jump, at the end). Resumes from whatever phase `state` is in.
-  on_step(state, metrics) runs after each RL step (before its checkpoint), on_jump(state, info) after a jump."""
+  on_step(state, metrics) runs after each RL step (before its checkpoint), on_jump(state, info) after a jump;
+  meta() adds JSON to every checkpoint's metadata.
+
+  A step whose update was skipped as non-finite (metrics["nonfinite_updates"] > 0) is logged and writes no
+  periodic checkpoint; after `max_faults` such steps in a row (0: never) the last checkpoint is restored and
+  NumericalFault is raised."""
   def save(tag: str):  # numbered by save index: the jump and the step before it share an RL step
     if checkpointer is not None:
       checkpointer.save((checkpointer.latest_step() or 0) + 1, state,
-                        {"step": int(state.rl.step), "phase": PHASES[int(state.phase)], "tag": tag})
+                        {"step": int(state.rl.step), "phase": PHASES[int(state.phase)], "tag": tag,
+                         **(meta() if meta is not None else {})})
 
   bar = progress(ncfg.total_steps, initial=int(state.rl.step), desc=desc, disable=None if progress_bar else True)
-  timer = Timer()
+  timer, faults = Timer(), 0
   while int(state.phase) != DONE:
     if int(state.phase) == EXTRAPOLATE:
       state, info = extrapolate_step(setup, ncfg, state, score)
@@ -291,7 +323,14 @@ def run(setup: trainer.RLSetup, ncfg: NExtConfig, state: NExtState, *, writer: M
     bar.set_postfix(phase=PHASES[int(state.phase)], reward=f"{m['reward_mean']:.3f}")
     bar.update(1)
     step = int(state.rl.step)
-    if int(state.phase) != before or (checkpoint_every and step % checkpoint_every == 0):
+    faults = faults + 1 if m.get("nonfinite_updates", 0) else 0
+    if faults:
+      log.warning("step %d: non-finite loss/gradient, %d update(s) skipped (%d faulty step(s) in a row)",
+                  step, int(m["nonfinite_updates"]), faults)
+      if max_faults and faults >= max_faults:
+        bar.close()
+        raise _give_up(checkpointer, state, faults)
+    if int(state.phase) != before or (not faults and checkpoint_every and step % checkpoint_every == 0):
       save(PHASES[int(state.phase)])
   bar.close()
   return state

@@ -268,6 +268,10 @@ def hash_split(problems: Sequence[Problem], test_fraction: float = TEST_FRACTION
 def _read_rows(path: Path) -> Iterator[tuple[str, dict]]:
   """(location, row) pairs; location names the line ("line 3") or row ("row 3") for error messages."""
   suffix = path.suffix.lower()
+  if suffix in (".pkl", ".pickle", ".pt", ".pth", ".bin", ".npy", ".npz", ".joblib"):
+    raise ValueError(f"{path}: pickled/binary data files are never loaded (loading a pickle runs code); "
+                     "convert it once to JSONL or parquet, e.g. `pandas.read_pickle(p).to_json(out, "
+                     "orient='records', lines=True)`")
   if suffix == ".parquet":
     try:
       import pyarrow.parquet as pq  # noqa: PLC0415

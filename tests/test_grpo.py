@@ -220,3 +220,37 @@ def test_reference_is_the_base_policy_without_lora(tiny):
   _, m1 = grpo.grpo_update(state, params, batch, cfg=cfg, lora_cfg=lcfg, loss_cfg=grpo.LossConfig(kl_coef=1.0))
   close(m0["kl_ref"], 0.0, tol=1e-7)
   assert float(m1["kl_ref"]) > 1e-4
+
+
+def _nan_rows(batch, rows):
+  adv = np.array(batch.advantages)
+  adv[rows, 5] = np.nan
+  return batch.replace(advantages=adv)
+
+
+def test_nonfinite_loss_skips_the_update_and_keeps_the_state_bit_identical(tiny):
+  cfg, params, lcfg, lora, batch = tiny
+  tx = optax.adam(1e-2)
+  state = grpo.TrainState.create(jax.tree.map(jnp.array, lora), tx)
+  before = jax.tree.map(np.array, (state.params, state.opt_state, state.step))
+  new, metrics = grpo.grpo_update(state, params, _nan_rows(batch, [0]), cfg=cfg, lora_cfg=lcfg,
+                                  loss_cfg=grpo.LossConfig())
+  assert float(metrics["nonfinite_updates"]) == 1.0
+  for a, b in zip(jax.tree.leaves(before), jax.tree.leaves((new.params, new.opt_state, new.step))):
+    np.testing.assert_array_equal(a, np.asarray(b))
+
+
+def test_only_the_faulty_mini_batch_is_skipped(tiny):
+  cfg, params, lcfg, lora, batch = tiny
+  state = grpo.TrainState.create(jax.tree.map(jnp.array, lora), optax.sgd(1.0))
+  new, metrics = grpo.grpo_update(state, params, _nan_rows(batch, [5]), cfg=cfg, lora_cfg=lcfg,
+                                  loss_cfg=grpo.LossConfig(num_mini_batches=4))  # rows 4-5: mini-batch 2
+  assert float(metrics["nonfinite_updates"]) == 1.0 and int(new.step) == 3
+  assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(new.params))
+  moved = max(float(jnp.abs(a - b).max()) for a, b in zip(jax.tree.leaves(new.params), jax.tree.leaves(lora)))
+  assert moved > 1e-4  # the three healthy mini-batches did update
+
+
+def test_finite_update_reports_zero_faults(tiny):
+  _, metrics = _sgd_step(tiny)
+  assert float(metrics["nonfinite_updates"]) == 0.0

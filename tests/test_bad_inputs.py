@@ -1,0 +1,275 @@
+"""Bad inputs from users: every config field given a wrong value, unknown keys, impossible schedules, missing
+or corrupt checkpoints, HF directories that disagree with their config, data files with missing columns,
+pickles. Each gets one clear error naming the problem before any work starts, and an existing run on disk
+is never touched."""
+
+import ast
+import json
+import os
+import pickle
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from next_jax import experiment, hf, policy, tasks, toy
+from next_jax.checkpoint import Checkpointer, CorruptCheckpoint
+from next_jax.metrics import MetricWriter
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "configs"))
+import common  # noqa: E402
+import toy_arith  # noqa: E402
+
+BAD_VALUES = (None, "x", -1, 0, 10**12, [], True, float("nan"), -0.5)
+
+
+def leaves(d, prefix=""):
+  for k, v in d.items():
+    yield from leaves(v, f"{prefix}{k}.") if isinstance(v, dict) else [f"{prefix}{k}"]
+
+
+def with_value(c, field, value):
+  """A hand-built (not type-checked) copy of c with one field set, as a program or notebook could pass."""
+  out = ml_collections.ConfigDict(c.to_dict(), type_safe=False)
+  *path, key = field.split(".")
+  sec = out
+  for p in path:
+    sec = sec[p]
+  sec[key] = value
+  return out
+
+
+def test_every_field_with_any_bad_value_fails_only_with_a_config_error():
+  c = toy_arith.get_config("quick")
+  fields, tried = list(leaves(c.to_dict())), 0
+  for field in fields:
+    for value in BAD_VALUES:
+      tried += 1
+      try:
+        experiment.validate(with_value(c, field, value))
+      except experiment.ConfigError as e:
+        assert str(e).startswith("config."), e
+  assert len(fields) > 80 and tried == len(fields) * len(BAD_VALUES)
+
+
+@pytest.mark.parametrize("field, value", [("nxt.interval", 0), ("rl.num_mini_batches", 0), ("rl.lr", "1e-3"),
+                                          ("nxt.k", None), ("model.lora_targets", None), ("eval.chunk", [])])
+def test_values_that_used_to_crash_validate_name_their_field(field, value):
+  with pytest.raises(experiment.ConfigError, match=field.replace(".", r"\.")):
+    experiment.validate(with_value(toy_arith.get_config(), field, value))
+
+
+def test_the_schema_is_locked_so_a_misspelt_key_is_an_error():
+  c = common.base()
+  with pytest.raises(AttributeError, match="learning_rate"):
+    c.rl.learning_rate = 1e-3
+  with pytest.raises(TypeError):
+    c.rl.lr = "fast"  # ConfigDict keeps the field's type
+
+
+@pytest.mark.parametrize("overrides, match", [
+    ({"extrapolate_at": 15, "interval": 10}, "not a multiple"),
+    ({"extrapolate_at": 20, "interval": 10, "k": 5}, "nxt.k"),
+    ({"total_steps": 5}, "total_steps"),
+    ({"cycles": 3}, "total_steps"),
+])
+def test_impossible_schedules_are_refused(overrides, match):
+  c = toy_arith.get_config()
+  for k, v in overrides.items():
+    c.nxt[k] = v
+  with pytest.raises(experiment.ConfigError, match=match):
+    experiment.validate(c)
+
+
+# --------------------------------------------------------------------------- nothing existing is touched
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+  d = tmp_path_factory.mktemp("bad") / "model"
+  cfg = policy.ModelConfig(vocab_size=17, hidden_size=32, intermediate_size=64, num_layers=1, num_heads=2,
+                           num_kv_heads=2, rope_theta=10000.0)
+  toy.make_random_model_dir(d, cfg, tokenizer=False)
+  toy.build_char_tokenizer("0123456789+-*=", out_dir=d)
+  return d
+
+
+def snapshot(d: Path) -> dict:
+  return {str(p.relative_to(d)): p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture
+def old_run(tmp_path, model_dir):
+  """A workdir that already holds a run (config.json, a checkpoint, metrics) and a config pointing at it."""
+  c = toy_arith.get_config("quick")
+  c.workdir, c.model.dir = str(tmp_path / "run"), str(model_dir)
+  wd = experiment.prepare_workdir(c)
+  ck = Checkpointer(wd / "ckpt")
+  ck.save(1, {"x": jnp.arange(3.0)}, {"step": 1})
+  ck.close()
+  (wd / "metrics.jsonl").write_text('{"step": 1}\n')
+  return c, wd, snapshot(wd)
+
+
+def _wrong_shapes(model_dir, tmp):
+  d = Path(shutil.copytree(model_dir, tmp / "wrong"))
+  cfg = json.loads((d / "config.json").read_text())
+  (d / "config.json").write_text(json.dumps({**cfg, "intermediate_size": 48}))
+  return d
+
+
+CASES = ["missing_model_dir", "hf_wrong_shapes", "hf_pickle_only", "data_missing_column", "data_pickle",
+         "resume_with_changed_config", "no_resume_flag"]
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_a_bad_input_raises_one_clear_error_and_leaves_the_old_run_untouched(case, old_run, model_dir,
+                                                                              tmp_path):
+  c, wd, before = old_run
+  c.ckpt.overwrite = case != "no_resume_flag"
+  if case == "missing_model_dir":
+    c.model.dir, err, match = str(tmp_path / "nope"), hf.CheckpointError, "does not exist"
+  elif case == "hf_wrong_shapes":
+    c.model.dir, err, match = str(_wrong_shapes(model_dir, tmp_path)), hf.CheckpointError, "shape"
+  elif case == "hf_pickle_only":
+    d = Path(shutil.copytree(model_dir, tmp_path / "pkl"))
+    (d / "model.safetensors").rename(d / "pytorch_model.bin")
+    c.model.dir, err, match = str(d), hf.CheckpointError, r"never loaded; convert"
+  elif case in ("data_missing_column", "data_pickle"):
+    path = tmp_path / ("d.jsonl" if case == "data_missing_column" else "d.pkl")
+    path.write_text('{"prompt": "1+1=", "answer": "2"}\n{"prompt": "2+2="}\n')
+    c.task.name, c.task.path = "file", str(path)
+    missing = case == "data_missing_column"
+    err, match = experiment.ConfigError, "task.path: .*line 2: missing field" if missing else "never loaded"
+  elif case == "resume_with_changed_config":
+    c.ckpt.overwrite, c.ckpt.resume, c.rl.lr = False, True, 0.5
+    err, match = experiment.ConfigError, r"rl\.lr: 0\.001 → 0\.5"
+  else:
+    err, match = experiment.ConfigError, "ckpt.resume"
+  with pytest.raises(err, match=match):
+    experiment.run(c)
+  assert snapshot(wd) == before
+
+
+# --------------------------------------------------------------------------------------- checkpoints
+
+
+@pytest.fixture
+def saved(tmp_path):
+  state = {"w": jnp.arange(1000.0), "step": jnp.int32(7), "b": jnp.ones((3, 4), jnp.bfloat16)}
+  ck = Checkpointer(tmp_path / "ckpt")
+  ck.save(1, state, {"step": 1})
+  ck.save(2, state, {"step": 2})
+  ck.close()
+  return tmp_path / "ckpt", state
+
+
+def _data_files(step_dir):
+  return sorted((p for p in step_dir.rglob("*") if p.is_file() and p.parent.name == "d"),
+                key=lambda p: -p.stat().st_size)
+
+
+def test_a_flipped_bit_in_a_checkpoint_is_detected_and_named(saved):
+  d, state = saved
+  f = _data_files(d / "2")[0]
+  data = bytearray(f.read_bytes())
+  data[len(data) // 2] ^= 0x10
+  f.write_bytes(bytes(data))
+  with pytest.raises(CorruptCheckpoint, match=r"/2: array data does not match .*'w'.*resume from step 1"):
+    Checkpointer(d).restore(state)
+  restored, meta = Checkpointer(d).restore(state, step=1)  # the previous checkpoint is intact
+  assert meta == {"step": 1}
+  np.testing.assert_array_equal(restored["w"], state["w"])
+
+
+@pytest.mark.parametrize("damage", ["truncate_data", "delete_meta", "delete_state", "garbage_meta"])
+def test_damaged_checkpoint_files_give_one_clear_error(saved, damage):
+  d, state = saved
+  step = d / "2"
+  if damage == "truncate_data":
+    for f in _data_files(step):
+      f.write_bytes(f.read_bytes()[:10])
+  elif damage == "delete_meta":
+    shutil.rmtree(step / "meta")
+  elif damage == "delete_state":
+    shutil.rmtree(step / "state")
+  else:
+    next((step / "meta").glob("metadata")).write_text("{not json")
+  with pytest.raises(CorruptCheckpoint, match=r"/2: cannot restore the run state"):
+    Checkpointer(d).restore(state)
+
+
+def test_restoring_into_another_structure_is_refused(saved):
+  d, state = saved
+  with pytest.raises(CorruptCheckpoint, match="another structure"):
+    Checkpointer(d).restore({"w": state["w"]})
+
+
+def test_a_torn_metrics_line_from_a_kill_is_dropped(tmp_path):
+  w = MetricWriter(tmp_path, tensorboard=False)
+  for s in range(3):
+    w.write(s, {"x": s})
+  with open(w.path, "a") as f:
+    f.write('{"step": 3, "x"')  # killed mid-write
+  assert [r["step"] for r in w.read()] == [0, 1, 2]
+  w.truncate_rows(2)
+  assert [r["step"] for r in w.read()] == [0, 1]
+
+
+# --------------------------------------------------------------------------------------------- pickle
+
+
+def test_no_module_imports_or_calls_a_pickle_loader():
+  banned = {"pickle", "cPickle", "dill", "cloudpickle", "joblib", "shelve", "marshal"}
+  calls = {"load", "loads", "read_pickle"}
+  found = []
+  for path in sorted([*(ROOT / "next_jax").glob("*.py"), *(ROOT / "experiments").rglob("*.py")]):
+    for node in ast.walk(ast.parse(path.read_text())):
+      names = [a.name.split(".")[0] for a in node.names] if isinstance(node, ast.Import) else \
+          [node.module.split(".")[0]] if isinstance(node, ast.ImportFrom) and node.module else []
+      found += [f"{path.name}: import {n}" for n in names if n in banned]
+      if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr in calls:
+        base = ast.unparse(node.func.value)
+        if base in ("torch", "np", "numpy", "pd", "pandas", "jnp") or "allow_pickle" in ast.unparse(node):
+          found.append(f"{path.name}: {ast.unparse(node.func)}")
+  assert found == []
+
+
+def test_loading_a_model_a_checkpoint_and_data_never_unpickles(model_dir, saved, tmp_path, monkeypatch):
+  def refuse(*a, **k):
+    raise AssertionError("a pickle was loaded")
+
+  for name in ("load", "loads", "Unpickler"):
+    monkeypatch.setattr(pickle, name, refuse)
+  data = tmp_path / "d.jsonl"
+  data.write_text('{"prompt": "1+1=", "answer": "2"}\n')
+  hf.load_model(model_dir)
+  d, state = saved
+  Checkpointer(d).restore(state)
+  assert len(tasks.load_problems(data)) == 1
+
+
+def test_a_pickled_peft_adapter_is_refused_with_a_conversion_hint(tmp_path):
+  (tmp_path / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 4, "lora_alpha": 8,
+                                                            "target_modules": ["q_proj"]}))
+  (tmp_path / "adapter_model.bin").write_bytes(b"\x80\x04not really")
+  cfg = policy.ModelConfig(vocab_size=17, hidden_size=32, intermediate_size=64, num_layers=1, num_heads=2,
+                           num_kv_heads=2)
+  with pytest.raises(hf.CheckpointError, match="adapter_model.bin .*never loaded.*safe_serialization=True"):
+    hf.load_peft_adapter(tmp_path, cfg)
+
+
+def test_entry_point_names_an_unknown_key_in_a_config_file(tmp_path):
+  cfg = tmp_path / "typo.py"
+  cfg.write_text(f"import sys\nsys.path.insert(0, {str(ROOT / 'configs')!r})\nimport common\n\n"
+                 "def get_config():\n  c = common.base()\n  c.rl.learnig_rate = 1e-3\n  return c\n")
+  env = {**os.environ, "OPENBLAS_NUM_THREADS": "1"}
+  out = subprocess.run([sys.executable, "-m", "experiments.main", f"--config={cfg}"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=120, env=env)
+  assert out.returncode != 0 and "learnig_rate" in out.stderr

@@ -1,0 +1,94 @@
+"""Numerical faults: a non-finite update is skipped and counted, a streak of them stops the run at the last
+good checkpoint, and a non-finite extrapolation is refused (no jump, weights untouched)."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from next_jax import policy
+from next_jax import state_machine as sm
+from next_jax.checkpoint import Checkpointer
+from tests.test_trainer import CFG, LCFG, fresh_state, low_token_reward, make_setup
+
+PLAIN = sm.NExtConfig(method="none", extrapolate_at=2, interval=2, total_steps=5)  # RL only
+LONG = dataclasses.replace(PLAIN, total_steps=8)
+JUMP = sm.NExtConfig(method="rl_extra", extrapolate_at=4, interval=2, k=1, total_steps=6)
+PER_STEP = 4 * 8  # reward calls per RL step (prompts_per_step × group_size of make_setup)
+
+
+@pytest.fixture(scope="module")
+def model():
+  return policy.init_params(CFG, jax.random.key(0)), policy.init_lora(CFG, LCFG, jax.random.key(1))
+
+
+def nan_reward_on(steps):
+  """A reward that is NaN on the given (1-based) RL steps, judged by its call count."""
+  calls = [0]
+
+  def reward(text, problem):
+    calls[0] += 1
+    return float("nan") if (calls[0] - 1) // PER_STEP + 1 in steps else low_token_reward(text, problem)
+
+  return reward
+
+
+def leaves(tree):
+  return [np.asarray(x) for x in jax.tree.leaves(tree)]
+
+
+def test_an_isolated_fault_is_skipped_counted_and_the_run_goes_on(model):
+  params, lora = model
+  setup = dataclasses.replace(make_setup(), reward=nan_reward_on({3}))
+  seen = {}
+  state = sm.init(setup, PLAIN, params, fresh_state(lora))
+  state = sm.run(setup, PLAIN, state, max_faults=2, progress_bar=False,
+                 on_step=lambda s, m: seen.update({int(s.rl.step): (m["nonfinite_updates"],
+                                                                      leaves(s.rl.train.params))}))
+  assert int(state.rl.step) == PLAIN.total_steps and sm.PHASES[int(state.phase)] == "DONE"
+  assert [seen[s][0] for s in sorted(seen)] == [0, 0, 1, 0, 0]
+  for a, b in zip(seen[2][1], seen[3][1]):  # step 3's update was skipped: params as after step 2
+    np.testing.assert_array_equal(a, b)
+  assert any(np.abs(a - b).max() > 0 for a, b in zip(seen[3][1], seen[4][1]))
+  assert all(np.isfinite(x).all() for x in leaves(state))
+
+
+def test_a_streak_of_faults_restores_the_last_good_checkpoint_and_stops(model, tmp_path):
+  params, lora = model
+  setup = dataclasses.replace(make_setup(), reward=nan_reward_on({5, 6, 7}))
+  ckpt = Checkpointer(tmp_path / "ckpt", max_to_keep=None)
+  state = sm.init(setup, LONG, params, fresh_state(lora))
+  at_4 = []
+  with pytest.raises(sm.NumericalFault, match=r"3 consecutive RL steps \(up to step 7\).*RL step 4") as e:
+    sm.run(setup, LONG, state, checkpointer=ckpt, checkpoint_every=2, max_faults=3, progress_bar=False,
+           on_step=lambda s, m: at_4.extend(leaves(s)) if int(s.rl.step) == 4 else None)
+  restored = e.value.state
+  assert int(restored.rl.step) == 4
+  for a, b in zip(at_4, leaves(restored), strict=True):
+    np.testing.assert_array_equal(a, b)
+  assert len(ckpt.all_steps()) == 2  # steps 2 and 4; none written during the streak
+
+
+def _poisoned(ncfg, setup, params, lora):
+  state = sm.init(setup, ncfg, params, fresh_state(lora))
+  traj = jax.tree.map(lambda t: t.at[-1].set(jnp.nan), state.trajectory)
+  return state.replace(trajectory=traj, count=jnp.asarray(ncfg.num_snapshots, jnp.int32),
+                       phase=jnp.asarray(sm.EXTRAPOLATE, jnp.int32))
+
+
+@pytest.mark.parametrize("method", ["rl_extra", "next"])
+def test_a_non_finite_extrapolation_is_refused_and_leaves_the_weights_alone(model, method, monkeypatch):
+  params, lora = model
+  setup, ncfg = make_setup(), dataclasses.replace(JUMP, method=method)
+  if method == "next":  # a diverged predictor (training one here would cost ~40 s of compilation)
+    monkeypatch.setattr(sm.extrapolate, "next_predict", lambda traj, *a: (
+        {m: jnp.full((CFG.num_layers, *CFG.module_shape(m)), jnp.nan) for m in traj}, {}))
+  state = _poisoned(ncfg, setup, params, lora)
+  before = leaves((state.base_params, state.rl.train))
+  after, info = sm.extrapolate_step(setup, ncfg, state)
+  assert info["finite"] is False and info["alpha"] == 0.0
+  for a, b in zip(before, leaves((after.base_params, after.rl.train)), strict=True):
+    np.testing.assert_array_equal(a, b)
+  assert sm.PHASES[int(after.phase)] == "CONTINUE"
