@@ -14,6 +14,7 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # OpenBLAS threads thrash on
 
 import dataclasses
 import functools
+import gc
 from pathlib import Path
 from typing import Any
 
@@ -179,3 +180,14 @@ def toy_model_dir(tmp_path_factory):
   toy.make_random_model_dir(d, cfg, tokenizer=False)
   toy.build_char_tokenizer("0123456789+-*=", out_dir=d)
   return d
+
+
+@pytest.fixture(scope="module")
+def frozen_heap():
+  """A full gc pass over the suite's heap (JAX, torch) is one C call no signal interrupts, and it can take
+  over a second; freezing the objects that exist now keeps collections during timed calls small (the
+  reward verifiers' deadline tests use it)."""
+  gc.collect()
+  gc.freeze()
+  yield
+  gc.unfreeze()

@@ -2,7 +2,6 @@
 LaTeX nesting, unbalanced braces, control characters, 1 MB strings, arbitrary unicode), returns 0.0 or 1.0
 within its time limit, and never compiles or evaluates model text (an audit hook watches `compile`/`exec`)."""
 
-import gc
 import json
 import sys
 import time
@@ -22,7 +21,8 @@ GOLDS = {"math": ["1", "\\frac{1}{2}", "x^2+2x+1", "2^{10}", "\\sqrt{2}"],
                        json.dumps({"target": 10, "numbers": [2, 5, 7], "use_all": True})]}
 COUNTS = {}
 # the deadline may fire inside a gc callback, where Python reports it as unraisable (rewards.py docstring)
-pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+pytestmark = [pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning"),
+              pytest.mark.usefixtures("frozen_heap")]
 
 
 class NoEval:
@@ -90,16 +90,6 @@ def check_all(text: str, key: str) -> None:
       assert r in (0.0, 1.0) and isinstance(r, float), (name, r)
       assert took < (LIMIT_S if name == "math" else PLAIN_LIMIT_S) + SLACK_S, (name, took, text[:200])
       assert not NoEval.seen, (name, NoEval.seen[:3], text[:200])
-
-
-@pytest.fixture(scope="module", autouse=True)
-def frozen_heap():
-  """A full gc pass over the suite's heap (JAX, torch) is one C call no signal interrupts, and it can take
-  over a second; freezing the objects that exist now keeps collections during the timed calls small."""
-  gc.collect()
-  gc.freeze()
-  yield
-  gc.unfreeze()
 
 
 def _settings(n):

@@ -16,11 +16,12 @@ from next_jax.rewards import (ExprError, countdown_reward, eval_expression, exac
                               math_reward)
 
 LIMIT_S = 1.0
-SLACK_S = 0.5
+SLACK_S = 1.0  # signal delivery + a loaded shared machine (as in test_hostile_rewards)
 
 # A deadline interrupt that lands inside a gc callback (jax registers one) is printed as "Exception ignored"
 # by Python and re-fires 50 ms later; pytest reports that print as a warning.
-pytestmark = pytest.mark.filterwarnings("ignore:(?s).*_Deadline:pytest.PytestUnraisableExceptionWarning")
+pytestmark = [pytest.mark.filterwarnings("ignore:(?s).*_Deadline:pytest.PytestUnraisableExceptionWarning"),
+              pytest.mark.usefixtures("frozen_heap")]
 
 # (response, ground truth, expected) — what math-verify 0.9.0 actually does on the extracted answer.
 MATH_TABLE = [
