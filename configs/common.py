@@ -106,6 +106,7 @@ def base() -> ml_collections.ConfigDict:
   c.nxt.cycles = 1
   c.nxt.sign = "max_abs_u"
   c.nxt.continue_mode = "keep"
+  c.nxt.faithful = False  # NExt also moves never-trained parameters by predicted deltas (LoRA runs; official)
   c.nxt.horizon = 0  # baselines' horizon in steps; 0 = k·interval
   c.nxt.predictor = ml_collections.ConfigDict()
   c.nxt.predictor.hidden = 256

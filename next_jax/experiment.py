@@ -57,7 +57,7 @@ def nxt_config(c) -> sm.NExtConfig:
     return sm.NExtConfig(method=n.method, extrapolate_at=n.extrapolate_at, interval=n.interval, k=n.k,
                          alpha="auto" if n.alpha_auto else float(n.alpha), total_steps=n.total_steps,
                          cycles=n.cycles, sign=n.sign, continue_mode=n.continue_mode,
-                         horizon=n.horizon or None, predictor=pcfg)
+                         horizon=n.horizon or None, faithful=n.faithful, predictor=pcfg)
   except ValueError as e:
     raise ConfigError(f"config.{str(e).removeprefix('config.')}") from e
 
@@ -121,6 +121,9 @@ def validate(c) -> None:
   _check_kinds(c)
   _check(bool(c.model.dir), "model.dir", c.model.dir, "set it to a local HF model directory")
   _check(c.model.trainable in ("lora", "full"), "model.trainable", c.model.trainable, "use 'lora' or 'full'")
+  _check(not c.nxt.faithful or c.model.trainable == "lora", "nxt.faithful", c.nxt.faithful,
+         "needs model.trainable='lora' (a full run's trajectory holds only the projection kernels, so its other "
+         "trained leaves have no recorded deltas)")
   _check(c.model.dtype in ("", "float32", "bfloat16"), "model.dtype", c.model.dtype,
          "use '', 'float32' or 'bfloat16'")
   lora_config(c)

@@ -77,11 +77,13 @@ def snapshot_delta(mod, i: int, j: int, scale: float) -> jax.Array:
 
 
 def next_predict(traj, k: int, scale: float, pcfg: pred_lib.PredictorConfig, key: jax.Array,
-                 sign: str = "max_abs_u", devices: str = "pmap"):
+                 sign: str = "max_abs_u", devices: str = "pmap", untrained: dict | None = None):
   """NExt: rank-1 triplets of G_i, L_i, T_i → train one predictor per shape group → predict the target
   triplet from the last (G, L) → ΔŴ = σ̂·û·v̂ᵀ (û, v̂ normalised).
 
-  Returns ({module: ΔŴ [L, n, m]}, info with the loss curves and the triplets)."""
+  untrained {path: shape} (faithful mode, `untrained_leaves`): also feed the predictor the rows of every
+  parameter the run never trains, as the official code does, and return their predicted deltas.
+  Returns ({module: ΔŴ [L, n, m]}, info with the loss curves, the triplets and "untrained_deltas")."""
   num = next(iter(traj.values()))[("a" if is_lora(traj) else "kernel")].shape[0]
   pairs = rank1.delta_pairs(num, k)
   if not pairs["global"]:
@@ -94,10 +96,77 @@ def next_predict(traj, k: int, scale: float, pcfg: pred_lib.PredictorConfig, key
     n = len(pairs[kind])
     split[kind] = {m: jax.tree.map(lambda x, s=start, n=n: x[s:s + n], t) for m, t in allt.items()}
     start += n
-  predicted, curves = pred_lib.fit_and_predict(key, split["global"], split["local"], split["target"],
-                                               split["last_global"], split["last_local"], pcfg)
+  rows, layout = untrained_rows(untrained or {})
+  predicted, curves, extra = pred_lib.fit_and_predict(key, split["global"], split["local"], split["target"],
+                                                      split["last_global"], split["last_local"], pcfg, rows)
   deltas = {m: triplet_delta(t)[0] for m, t in predicted.items()}
-  return deltas, {"loss_curves": curves, "triplets": split, "predicted": predicted}
+  return deltas, {"loss_curves": curves, "triplets": split, "predicted": predicted,
+                  "untrained_deltas": untrained_deltas(extra, layout)}
+
+
+# ------------------------------------------------------------------------- faithful: untrained params
+
+
+def untrained_leaves(params, trained: set[str]) -> dict[str, tuple[int, ...]]:
+  """{"a/b/c": shape} of every leaf of `params` whose path is not in `trained` (e.g. "layers/q/kernel")."""
+  flat = jax.tree_util.tree_flatten_with_path(params)[0]
+  out = {}
+  for path, leaf in flat:
+    name = "/".join(str(getattr(k, "key", k)) for k in path)
+    if name not in trained:
+      out[name] = tuple(leaf.shape)
+  return out
+
+
+def _torch_shape(name: str, shape: tuple[int, ...]) -> tuple[tuple[int, ...], bool]:
+  """(per-matrix torch-layout shape, whether ours is its transpose): kernels and lm_head are [in, out]
+  here and [out, in] in torch; embed is [V, D] in both; stacked layer leaves lose their leading L."""
+  per = shape[1:] if name.startswith("layers/") else shape
+  if len(per) == 2 and not name.startswith("embed"):
+    return (per[1], per[0]), True
+  return per, False
+
+
+def untrained_rows(untrained: dict[str, tuple[int, ...]]):
+  """The rows the official code feeds its predictor for never-trained parameters, whose deltas are exactly
+  zero: a zero matrix's SVD is (σ = 0, u = e₀, v = e₀) (LAPACK returns identity singular vectors), and a
+  1-D delta goes in raw (zeros). Returns ({dim: [R, dim]}, layout [(name, field, dim, offset, L)])."""
+  groups: dict[int, list[jax.Array]] = {}
+  layout = []
+
+  def add(name, field, x, layers):
+    dim = x.shape[-1]
+    layout.append((name, field, dim, sum(a.shape[0] for a in groups.get(dim, [])), layers))
+    groups.setdefault(dim, []).append(x)
+
+  for name in sorted(untrained):
+    shape = untrained[name]
+    layers = shape[0] if name.startswith("layers/") else 1
+    per, _ = _torch_shape(name, shape)
+    if len(per) == 2:
+      add(name, "sigma", jnp.zeros((layers, 1)), layers)
+      add(name, "u", jnp.zeros((layers, per[0])).at[:, 0].set(1.0), layers)
+      add(name, "v", jnp.zeros((layers, per[1])).at[:, 0].set(1.0), layers)
+    else:
+      add(name, "raw", jnp.zeros((layers, per[0])), layers)
+  return {d: jnp.concatenate(xs) for d, xs in groups.items()}, layout
+
+
+def untrained_deltas(preds: dict[int, jax.Array], layout) -> dict[str, jax.Array]:
+  """Predicted rows → {path: Δ in that leaf's own shape}: σ̂·û·v̂ᵀ (û, v̂ normalised) or the raw row."""
+  fields: dict[str, dict[str, jax.Array]] = {}
+  for name, field, dim, offset, layers in layout:
+    fields.setdefault(name, {})[field] = preds[dim][offset:offset + layers]
+  out = {}
+  for name, f in fields.items():
+    if "raw" in f:
+      d = f["raw"]
+    else:
+      d = triplet_delta(Triplet(sigma=f["sigma"][:, 0], u=f["u"], v=f["v"], spectrum=f["sigma"]))  # [L, n, m]
+      if name.startswith("embed"):
+        d = jnp.swapaxes(d, -1, -2)
+    out[name] = d if name.startswith("layers/") else d[0]
+  return out
 
 
 # ---------------------------------------------------------------------------------------- baselines

@@ -148,19 +148,29 @@ def from_rows(rows: dict[int, jax.Array], layout, num_layers: dict[str, int]) ->
 
 def fit_and_predict(key: jax.Array, train_g: dict[str, Triplet], train_l: dict[str, Triplet],
                     train_t: dict[str, Triplet], last_g: dict[str, Triplet], last_l: dict[str, Triplet],
-                    cfg: PredictorConfig):
+                    cfg: PredictorConfig, extra_rows: dict[int, jax.Array] | None = None):
   """Train one predictor per shape group on (G_i, L_i) → T_i and predict from the last (G, L).
 
-  Returns ({module: predicted Triplet [1, L, ...]}, {dim: loss curve [epochs]})."""
+  extra_rows {dim: [R', dim]}: rows whose G = L = T are the same at every snapshot (faithful mode: the
+  zero deltas of untrained parameters), appended to their length's group for training and prediction.
+  Returns ({module: predicted Triplet [1, L, ...]}, {dim: loss curve [epochs]}, {dim: extra predictions
+  [R', dim]})."""
   g_rows, layout = to_rows(train_g)
   l_rows, _ = to_rows(train_l)
   t_rows, _ = to_rows(train_t)
   lg_rows, _ = to_rows(last_g)
   ll_rows, _ = to_rows(last_l)
-  preds, curves = {}, {}
-  for i, dim in enumerate(sorted(g_rows)):
-    params, losses = train_predictor(jax.random.fold_in(key, i), g_rows[dim], l_rows[dim], t_rows[dim], cfg)
-    preds[dim] = apply_matrix_predict(params, lg_rows[dim], ll_rows[dim], cfg.use_global, cfg.use_local)
-    curves[dim] = losses
+  extra_rows = extra_rows or {}
+  num = next(iter(g_rows.values())).shape[0]
+  preds, curves, extra_preds = {}, {}, {}
+  for i, dim in enumerate(sorted(set(g_rows) | set(extra_rows))):
+    e = extra_rows.get(dim, jnp.zeros((0, dim), jnp.float32))
+    cat = lambda rows, s, d=dim, e=e: jnp.concatenate(  # noqa: E731
+        [rows.get(d, jnp.zeros((s, 0, d), jnp.float32)), jnp.broadcast_to(e, (s, *e.shape))], axis=1)
+    g, l, t = cat(g_rows, num), cat(l_rows, num), cat(t_rows, num)
+    params, losses = train_predictor(jax.random.fold_in(key, i), g, l, t, cfg)
+    out = apply_matrix_predict(params, cat(lg_rows, 1), cat(ll_rows, 1), cfg.use_global, cfg.use_local)
+    n_own = g.shape[1] - e.shape[0]
+    preds[dim], extra_preds[dim], curves[dim] = out[:, :n_own], out[0, n_own:], losses
   num_layers = {name: train_g[name].sigma.shape[1] for name in train_g}
-  return from_rows(preds, layout, num_layers), curves
+  return from_rows(preds, layout, num_layers), curves, extra_preds

@@ -52,6 +52,7 @@ class NExtConfig:
   cycles: int = 1
   sign: str = "max_abs_u"
   continue_mode: str = "keep"  # keep | merge
+  faithful: bool = False  # NExt also moves never-trained parameters by their predicted deltas (official code)
   horizon: int | None = None  # baselines extrapolate this many steps ahead (None: k·interval)
   predictor: PredictorConfig = PredictorConfig()
 
@@ -67,6 +68,8 @@ class NExtConfig:
     if self.method != "none" and self.cycles * self.extrapolate_at > self.total_steps:
       raise ValueError(f"nxt.cycles·extrapolate_at = {self.cycles * self.extrapolate_at} > "
                        f"nxt.total_steps = {self.total_steps}")
+    if self.faithful and self.method != "next":
+      raise ValueError(f"nxt.faithful=True applies to method 'next' only, not {self.method!r}")
     if self.continue_mode not in ("keep", "merge"):
       raise ValueError(f"nxt.continue_mode={self.continue_mode!r}; choose 'keep' or 'merge'")
     if isinstance(self.alpha, str) and self.alpha != "auto":
@@ -162,26 +165,32 @@ def jump_key(state: NExtState) -> jax.Array:
   return jax.random.fold_in(jax.random.fold_in(state.rl.rng, int(state.rl.step)), 0x5EED)
 
 
-def method_deltas(ncfg: NExtConfig, traj: Params, steps: np.ndarray, scale: float, key: jax.Array):
-  """Δ per module for the configured method, from a full trajectory (steps: RL step of each snapshot)."""
+def method_deltas(ncfg: NExtConfig, traj: Params, steps: np.ndarray, scale: float, key: jax.Array,
+                  untrained: dict | None = None):
+  """Δ per module for the configured method, from a full trajectory (steps: RL step of each snapshot).
+  untrained: {path: shape} of never-trained base parameters, used by NExt when ncfg.faithful."""
   steps = jnp.asarray(steps, jnp.float32)
   horizon = ncfg.horizon if ncfg.horizon is not None else ncfg.k * ncfg.interval
   t_target = float(steps[-1]) + horizon
   if ncfg.method == "next":
-    return extrapolate.next_predict(traj, ncfg.k, scale, ncfg.predictor, key, ncfg.sign)
+    return extrapolate.next_predict(traj, ncfg.k, scale, ncfg.predictor, key, ncfg.sign,
+                                    untrained=untrained if ncfg.faithful else None)
   fn = {"rl_extra": extrapolate.rl_extra, "alpharl": extrapolate.alpharl, "relex": extrapolate.relex}
   return fn[ncfg.method](traj, steps, t_target, scale), {}
 
 
 def apply_jump(setup: trainer.RLSetup, ncfg: NExtConfig, state: NExtState, deltas: Params,
-               alpha: float) -> NExtState:
-  """W ← W + α·Δ on every trained matrix, then set up RL's continuation per `continue_mode`."""
+               alpha: float, untrained: dict | None = None) -> NExtState:
+  """W ← W + α·Δ on every trained matrix (and on never-trained base leaves given in `untrained`
+  {path: Δ}, faithful mode), then set up RL's continuation per `continue_mode`."""
   lora_cfg = setup.lora_cfg
   train = state.rl.train
   if lora_cfg is not None:
     base = merge_lora(state.base_params, train.params, lora_cfg) if ncfg.continue_mode == "merge" \
         else state.base_params
     base = _add_to_kernels(base, deltas, alpha)
+    if untrained:
+      base = _add_to_paths(base, untrained, alpha)
     params = train.params
     if ncfg.continue_mode == "merge":
       params = jax.tree.map(jnp.copy, {m: {"a": p["a"], "b": jnp.zeros_like(p["b"])}
@@ -193,6 +202,20 @@ def apply_jump(setup: trainer.RLSetup, ncfg: NExtConfig, state: NExtState, delta
   new_train = train.replace(params=params) if ncfg.continue_mode == "keep" else \
       type(train).create(params, train.tx).replace(step=train.step)
   return state.replace(rl=state.rl.replace(train=new_train))
+
+
+def trained_paths(setup: trainer.RLSetup) -> set[str]:
+  """Paths of the base leaves the trajectory covers: the LoRA targets' kernels, or all seven (full)."""
+  mods = setup.lora_cfg.targets if setup.lora_cfg is not None else ALL_MODULES
+  return {f"layers/{m}/kernel" for m in mods}
+
+
+def _add_to_paths(params: Params, deltas: dict[str, jax.Array], alpha: float) -> Params:
+  """params[path] += α·Δ for {"a/b/c": Δ}."""
+  def add(path, x):
+    name = "/".join(str(getattr(k, "key", k)) for k in path)
+    return (x.astype(jnp.float32) + alpha * deltas[name]).astype(x.dtype) if name in deltas else x
+  return jax.tree_util.tree_map_with_path(add, params)
 
 
 def _add_to_kernels(params: Params, deltas: Params, alpha: float) -> Params:
@@ -230,25 +253,29 @@ def extrapolate_step(setup: trainer.RLSetup, ncfg: NExtConfig, state: NExtState,
   steps = int(state.cycle_start) + ncfg.interval * np.arange(ncfg.num_snapshots)
   extra = {}
   if deltas is None:
-    deltas, extra = method_deltas(ncfg, state.trajectory, steps, scale, jump_key(state))
+    untrained = (extrapolate.untrained_leaves(state.base_params, trained_paths(setup))
+                 if ncfg.faithful else None)
+    deltas, extra = method_deltas(ncfg, state.trajectory, steps, scale, jump_key(state), untrained)
   deltas = jax.block_until_ready(deltas)
   info = {"time/extrapolate": time.perf_counter() - t0, "method": ncfg.method}
-  finite = all(bool(jnp.isfinite(d).all()) for d in deltas.values())
+  side = extra.get("untrained_deltas") or None  # faithful mode: never-trained leaves move too
+  finite = all(bool(jnp.isfinite(d).all()) for d in list(deltas.values()) + list((side or {}).values()))
   info["finite"] = finite
   if "loss_curves" in extra:
     info["predictor_loss"] = {int(d): np.asarray(c).tolist() for d, c in extra["loss_curves"].items()}
   info.update(drift_diagnostics(ncfg, state.trajectory, steps, scale, extra))
   if not finite:  # refuse a non-finite prediction: no jump (0·NaN is NaN, so Δ itself is zeroed)
     log.warning("step %d: %s prediction is not finite; no jump", int(state.rl.step), ncfg.method)
-    alpha, curve, deltas = 0.0, {}, jax.tree.map(jnp.zeros_like, deltas)
+    alpha, curve, deltas, side = 0.0, {}, jax.tree.map(jnp.zeros_like, deltas), None
   elif ncfg.alpha == "auto":
     if score is None:
       raise ValueError("nxt.alpha='auto' needs a validation score function")
-    curve = {a: score(apply_jump(setup, ncfg, state, deltas, a)) for a in (0.0,) + tuple(ncfg.alpha_grid)}
+    curve = {a: score(apply_jump(setup, ncfg, state, deltas, a, side))
+             for a in (0.0,) + tuple(ncfg.alpha_grid)}
     alpha = max(ncfg.alpha_grid, key=lambda a: curve[a])
   else:
     alpha, curve = float(ncfg.alpha) if ncfg.method == "next" else 1.0, {}
-  state = apply_jump(setup, ncfg, state, deltas, alpha)
+  state = apply_jump(setup, ncfg, state, deltas, alpha, side)
   info.update({"alpha": alpha, "alpha_curve": curve, "time/jump_total": time.perf_counter() - t0})
   cycle = int(state.cycle) + 1
   more = cycle < ncfg.cycles

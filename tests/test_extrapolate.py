@@ -324,3 +324,45 @@ def test_next_beats_linear_baselines_on_a_rotating_rank1_trajectory(seed, rotati
   best = max(r["cos_global"] for r in rotation_baselines.values())
   assert nxt["cos_global"] > best + NEXT_MARGIN, (nxt, rotation_baselines)
   assert nxt["cos_global"] > 0.9
+
+
+# ---------------------------------------------------------------------------------- faithful mode
+
+
+def test_untrained_rows_are_the_official_codes_zero_delta_rows():
+  """A zero matrix → (σ 0, u = e₀ of length out, v = e₀ of length in); a 1-D leaf → its raw zero row."""
+  rows, layout = ex.untrained_rows({"layers/q/bias": (2, 6), "layers/o/kernel": (2, 6, 4), "embed": (9, 4)})
+  assert {(n, f, d) for n, f, d, _, _ in layout} == {
+      ("embed", "sigma", 1), ("embed", "u", 9), ("embed", "v", 4), ("layers/o/kernel", "sigma", 1),
+      ("layers/o/kernel", "u", 4), ("layers/o/kernel", "v", 6), ("layers/q/bias", "raw", 6)}
+  assert rows[1].shape == (3, 1) and not rows[1].any()
+  np.testing.assert_array_equal(rows[4][:1], [[1.0, 0, 0, 0]])  # embed's v = e₀ (D = 4)
+  np.testing.assert_array_equal(rows[6][2:], np.zeros((2, 6)))  # the bias rows follow o's v rows
+
+
+def test_untrained_deltas_have_each_leafs_shape_and_orientation():
+  rows, layout = ex.untrained_rows({"layers/q/bias": (2, 6), "layers/o/kernel": (2, 6, 4), "embed": (9, 4),
+                                    "final_norm": (4,)})
+  rng = np.random.default_rng(0)
+  preds = {d: jnp.asarray(rng.normal(size=r.shape), jnp.float32) for d, r in rows.items()}
+  out = ex.untrained_deltas(preds, layout)
+  assert {k: v.shape for k, v in out.items()} == {"layers/q/bias": (2, 6), "layers/o/kernel": (2, 6, 4),
+                                                  "embed": (9, 4), "final_norm": (4,)}
+  (_, _, _, off_u, _), = [x for x in layout if x[:2] == ("embed", "u")]
+  (_, _, _, off_s, _), = [x for x in layout if x[:2] == ("embed", "sigma")]
+  u = np.asarray(preds[9][off_u])
+  col = np.asarray(out["embed"])[:, 0]  # σ̂·û·v̂₀: the embed's columns are multiples of û (length V = 9)
+  assert abs(abs(np.dot(col, u)) / (np.linalg.norm(col) * np.linalg.norm(u)) - 1) < 1e-5
+  assert float(np.abs(out["embed"]).max()) > 0 and np.isfinite(np.asarray(out["embed"])).all()
+  del off_s
+
+
+def test_next_predict_faithful_moves_untrained_leaves_and_keeps_shapes():
+  traj = random_lora_traj(5, k=6)
+  untrained = {"layers/w/bias": (2, 5), "embed": (7, 4)}
+  plain, info0 = ex.next_predict(traj, 2, 1.0, FAST, jax.random.key(0), devices="vmap")
+  faith, info1 = ex.next_predict(traj, 2, 1.0, FAST, jax.random.key(0), devices="vmap", untrained=untrained)
+  assert info0["untrained_deltas"] == {}
+  assert {k: v.shape for k, v in info1["untrained_deltas"].items()} == {"layers/w/bias": (2, 5), "embed": (7, 4)}
+  assert plain["w"].shape == faith["w"].shape
+  assert float(jnp.abs(info1["untrained_deltas"]["layers/w/bias"]).max()) > 0  # the official code's noise

@@ -83,7 +83,7 @@ def test_a_non_finite_extrapolation_is_refused_and_leaves_the_weights_alone(mode
   params, lora = model
   setup, ncfg = make_setup(), dataclasses.replace(JUMP, method=method)
   if method == "next":  # a diverged predictor (training one here would cost ~40 s of compilation)
-    monkeypatch.setattr(sm.extrapolate, "next_predict", lambda traj, *a: (
+    monkeypatch.setattr(sm.extrapolate, "next_predict", lambda traj, *a, **kw: (
         {m: jnp.full((CFG.num_layers, *CFG.module_shape(m)), jnp.nan) for m in traj}, {}))
   state = _poisoned(ncfg, setup, params, lora)
   before = leaves((state.base_params, state.rl.train))

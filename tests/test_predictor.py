@@ -258,8 +258,9 @@ def test_fit_and_predict_returns_one_triplet_per_module_and_a_curve_per_group():
                    u=jnp.asarray(rng.normal(size=(s, 4, DIM)), jnp.float32),
                    v=jnp.asarray(rng.normal(size=(s, 4, DIM)), jnp.float32), spectrum=jnp.zeros((s, 4, 1)))
 
-  pred, curves = pred_lib.fit_and_predict(jax.random.key(0), {"w": mk(S)}, {"w": mk(S)}, {"w": mk(S)},
-                                          {"w": mk(1)}, {"w": mk(1)}, FAST)
+  pred, curves, extra = pred_lib.fit_and_predict(jax.random.key(0), {"w": mk(S)}, {"w": mk(S)}, {"w": mk(S)},
+                                                 {"w": mk(1)}, {"w": mk(1)}, FAST)
   assert set(pred) == {"w"}
   assert (pred["w"].sigma.shape, pred["w"].u.shape, pred["w"].v.shape) == ((1, 4), (1, 4, DIM), (1, 4, DIM))
   assert {d: c.shape for d, c in curves.items()} == {1: (FAST.epochs,), DIM: (FAST.epochs,)}
+  assert {d: x.shape for d, x in extra.items()} == {1: (0, 1), DIM: (0, DIM)}
