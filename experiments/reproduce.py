@@ -88,14 +88,14 @@ def fork(state):
 
 def advance(exp, ncfg, state, until: int, evals=(), snaps=(), desc: str = ""):
   """train_step to RL step `until` (or the next jump point); accuracy at `evals`, trained matrices at
-  `snaps`; returns (state, accs, mats, seconds per RL step excluding evaluation)."""
+  `snaps`; returns (state, accs, mats, median seconds per RL step: evaluation and compilation excluded)."""
   accs, mats, lora = {}, {}, exp.setup.lora_cfg is not None
-  start, train_s = int(state.rl.step), 0.0
+  start, times = int(state.rl.step), []
   bar = progress(until - start, desc=desc)
   for _ in range(until - start):
     t0 = time.perf_counter()
     state, _ = sm.train_step(exp.setup, ncfg, state)
-    train_s += time.perf_counter() - t0
+    times.append(time.perf_counter() - t0)
     bar.update(1)
     step = int(state.rl.step)
     if int(state.phase) == sm.EXTRAPOLATE and step < until:
@@ -105,8 +105,7 @@ def advance(exp, ncfg, state, until: int, evals=(), snaps=(), desc: str = ""):
     if step in evals:
       accs[step] = experiment.accuracy(exp, state, exp.test)
   bar.close()
-  sec = train_s / max(until - start, 1)  # RL only: evaluations excluded
-  return state, accs, mats, sec
+  return state, accs, mats, float(np.median(times)) if times else 0.0
 
 
 def collect(exp, sched: Schedule, desc: str):
@@ -122,9 +121,12 @@ def as_continue(state):
   return state.replace(phase=jnp.asarray(sm.CONTINUE, jnp.int32))
 
 
-def jump_and_continue(exp, ncfg, s_jump, sched, deltas=None, desc=""):
-  """extrapolate_step from a copy of the jump-point state, then `extra` steps; (acc_after, info)."""
+def jump_and_continue(exp, ncfg, s_jump, sched, deltas=None, desc="", at_jump: bool = False):
+  """extrapolate_step from a copy of the jump-point state, then `extra` steps → (acc after them, info);
+  with at_jump, info["acc_at_jump"] is the accuracy right after the jump (before any further RL)."""
   state, info = sm.extrapolate_step(exp.setup, ncfg, fork(s_jump), deltas=deltas)
+  if at_jump:
+    info["acc_at_jump"] = experiment.accuracy(exp, state, exp.test)
   state, accs, _, _ = advance(exp, ncfg, state, sched.short, evals={sched.short}, desc=desc)
   return accs[sched.short], info
 
@@ -157,6 +159,27 @@ def row(table, family, seed, method, steps, acc, backbone, **extra):
           "backbone": backbone, **extra}
 
 
+def branch_methods(exp, s_jump, sched, actual, seed, at_jump: bool = False) -> tuple[dict, dict, float]:
+  """NExt and every baseline jump from the same jump-point state and continue `extra` steps.
+
+  Returns ({name: acc after the extra steps}, {name: agreement of its Δ with `actual`}, NExt's
+  extrapolation seconds); with at_jump also {name + "@jump": acc right after the jump} in the first."""
+  ncfg, scale = exp.ncfg, exp.setup.lora_cfg.scale
+  steps = sched.interval * np.arange(ncfg.num_snapshots)
+  accs, agreement, t_next = {}, {}, 0.0
+  for m, name in (("next", "NExt"),) + tuple(BASELINES.items()):
+    n = dataclasses.replace(ncfg, method=m)
+    t0 = time.perf_counter()
+    d, _ = sm.method_deltas(n, s_jump.trajectory, steps, scale, sm.jump_key(s_jump))
+    jax.block_until_ready(d)
+    t_next = time.perf_counter() - t0 if m == "next" else t_next
+    agreement[name] = ex.delta_agreement(d, actual)
+    accs[name], info = jump_and_continue(exp, n, s_jump, sched, d, f"s{seed} {name}", at_jump)
+    if at_jump:
+      accs[name + "@jump"] = info["acc_at_jump"]
+  return accs, agreement, t_next
+
+
 def lora_family(exp, sched, seed) -> list[dict]:
   """GRPO-LoRA to 400, every method from the same step-150 state, ablations, Δ agreement, drift."""
   s_jump, bb, accs, sec = collect(exp, sched, f"s{seed} lora collect")
@@ -169,23 +192,13 @@ def lora_family(exp, sched, seed) -> list[dict]:
   rows += [row("curve", "lora", seed, "GRPO-LoRA", s, a, bb) for s, a in accs.items()]
   rows += [row("main", "lora", seed, "GRPO-LoRA", s, accs[s], bb) for s in (sched.short, sched.long)]
   actual = actual_future(exp, s_jump, mats[sched.jump + h])
-  steps = sched.interval * np.arange(ncfg.num_snapshots)
-  scale = exp.setup.lora_cfg.scale
   analysis = trajectory_analysis(exp, s_jump, sched)
-  t0 = time.perf_counter()
-  next_deltas, _ = sm.method_deltas(ncfg, s_jump.trajectory, steps, scale, sm.jump_key(s_jump))
-  t_next = time.perf_counter() - t0
-  agreement = {"NExt": ex.delta_agreement(next_deltas, actual)}
-  acc_next, _ = jump_and_continue(exp, ncfg, s_jump, sched, next_deltas, f"s{seed} NExt")
-  rows.append(row("main", "lora", seed, "NExt", sched.short, acc_next, bb, alpha=ncfg.alpha))
+  accs, agreement, t_next = branch_methods(exp, s_jump, sched, actual, seed)
+  for name, acc in accs.items():
+    rows.append(row("main", "lora", seed, name, sched.short, acc, bb,
+                    **({"alpha": ncfg.alpha} if name == "NExt" else {})))
   rows.append({"table": "overhead", "family": "lora", "seed": seed, "extrapolate_s": t_next,
                "sec_per_step": (sec + sec2) / 2, "steps_saved": sched.long - sched.short})
-  for m, name in BASELINES.items():
-    n = dataclasses.replace(ncfg, method=m)
-    d, _ = sm.method_deltas(n, s_jump.trajectory, steps, scale, sm.jump_key(s_jump))
-    agreement[name] = ex.delta_agreement(d, actual)
-    acc, _ = jump_and_continue(exp, n, s_jump, sched, d, f"s{seed} {name}")
-    rows.append(row("main", "lora", seed, name, sched.short, acc, bb))
   rows.append({"table": "analysis", "family": "lora", "seed": seed, "agreement": agreement, **analysis})
   return rows + ablations(exp, ncfg, s_jump, sched, seed, bb)
 
