@@ -38,9 +38,15 @@ class Triplet(flax.struct.PyTreeNode):
 
 
 def factored_triplet(p: jax.Array, q: jax.Array, scale: float | jax.Array = 1.0) -> Triplet:
-  """Exact top triplet of Δ = scale·P·Q from thin QRs and a k×k SVD. p: [m, k], q: [k, n]."""
+  """Exact top triplet of Δ = scale·P·Q from thin QRs and a k×k SVD. p: [m, k], q: [k, n].
+
+  The second QR waits for the first through a real data dependency (+ 0·R_P[0, 0]; an
+  optimization_barrier does not order XLA:CPU thunks). jaxlib's CPU LAPACK kernels split a batch over
+  XLA's intra-op thread pool and block a pool thread while they wait, so two batched QRs running at once
+  can hold every pool thread and never finish: a vmapped batch of 56 [1536, 128] pairs deadlocked
+  reproducibly on 2 cores (jax 0.10.2) before this."""
   qp, rp = jnp.linalg.qr(p.astype(jnp.float32))
-  qq, rq = jnp.linalg.qr(q.T.astype(jnp.float32))
+  qq, rq = jnp.linalg.qr(q.T.astype(jnp.float32) + 0.0 * rp[0, 0])  # after QR(P): see the docstring
   u_c, s, vt_c = jnp.linalg.svd(scale * rp @ rq.T)
   return Triplet(sigma=s[0], u=qp @ u_c[:, 0], v=qq @ vt_c[0], spectrum=s)
 

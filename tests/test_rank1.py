@@ -302,3 +302,22 @@ def test_pmap_over_four_devices_equals_vmap_with_padding():
   assert res["shapes"] == [[6], [6, 9], [6, 7], [6, 4], [6], [6, 9], [6, 7], [6, 7]]
   assert res["factored"] <= 1e-6 and res["dense"] <= 1e-6
   assert res["min_sigma"] > 0.1  # no padded (zero) matrix leaked into the kept rows
+
+
+def test_a_large_batch_finishes_instead_of_deadlocking_the_cpu_thread_pool():
+  """Regression: two batched LAPACK QRs in flight at once held both pool threads of a 2-core CPU forever
+  (56 pairs of [1536, 128]); the second QR now depends on the first. Run in a child so a hang is a
+  timeout, not a stuck suite."""
+  code = textwrap.dedent("""
+      import jax, jax.numpy as jnp
+      from next_jax import rank1
+      p = jax.random.normal(jax.random.key(0), (56, 1536, 128))
+      q = jax.random.normal(jax.random.key(1), (56, 128, 1536))
+      t = rank1.batched_factored_triplets(p, q, 0.5, devices="vmap")
+      print(float(jax.block_until_ready(t.sigma).min()) > 0)
+  """)
+  env = {**os.environ, "OPENBLAS_NUM_THREADS": "1"}
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=240, env=env,
+                       cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert out.stdout.strip().endswith("True")
