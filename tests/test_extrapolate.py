@@ -349,12 +349,10 @@ def test_untrained_deltas_have_each_leafs_shape_and_orientation():
   assert {k: v.shape for k, v in out.items()} == {"layers/q/bias": (2, 6), "layers/o/kernel": (2, 6, 4),
                                                   "embed": (9, 4), "final_norm": (4,)}
   (_, _, _, off_u, _), = [x for x in layout if x[:2] == ("embed", "u")]
-  (_, _, _, off_s, _), = [x for x in layout if x[:2] == ("embed", "sigma")]
   u = np.asarray(preds[9][off_u])
   col = np.asarray(out["embed"])[:, 0]  # σ̂·û·v̂₀: the embed's columns are multiples of û (length V = 9)
   assert abs(abs(np.dot(col, u)) / (np.linalg.norm(col) * np.linalg.norm(u)) - 1) < 1e-5
   assert float(np.abs(out["embed"]).max()) > 0 and np.isfinite(np.asarray(out["embed"])).all()
-  del off_s
 
 
 def test_next_predict_faithful_moves_untrained_leaves_and_keeps_shapes():
