@@ -30,6 +30,7 @@ def main(argv):
   from absl import logging as absl_logging  # noqa: PLC0415
   absl_logging.set_verbosity(absl_logging.WARNING)  # orbax logs every save at INFO
   from next_jax import experiment, hf  # noqa: PLC0415 (after flag parsing: fast --help)
+  from next_jax.metrics import is_primary  # noqa: PLC0415
   from next_jax.state_machine import NumericalFault  # noqa: PLC0415
 
   c = _CONFIG.value
@@ -46,8 +47,9 @@ def main(argv):
     sys.exit(f"error: {e}")
   except NumericalFault as e:
     sys.exit(f"stopped: {e}")
-  print(json.dumps({k: results[k] for k in ("method", "backbone", "final", "steps", "icer", "workdir")},
-                   indent=2, default=float))
+  if is_primary():  # multi-host: one summary, from process 0
+    print(json.dumps({k: results[k] for k in ("method", "backbone", "final", "steps", "icer", "workdir")},
+                     indent=2, default=float))
 
 
 if __name__ == "__main__":

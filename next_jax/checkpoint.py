@@ -7,6 +7,10 @@ Orbax/tensorstore keep no checksum of array bytes: a flipped bit restores silent
 stores a fingerprint per leaf in the metadata, f = Σ_i w_i·(2i+1) mod 2³² over the leaf's bits w_i
 (computed on device, so it also works for arrays sharded over hosts), and `restore` recomputes it and raises
 CorruptCheckpoint naming the leaf when they differ.
+
+Multi-host: every process calls `save` and `restore` (orbax coordinates them; the directory must be shared).
+Host-local leaves of the state (step, rng, cursor: equal on every host) are saved as replicated global
+arrays and restored onto the template's device.
 """
 
 from __future__ import annotations
@@ -19,6 +23,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 
 class CorruptCheckpoint(ValueError):
@@ -46,6 +52,29 @@ def fingerprint(tree) -> list[int]:
   return [int(np.asarray(f.addressable_data(0))) for f in _fingerprints(tree)]
 
 
+def _host_local(x) -> bool:
+  return isinstance(x, jax.Array) and x.is_fully_addressable
+
+
+def to_global(tree):
+  """Multi-host: orbax saves only global arrays, so each host-local leaf (step, rng, cursor, …: the same
+  value on every host) becomes an array replicated over all devices. One process: unchanged."""
+  if jax.process_count() == 1:
+    return tree
+  everywhere = NamedSharding(Mesh(np.asarray(jax.devices()), ("all",)), P())
+  return jax.tree.map(lambda x: jax.make_array_from_process_local_data(everywhere, np.asarray(x), x.shape)
+                      if _host_local(x) else x, tree)
+
+
+def like_template(restored, template):
+  """Undo `to_global`: leaves that are host-local in `template` come back host-local (uncommitted, so
+  they join computations on any device, as fresh `jnp` values do)."""
+  if jax.process_count() == 1:
+    return restored
+  return jax.tree.map(lambda x, t: jnp.asarray(np.asarray(x.addressable_data(0))) if _host_local(t) else x,
+                      restored, template)
+
+
 class Checkpointer:
   """Save/restore `state` (any pytree of arrays) and `meta` (JSON) under directory/<step>/."""
 
@@ -65,7 +94,7 @@ class Checkpointer:
   def save(self, step: int, state, meta: dict[str, Any] | None = None) -> None:
     """Write a complete checkpoint for `step` (synchronously; atomic by rename)."""
     meta = {**(meta or {}), "fingerprint": fingerprint(state)}
-    args = ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
+    args = ocp.args.Composite(state=ocp.args.StandardSave(to_global(state)), meta=ocp.args.JsonSave(meta))
     self._mngr.save(step, args=args, force=True)
     self._mngr.wait_until_finished()
 
@@ -74,7 +103,7 @@ class Checkpointer:
     step = self.latest_step() if step is None else step
     if step is None:
       raise FileNotFoundError(f"{self.directory}: no checkpoint to restore")
-    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, template)
+    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, to_global(template))
     where = f"{self.directory}/{step}"
     others = [s for s in self.all_steps() if s != step]
     hint = (f"; delete {where} to resume from step {max(others)} instead" if others else "")
@@ -84,16 +113,16 @@ class Checkpointer:
     except Exception as e:  # noqa: BLE001  (tensorstore raises bare Exception on unreadable data)
       raise CorruptCheckpoint(f"{where}: cannot restore the run state: files missing or corrupt, or a state "
                               f"of another structure ({type(e).__name__}: {str(e)[:300]}){hint}") from e
-    meta = dict(out.meta)
+    meta, state = dict(out.meta), like_template(out.state, template)
     want = meta.pop("fingerprint", None)
     if want is not None:
-      got = fingerprint(out.state)
+      got = fingerprint(state)
       bad = [jax.tree_util.keystr(p) for (p, _), a, b in
-             zip(jax.tree_util.tree_flatten_with_path(out.state)[0], want, got) if a != b]
+             zip(jax.tree_util.tree_flatten_with_path(state)[0], want, got) if a != b]
       if bad or len(want) != len(got):
         raise CorruptCheckpoint(f"{where}: array data does not match the fingerprint written with it "
                                 f"(corrupt: {', '.join(bad[:3]) or 'leaf count'}){hint}")
-    return out.state, meta
+    return state, meta
 
   def close(self) -> None:
     self._mngr.close()

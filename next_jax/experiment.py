@@ -4,6 +4,9 @@
 `build(config)` loads the model directory (the HF path a real Qwen2.5 takes), the problems and the
 verifier, and returns an `Experiment` (static setup + initial state). `run(config)` drives it with
 checkpoints, metrics (JSONL + TensorBoard under workdir), periodic evaluation, and writes results.json.
+Multi-host (mesh.distributed): every process runs the same `run`; each samples and verifies its share of
+the prompts, all of them save and restore the orbax checkpoints, and only process 0 writes config.json,
+metrics, TensorBoard and results.json.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import numpy as np
 from next_jax import grpo, hf, parallel, policy, rewards, sharding, tasks, trainer
 from next_jax import state_machine as sm
 from next_jax.checkpoint import Checkpointer
-from next_jax.metrics import MetricWriter
+from next_jax.metrics import MetricWriter, is_primary
 from next_jax.predictor import PredictorConfig
 
 
@@ -155,15 +158,22 @@ def validate(c) -> None:
     _check(isinstance(c.mesh[f], int) and c.mesh[f] >= 1, f"mesh.{f}", c.mesh[f], "must be an integer ≥ 1")
   if c.mesh.distributed and not jax.distributed.is_initialized():
     return  # devices are known only after jax.distributed.initialize (done by build)
+  procs = jax.process_count()  # multi-host: each process samples prompts_per_step/procs prompts
+  _check(ro.prompts_per_step % procs == 0, "rollout.prompts_per_step", ro.prompts_per_step,
+         f"must be divisible by the {procs} processes (each samples prompts_per_step/{procs} prompts)")
   model = c.mesh.fsdp * c.mesh.tensor
   _check(model <= jax.device_count(), "mesh.fsdp", c.mesh.fsdp,
          f"fsdp·tensor = {model} > {jax.device_count()} devices")
   devices = c.mesh.data or jax.device_count() // model
   _check(devices * model <= jax.device_count(), "mesh.data", c.mesh.data,
          f"data·fsdp·tensor = {devices * model} > {jax.device_count()} devices")
+  _check(procs == 1 or devices * model == jax.device_count(), "mesh.data", c.mesh.data,
+         f"with {procs} processes the mesh must use all {jax.device_count()} devices "
+         f"(data·fsdp·tensor = {devices * model}); set mesh.data=0")
   split = devices * c.mesh.fsdp  # the batch is split over data×fsdp
   _check(n % split == 0 and ro.prompts_per_step % split == 0, "mesh.data", c.mesh.data,
          f"data·fsdp = {split} must divide prompts_per_step ({ro.prompts_per_step})")
+  _check(c.eval.chunk % split == 0, "eval.chunk", c.eval.chunk, f"must be a multiple of data·fsdp = {split}")
 
 
 # ---------------------------------------------------------------------------------------------- build
@@ -211,7 +221,11 @@ def run_mesh(c):
 
 
 def place(tree, mesh):
-  """Replicated on a data mesh; split by the partition rules on a (data, fsdp, tensor) mesh."""
+  """Replicated on a data mesh; split by the partition rules on a (data, fsdp, tensor) mesh.
+  Multi-host, leaves start from host memory: JAX 0.10's `device_put` of a device array onto a sharding
+  that spans hosts builds an array whose shards orbax cannot read."""
+  if jax.process_count() > 1:
+    tree = jax.tree.map(np.asarray, tree)
   if sharding.FSDP in mesh.axis_names:
     return sharding.shard(tree, mesh)
   return jax.device_put(tree, parallel.replicated(mesh))
@@ -270,7 +284,8 @@ def icer(steps: int, acc: float, backbone: float) -> float:
 # ------------------------------------------------------------------------------------------------ run
 
 
-RESUMABLE = ("ckpt.", "log.", "workdir")  # fields a resumed run may change; any other change is refused
+# fields a resumed run may change (the last two differ per launch and per host); any other change is refused
+RESUMABLE = ("ckpt.", "log.", "workdir", "mesh.coordinator_address", "mesh.process_id")
 
 
 def _flat(d: dict, prefix: str = "") -> dict[str, Any]:
@@ -304,15 +319,20 @@ def check_workdir(c) -> bool:
 
 
 def prepare_workdir(c) -> Path:
-  """Create workdir (wipe an existing run only with ckpt.overwrite and not ckpt.resume), write config.json."""
+  """Create workdir (wipe an existing run only with ckpt.overwrite and not ckpt.resume), write config.json.
+  Multi-host: process 0 does it (workdir is shared, as orbax requires) while the others wait."""
   wd = Path(c.workdir)
   check_workdir(c)
-  if _has_run(wd) and c.ckpt.overwrite and not c.ckpt.resume:
-    shutil.rmtree(wd)
-  wd.mkdir(parents=True, exist_ok=True)
-  tmp = wd / "config.json.tmp"
-  tmp.write_text(c.to_json(indent=2))
-  tmp.replace(wd / "config.json")
+  if is_primary():
+    if _has_run(wd) and c.ckpt.overwrite and not c.ckpt.resume:
+      shutil.rmtree(wd)
+    wd.mkdir(parents=True, exist_ok=True)
+    tmp = wd / "config.json.tmp"
+    tmp.write_text(c.to_json(indent=2))
+    tmp.replace(wd / "config.json")
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # noqa: PLC0415
+    multihost_utils.sync_global_devices("next_jax.prepare_workdir")
   return wd
 
 
@@ -339,7 +359,6 @@ def run(c, model_dir: str | None = None) -> dict[str, Any]:
       writer.truncate_after(meta["step"])
   else:
     writer.truncate_rows(0)  # rows of a run killed before its first checkpoint
-  results_path = wd / "results.json"
   if "backbone" not in results:
     results["backbone"] = accuracy(exp, exp.state, exp.test)
   val_score = (lambda s: accuracy(exp, s, exp.val, seed=1)) if exp.ncfg.alpha == "auto" else None
@@ -367,7 +386,13 @@ def run(c, model_dir: str | None = None) -> dict[str, Any]:
   results["evals"][str(steps)] = final
   writer.write(steps, {"eval/accuracy": final})
   writer.close()
-  tmp = results_path.with_suffix(".tmp")
-  tmp.write_text(json.dumps(results, indent=2, default=float))
-  tmp.replace(results_path)
+  write_results(wd, results)
   return results
+
+
+def write_results(wd: Path, results: dict[str, Any]) -> None:
+  """workdir/results.json, atomically (written beside it, then renamed); multi-host: process 0 only."""
+  if is_primary():
+    tmp = wd / "results.tmp"
+    tmp.write_text(json.dumps(results, indent=2, default=float))
+    tmp.replace(wd / "results.json")

@@ -1,4 +1,5 @@
-"""Metric writers (JSONL + TensorBoard), wall-clock timing splits, and a progress bar."""
+"""Metric writers (JSONL + TensorBoard), wall-clock timing splits, and a progress bar; in a multi-host run
+only process 0 writes files or shows bars (`is_primary`)."""
 
 from __future__ import annotations
 
@@ -20,15 +21,29 @@ def _scalar(v: Any) -> float | int | str:
   return a.item() if a.size == 1 else float(a.mean())
 
 
+def is_primary() -> bool:
+  """True on JAX process 0 (or the only process): the one process of a multi-host run that writes logs,
+  results and progress bars. Every process still takes part in checkpoint saves and restores."""
+  import jax  # noqa: PLC0415
+
+  return jax.process_index() == 0
+
+
 class MetricWriter:
   """Append {step, **scalars} to <dir>/metrics.jsonl and, when tensorboardX is installed, to TensorBoard
-  event files in <dir>/tb. `truncate_after(step)` drops rows past a resumed checkpoint."""
+  event files in <dir>/tb. `truncate_after(step)` drops rows past a resumed checkpoint.
 
-  def __init__(self, log_dir: str | os.PathLike, tensorboard: bool = True):
+  enabled=None writes only on process 0 of a multi-host run (`is_primary`); a disabled writer touches no
+  file and only counts the rows it was given, so `num_rows` agrees on every process."""
+
+  def __init__(self, log_dir: str | os.PathLike, tensorboard: bool = True, enabled: bool | None = None):
     self.dir = Path(log_dir)
-    self.dir.mkdir(parents=True, exist_ok=True)
     self.path = self.dir / "metrics.jsonl"
-    self._tb = None
+    self.enabled = is_primary() if enabled is None else enabled
+    self._tb, self._rows = None, 0
+    if not self.enabled:
+      return
+    self.dir.mkdir(parents=True, exist_ok=True)
     if tensorboard:
       try:
         from tensorboardX import SummaryWriter  # noqa: PLC0415
@@ -38,7 +53,7 @@ class MetricWriter:
 
   def truncate_after(self, step: int) -> None:
     """Keep only rows with row['step'] ≤ step (a resumed run rewrites what followed its checkpoint)."""
-    if not self.path.exists():
+    if not self.enabled or not self.path.exists():
       return
     rows = [r for r in self.read() if r["step"] <= step]
     tmp = self.path.with_suffix(".tmp")
@@ -46,11 +61,12 @@ class MetricWriter:
     os.replace(tmp, self.path)
 
   def num_rows(self) -> int:
-    return len(self.read())
+    return len(self.read()) if self.enabled else self._rows
 
   def truncate_rows(self, n: int) -> None:
     """Keep only the first n rows (what was written before a checkpoint; a resumed run rewrites the rest)."""
-    if not self.path.exists():
+    self._rows = n
+    if not self.enabled or not self.path.exists():
       return
     tmp = self.path.with_suffix(".tmp")
     tmp.write_text("".join(json.dumps(r) + "\n" for r in self.read()[:n]))
@@ -58,6 +74,9 @@ class MetricWriter:
 
   def write(self, step: int, scalars: dict[str, Any]) -> dict[str, Any]:
     row = {"step": int(step), **{k: _scalar(v) for k, v in scalars.items()}}
+    self._rows += 1
+    if not self.enabled:
+      return row
     with open(self.path, "a") as f:
       f.write(json.dumps(row) + "\n")
     if self._tb is not None:
@@ -104,9 +123,9 @@ class Timer:
 
 
 def progress(total: int, initial: int = 0, desc: str = "", disable: bool | None = None):
-  """A tqdm bar; NEXT_JAX_PROGRESS=0 in the environment turns bars off (CI logs)."""
+  """A tqdm bar; disable=None shows it on process 0 only, unless NEXT_JAX_PROGRESS=0 (CI logs)."""
   from tqdm.auto import tqdm  # noqa: PLC0415
 
   if disable is None:
-    disable = os.environ.get("NEXT_JAX_PROGRESS", "") == "0"
+    disable = os.environ.get("NEXT_JAX_PROGRESS", "") == "0" or not is_primary()
   return tqdm(total=total, initial=initial, desc=desc, disable=disable, dynamic_ncols=True)

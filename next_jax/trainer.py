@@ -107,85 +107,122 @@ def init_state(trainable: Params, tx: optax.GradientTransformation, seed: int) -
 # --------------------------------------------------------------------------------------------- rollout
 
 
-def _sample(setup: RLSetup, base_params, trainable, prompts, prompt_mask, key, group_size, temperature):
+def _sample(setup: RLSetup, base_params, trainable, problems, key, group_size, temperature):
+  """`group_size` responses to each of `problems` (the round's global list, P of them).
+
+  This process encodes only its prompts (`parallel.process_rows`) and the global batch is assembled from
+  every process's rows; the mesh then samples each row on the device that holds it.
+  → (prompts int32[P, T], pmask bool[P, T], SampleOutput with P·G rows): global arrays, rows split over
+  the mesh's batch axes (numpy/one device without a mesh)."""
   lora, lora_cfg = (trainable, setup.lora_cfg) if setup.lora_cfg is not None else (None, None)
   params = base_params if setup.lora_cfg is not None else trainable
-  ro = setup.rollout
-  if setup.mesh is not None:
-    prompts, prompt_mask = parallel.shard_batch((prompts, prompt_mask), setup.mesh)
-  with sharding.use_mesh(setup.mesh):  # activates the KV-cache / layer-boundary constraints
-    return generate(params, prompts, prompt_mask, key, cfg=setup.cfg, lora=lora, lora_cfg=lora_cfg,
-                    max_new_tokens=ro.max_new_tokens, num_samples=group_size, temperature=temperature,
-                    top_k=ro.top_k, top_p=ro.top_p, stop_ids=setup.stop_ids, pad_id=setup.pad_id)
+  ro, mesh = setup.rollout, setup.mesh
+  mine = parallel.process_rows(mesh, len(problems))
+  prompts, pmask = pad_prompts([setup.encode(problems[i]) for i in mine], setup.pad_id, ro.prompt_len)
+  prompts, pmask = parallel.from_process_rows((prompts, pmask), mesh, len(problems))
+  with sharding.use_mesh(mesh):  # activates the KV-cache / layer-boundary constraints
+    out = generate(params, prompts, pmask, key, cfg=setup.cfg, lora=lora, lora_cfg=lora_cfg,
+                   max_new_tokens=ro.max_new_tokens, num_samples=group_size, temperature=temperature,
+                   top_k=ro.top_k, top_p=ro.top_p, stop_ids=setup.stop_ids, pad_id=setup.pad_id)
+  if mesh is not None:  # rows of every output on the devices that sampled them (row r ↔ prompt r // G)
+    out = _constrain_rows(out, parallel.batch_sharding(mesh))
+  return prompts, pmask, out
 
 
-def host_array(x: jax.Array) -> np.ndarray:
-  """The full value of a (possibly multi-host sharded) array on this host."""
-  if jax.process_count() == 1:
-    return np.asarray(x)
-  from jax.experimental import multihost_utils  # noqa: PLC0415
-  return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+@functools.partial(jax.jit, static_argnames=("sharding",))
+def _constrain_rows(tree, sharding):
+  return jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x, sharding), tree)
 
 
-def _score(setup: RLSetup, problems, group_size, out) -> tuple[np.ndarray, list[str]]:
-  tokens, mask = host_array(out.tokens), host_array(out.mask)
-  texts = [setup.decode(tokens[i][mask[i]].tolist()) for i in range(tokens.shape[0])]
-  rewards = np.asarray([setup.reward(t, problems[i // group_size]) for i, t in enumerate(texts)], np.float32)
-  return rewards, texts
+def _rows_sharding(setup: RLSetup):
+  return parallel.batch_sharding(setup.mesh) if setup.mesh is not None else None
+
+
+def _score(setup: RLSetup, problems, group_size, out) -> np.ndarray:
+  """Verify this process's rows of `out` (row r answers problems[r // G]); only its own shards are read,
+  no tokens cross hosts. → fp32[rows of this process] (all rows on one process)."""
+  rows = parallel.process_rows(setup.mesh, out.tokens.shape[0])
+  tokens, mask = parallel.local_rows(out.tokens), parallel.local_rows(out.mask)
+  texts = (setup.decode(t[m].tolist()) for t, m in zip(tokens, mask))
+  return np.asarray([setup.reward(x, problems[r // group_size]) for x, r in zip(texts, rows)], np.float32)
+
+
+@functools.partial(jax.jit, static_argnames=("group_size", "sharding"))
+def _take_rows(rounds, rows, *, group_size, sharding):
+  """One batch from the sampling rounds: prompts/pmask repeated G times (row r ↔ prompt r // G), every
+  array concatenated over rounds, then rows `rows` (int32[N], or None: all, one round). Runs on the mesh,
+  so a kept group moves to the device of its batch slot."""
+  def one(k):
+    xs = [jnp.repeat(r[k], group_size, 0) if k in ("prompts", "pmask") else r[k] for r in rounds]
+    x = xs[0] if rows is None else jnp.concatenate(xs)[rows]
+    return x if sharding is None else jax.lax.with_sharding_constraint(x, sharding)
+  return {k: one(k) for k in rounds[0]}
 
 
 def collect(setup: RLSetup, base_params: Params, state: RLState):
   """Sample and verify one RL batch of prompts_per_step × G responses.
 
+  Every process draws the same global prompts from the cursor; each encodes, and verifies, only its own
+  rows (`parallel.process_rows`): rewards are the only per-row data shared between hosts.
   With dynamic sampling (DAPO), groups whose rewards are all equal are dropped and fresh prompts are
   sampled until the buffer holds prompts_per_step groups or max_sampling_rounds is reached; unfilled
   slots keep the last groups sampled with their loss masked out, so shapes never change.
-  Returns (arrays dict, rewards of kept rows, new cursor, metrics).
+  Returns (arrays, new cursor, metrics). arrays: prompts, pmask, tokens, rmask, logprobs, rewards as
+  global [N, ...] arrays (rows split over the mesh); live: bool[N] numpy, the same on every host.
   """
   ro, g, p = setup.rollout, setup.rollout.group_size, setup.rollout.prompts_per_step
   key, cursor = jax.random.fold_in(state.rng, state.step), int(state.cursor)
-  kept, seen_groups, zero_spread = [], 0, 0
+  rounds, kept, seen_groups, zero_spread = [], [], 0, 0  # kept: (round, group, live)
   for rnd in range(ro.max_sampling_rounds if ro.dynamic_sampling else 1):
     problems, cursor = setup.next_problems(cursor, p)
-    prompts, pmask = pad_prompts([setup.encode(q) for q in problems], setup.pad_id, ro.prompt_len)
-    out = _sample(setup, base_params, state.train.params, prompts, pmask, jax.random.fold_in(key, rnd),
-                  g, ro.temperature)
-    rewards, _ = _score(setup, problems, g, out)
+    prompts, pmask, out = _sample(setup, base_params, state.train.params, problems,
+                                  jax.random.fold_in(key, rnd), g, ro.temperature)
+    rewards = _score(setup, problems, g, out)
     if ro.overlong_cache:
-      rewards = rewards + np.asarray(grpo.overlong_penalty(host_array(out.lengths), ro.max_new_tokens,
-                                                           ro.overlong_cache))
-    spread = rewards.reshape(p, g).std(axis=1) > 0
+      rewards = rewards + np.asarray(grpo.overlong_penalty(parallel.local_rows(out.lengths),
+                                                           ro.max_new_tokens, ro.overlong_cache))
+    rewards = parallel.from_process_rows(rewards, setup.mesh, p * g)
+    spread = parallel.host_array(rewards).reshape(p, g).std(axis=1) > 0  # [p] on every host
     seen_groups, zero_spread = seen_groups + p, zero_spread + int((~spread).sum())
-    arrays = {"prompts": np.repeat(prompts, g, 0), "pmask": np.repeat(pmask, g, 0),
-              "tokens": host_array(out.tokens), "rmask": host_array(out.mask),
-              "logprobs": host_array(out.logprobs), "rewards": rewards}
-    for i in range(p):
-      if spread[i] or not ro.dynamic_sampling:
-        kept.append(({k: v[i * g:(i + 1) * g] for k, v in arrays.items()}, True))
+    rounds.append({"prompts": prompts, "pmask": pmask, "tokens": out.tokens, "rmask": out.mask,
+                   "logprobs": out.logprobs, "rewards": rewards})
+    kept += [(rnd, i, True) for i in range(p) if spread[i] or not ro.dynamic_sampling]
     if len(kept) >= p:
       break
-  while len(kept) < p:  # dynamic sampling ran out of rounds: pad with masked groups
-    i = len(kept) % p
-    kept.append(({k: v[i * g:(i + 1) * g] for k, v in arrays.items()}, False))
+  while len(kept) < p:  # dynamic sampling ran out of rounds: pad with masked groups of the last round
+    kept.append((rnd, len(kept) % p, False))
   kept = kept[:p]
-  batch = {k: np.concatenate([grp[k] for grp, _ in kept]) for k in kept[0][0]}
-  batch["live"] = np.repeat(np.asarray([live for _, live in kept]), g)
+  rows = None if kept == [(0, i, True) for i in range(p)] else \
+      np.concatenate([(r * p + i) * g + np.arange(g, dtype=np.int32) for r, i, _ in kept])
+  arrays = _take_rows(rounds, rows, group_size=g, sharding=_rows_sharding(setup))
+  arrays["live"] = np.repeat(np.asarray([live for _, _, live in kept]), g)
   metrics = {"zero_spread_frac": zero_spread / seen_groups, "sampling_rounds": rnd + 1,
-             "masked_groups": int((~batch["live"]).sum()) // g}
-  return batch, cursor, metrics
+             "masked_groups": int((~arrays["live"]).sum()) // g}
+  return arrays, cursor, metrics
 
 
-def make_batch(setup: RLSetup, arrays: dict[str, np.ndarray], advantages: jax.Array) -> grpo.Batch:
-  """Concatenate prompt ++ response and align masks/logprobs/advantages to targets ([N, T−1])."""
+@functools.partial(jax.jit, static_argnames=("sharding",))
+def _assemble(arrays, live, advantages, sharding=None) -> grpo.Batch:
+  """prompts [N, Tp] ++ tokens [N, Tr] → a Batch over targets [N, Tp+Tr−1]; the loss sees live rows'
+  response tokens only, advantages [N, Tr] are placed on them."""
   tp = arrays["prompts"].shape[1]
-  tokens = np.concatenate([arrays["prompts"], arrays["tokens"]], axis=1)
-  mask = np.concatenate([arrays["pmask"], arrays["rmask"]], axis=1)
-  pad = np.zeros((tokens.shape[0], tp - 1), np.float32)
-  loss_mask = np.concatenate([pad.astype(bool), arrays["rmask"] & arrays["live"][:, None]], axis=1)
+  tokens = jnp.concatenate([arrays["prompts"], arrays["tokens"]], axis=1)
+  mask = jnp.concatenate([arrays["pmask"], arrays["rmask"]], axis=1)
+  pad = jnp.zeros((tokens.shape[0], tp - 1), jnp.float32)
+  loss_mask = jnp.concatenate([pad.astype(bool), arrays["rmask"] & live[:, None]], axis=1)
   batch = grpo.Batch(tokens=tokens, mask=mask, loss_mask=loss_mask,
-                     advantages=np.concatenate([pad, np.asarray(advantages)], axis=1) * loss_mask,
-                     sampler_logprobs=np.concatenate([pad, arrays["logprobs"]], axis=1))
-  return parallel.shard_batch(batch, setup.mesh) if setup.mesh is not None else batch
+                     advantages=jnp.concatenate([pad, advantages], axis=1) * loss_mask,
+                     sampler_logprobs=jnp.concatenate([pad, arrays["logprobs"]], axis=1))
+  if sharding is None:
+    return batch
+  return jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x, sharding), batch)
+
+
+def make_batch(setup: RLSetup, arrays: dict, advantages: jax.Array) -> grpo.Batch:
+  """Concatenate prompt ++ response and align masks/logprobs/advantages to targets ([N, T−1]), on the
+  devices that hold each row (a global, batch-sharded Batch under a mesh)."""
+  keys = ("prompts", "pmask", "tokens", "rmask", "logprobs")
+  return _assemble({k: arrays[k] for k in keys}, arrays["live"], advantages, _rows_sharding(setup))
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "lora_cfg"))
@@ -209,8 +246,8 @@ def train_step(setup: RLSetup, base_params: Params, state: RLState, timer: Timer
   token_kl = None
   if setup.estimator == "reinforce_pp" and setup.kl_in_reward:
     with timer("logprob"):
-      toks = np.concatenate([arrays["prompts"], arrays["tokens"]], 1)
-      msk = np.concatenate([arrays["pmask"], arrays["rmask"]], 1)
+      toks = jnp.concatenate([arrays["prompts"], arrays["tokens"]], 1)
+      msk = jnp.concatenate([arrays["pmask"], arrays["rmask"]], 1)
       kl = _token_kl(base_params, state.train.params, toks, msk, cfg=setup.cfg, lora_cfg=setup.lora_cfg)
       token_kl = kl[:, arrays["prompts"].shape[1] - 1:]
   adv = grpo.compute_advantages(setup.estimator, jnp.asarray(arrays["rewards"]), jnp.asarray(resp_mask),
@@ -220,8 +257,9 @@ def train_step(setup: RLSetup, base_params: Params, state: RLState, timer: Timer
     train, upd = grpo.grpo_update(state.train, base_params, batch, cfg=setup.cfg, lora_cfg=setup.lora_cfg,
                                   loss_cfg=setup.loss_cfg)
     upd = jax.device_get(upd)
-  rewards = arrays["rewards"][live] if live.any() else arrays["rewards"]
-  lengths = arrays["rmask"].sum(1)
+  rewards = parallel.host_array(arrays["rewards"])  # [N] on every host: per-row numbers, not tokens
+  lengths = parallel.host_array(arrays["rmask"].sum(1))
+  rewards = rewards[live] if live.any() else rewards
   times = timer.pop()
   n_tokens = int(lengths.sum())
   metrics.update({k: float(v) for k, v in upd.items()})
@@ -238,17 +276,17 @@ def train_step(setup: RLSetup, base_params: Params, state: RLState, timer: Timer
 def evaluate(setup: RLSetup, base_params: Params, trainable: Params, problems: Sequence[Any], *,
              chunk: int, samples: int = 1, temperature: float = 0.0, seed: int = 0) -> dict[str, float]:
   """Mean reward over `problems` (avg@samples). Problems go in equal chunks (the last is padded with
-  repeats and ignored), so evaluation compiles once. temperature 0 = greedy."""
+  repeats and ignored), so evaluation compiles once. temperature 0 = greedy. Like `collect`, each process
+  encodes and verifies only its rows of a chunk; the rewards are then shared."""
   scores = []
   for start in range(0, len(problems), chunk):
     part = list(problems[start:start + chunk])
     n_real = len(part)
     part += [part[-1]] * (chunk - n_real)
-    prompts, pmask = pad_prompts([setup.encode(q) for q in part], setup.pad_id, setup.rollout.prompt_len)
-    out = _sample(setup, base_params, trainable, prompts, pmask, jax.random.PRNGKey(seed + start), samples,
-                  temperature)
-    rewards, _ = _score(setup, part, samples, out)
-    scores.append(rewards[:n_real * samples])
+    _, _, out = _sample(setup, base_params, trainable, part, jax.random.PRNGKey(seed + start), samples,
+                        temperature)
+    rewards = parallel.from_process_rows(_score(setup, part, samples, out), setup.mesh, chunk * samples)
+    scores.append(parallel.host_array(rewards)[:n_real * samples])
   r = np.concatenate(scores)
   return {"accuracy": float((r > 0.5).mean()), "reward_mean": float(r.mean()), "n": int(r.size)}
 

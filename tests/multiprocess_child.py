@@ -1,50 +1,149 @@
-"""Child of test_multiprocess: RL steps of tests/test_trainer's tiny setup, data-parallel over the devices
-of two JAX processes joined by `jax.distributed.initialize` on localhost (the TPU-pod mechanism; CPU
-collectives via gloo), or in one plain process (PROCESS_ID = -1).
+"""Child of test_multiprocess: two JAX processes joined by `jax.distributed.initialize` on localhost (the
+TPU-pod mechanism; CPU collectives via gloo), one CPU device each, on tests/test_trainer's tiny setup.
 
-    python tests/multiprocess_child.py PROCESS_ID PORT OUT_JSON
+1. RL steps, then an evaluation, data-parallel over both processes, recording which problems this process
+   encoded and how many responses it verified.
+2. `experiment.validate` of configs two processes cannot run.
+3. The run's writers in WORKDIR (shared, as orbax needs): `experiment.prepare_workdir`, one more RL step
+   through `trainer.train` with a MetricWriter and a Checkpointer, `experiment.write_results`, then a
+   restore of that checkpoint and a save/restore of the `experiment.place`d base parameters. Every file
+   this process writes outside the orbax directories is recorded.
+
+    python tests/multiprocess_child.py PROCESS_ID PORT OUT_JSON WORKDIR
 """
 
 import json
 import os
 import sys
+import time
 
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
 
 import jax  # noqa: E402
 
 STEPS = 2
+EVAL = dict(chunk=4, samples=8, temperature=1.0)  # the RL step's sampler shapes: no new compilation
+WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC
+PATH_EVENTS = ("os.rename", "os.mkdir", "os.remove", "os.rmdir", "shutil.rmtree")
+ORBAX_DIRS = ("ckpt", "params")  # every process writes its shards there
 
 
-def main(pid: int, port: str, out: str) -> None:
-  if pid >= 0:
-    jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    from next_jax import parallel  # noqa: PLC0415
-    parallel.initialize_distributed(f"localhost:{port}", 2, pid)
+def recording(setup, log: dict):
+  """`setup` whose encode/reward also record what this process encoded and how many rows it verified."""
+  import dataclasses  # noqa: PLC0415
+
+  def encode(q):
+    log["encoded"].append(list(q))
+    return setup.encode(q)
+
+  def reward(text, q):
+    log["verified"] += 1
+    return setup.reward(text, q)
+
+  return dataclasses.replace(setup, encode=encode, reward=reward)
+
+
+def record_writes(root: str, written: list) -> None:
+  """Append to `written` every path under root (the orbax directories excepted) that this process opens
+  for writing, creates, renames or deletes (Python audit events)."""
+  root = os.path.realpath(root)
+
+  def rel(path):
+    if isinstance(path, bytes):
+      path = os.fsdecode(path)
+    if not isinstance(path, (str, os.PathLike)):
+      return None
+    path = os.path.realpath(os.fspath(path))
+    if not path.startswith(root + os.sep):
+      return None
+    r = os.path.relpath(path, root)
+    return None if r.split(os.sep)[0] in ORBAX_DIRS else r
+
+  def hook(event, args):
+    if event == "open":
+      path, mode, flags = args
+      writing = (isinstance(flags, int) and flags & WRITE_FLAGS) or (isinstance(mode, str) and
+                                                                     any(m in mode for m in "wax+"))
+      r = rel(path) if writing else None
+    elif event in PATH_EVENTS:
+      r = rel(args[0])
+    else:
+      return
+    if r is not None:
+      written.append(f"{event}:{r}")
+
+  sys.addaudithook(hook)
+
+
+def main(pid: int, port: str, out: str, workdir: str) -> None:
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  from next_jax import parallel  # noqa: PLC0415
+  parallel.initialize_distributed(f"localhost:{port}", 2, pid)
   import dataclasses  # noqa: PLC0415
 
   import numpy as np  # noqa: PLC0415
   from jax.experimental import multihost_utils  # noqa: PLC0415
 
-  from next_jax import parallel, policy  # noqa: PLC0415
-  from tests.test_trainer import CFG, LCFG, fresh_state, make_setup, run  # noqa: PLC0415
+  from next_jax import experiment, policy, trainer  # noqa: PLC0415
+  from next_jax.checkpoint import Checkpointer  # noqa: PLC0415
+  from next_jax.metrics import MetricWriter  # noqa: PLC0415
+  from tests.test_trainer import CFG, LCFG, PROBLEMS, fresh_state, make_setup, run  # noqa: PLC0415
 
+  def host(tree):
+    """Every leaf's global value as nested lists (host-local, replicated or split over processes)."""
+    def value(x):
+      if x.is_fully_addressable or x.is_fully_replicated:
+        return np.asarray(x.addressable_data(0))
+      return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return [value(x).tolist() for x in jax.tree.leaves(tree)]
+
+  t0 = time.perf_counter()
   params, lora = policy.init_params(CFG, jax.random.key(0)), policy.init_lora(CFG, LCFG, jax.random.key(1))
-  setup = make_setup()
-  if pid >= 0:
-    mesh = parallel.make_mesh()
-    params, lora = jax.tree.map(lambda x: jax.device_put(x, parallel.replicated(mesh)), (params, lora))
-    setup = dataclasses.replace(setup, mesh=mesh)
+  log, eval_log = {"encoded": [], "verified": 0}, {"encoded": [], "verified": 0}
+  mesh = parallel.make_mesh()
+  params, lora = experiment.place((params, lora), mesh)
+  setup = dataclasses.replace(recording(make_setup(), log), mesh=mesh)
   state, rows = run(setup, params, fresh_state(lora), STEPS)
-  trained = state.train.params
-  if pid >= 0:
-    trained = multihost_utils.process_allgather(trained, tiled=True)
-  leaves = [np.asarray(x).astype(np.float64).ravel().tolist() for x in jax.tree.leaves(trained)]
+  leaves = [np.asarray(x, np.float64).ravel().tolist() for x in host(state.train.params)]
+  evaluation = trainer.evaluate(dataclasses.replace(recording(make_setup(), eval_log), mesh=mesh), params,
+                                state.train.params, PROBLEMS[:6], **EVAL)
+  sampled = {"encoded": list(log["encoded"]), "verified": log["verified"]}  # before part 2's extra step
+  t1 = time.perf_counter()
+
+  written = []
+  record_writes(workdir, written)
+  sys.path.insert(0, os.path.join(ROOT, "configs"))
+  import toy_arith  # noqa: PLC0415
+  c = toy_arith.get_config("quick")
+  c.workdir = workdir
+  errors = {}
+  for field, value in (("rollout.prompts_per_step", 3), ("mesh.data", 1)):  # 3 prompts / 2 hosts; 1 device
+    bad = toy_arith.get_config("quick")
+    bad.mesh.data = 0
+    section, key = field.split(".")
+    bad[section][key] = value
+    try:
+      experiment.validate(bad)
+    except experiment.ConfigError as e:
+      errors[field] = str(e)
+  wd = experiment.prepare_workdir(c)
+  ckpt = Checkpointer(wd / "ckpt")
+  state = trainer.train(setup, params, state, STEPS + 1, writer=MetricWriter(wd), checkpointer=ckpt,
+                        checkpoint_every=1)
+  experiment.write_results(wd, {"steps": STEPS + 1})
+  restored, meta = Checkpointer(wd / "ckpt").restore(fresh_state(lora, seed=123))
+  Checkpointer(wd / "params").save(0, params)
+  params_back, _ = Checkpointer(wd / "params").restore(params)
   with open(out, "w") as f:
     json.dump({"processes": jax.process_count(), "devices": jax.device_count(), "params": leaves,
-               "rewards": [r["reward_mean"] for r in rows]}, f)
+               "rewards": [r["reward_mean"] for r in rows], **sampled, "eval": evaluation,
+               "eval_encoded": eval_log["encoded"], "errors": errors, "restored_step": meta["step"],
+               "restored_equal": host(restored) == host(state),
+               "params_equal": host(params_back) == host(params),
+               "written": sorted(set(written)), "seconds": [t1 - t0, time.perf_counter() - t1]}, f)
 
 
 if __name__ == "__main__":
-  main(int(sys.argv[1]), sys.argv[2], sys.argv[3])
+  main(int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4])

@@ -92,6 +92,28 @@ def test_entry_point_runs_quick_end_to_end(char_model_dir, tmp_path):
   assert again.returncode != 0 and "ckpt.resume" in again.stderr  # never mixes two runs silently
 
 
+def test_a_distributed_config_validates_without_starting_jax():
+  """jax.distributed.initialize (in build) must come first: validate and check_workdir run no JAX work."""
+  code = ("import sys; sys.path.insert(0, 'configs'); import toy_arith, jax._src.xla_bridge as xb; "
+          "from next_jax import experiment; c = toy_arith.get_config('quick'); c.mesh.distributed = True; "
+          "c.workdir = '/nonexistent/run'; experiment.validate(c); experiment.check_workdir(c); "
+          "print(xb.backends_are_initialized())")
+  out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert out.returncode == 0 and out.stdout.split()[-1] == "False", out.stderr[-2000:]
+
+
+def test_resume_accepts_per_host_fields_and_refuses_others(tmp_path):
+  c = toy_arith.get_config("quick")
+  c.workdir = str(tmp_path)
+  (tmp_path / "ckpt" / "1").mkdir(parents=True)
+  (tmp_path / "config.json").write_text(c.to_json())  # what process 0 wrote
+  c.ckpt.resume, c.mesh.process_id, c.mesh.coordinator_address = True, 1, "10.0.0.1:1234"
+  assert experiment.check_workdir(c)  # host 1 of a relaunch resumes
+  c.mesh.num_processes = 4
+  with pytest.raises(experiment.ConfigError, match="mesh.num_processes"):
+    experiment.check_workdir(c)
+
+
 def test_icer_is_steps_per_accuracy_point():
   assert experiment.icer(250, 0.242, 0.191) == pytest.approx(250 / 5.1)
   assert experiment.icer(250, 0.19, 0.191) == float("inf")

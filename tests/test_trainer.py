@@ -131,6 +131,15 @@ def test_metric_writer_truncates_rows_after_a_resumed_step(tmp_path):
   assert [r["step"] for r in w.read()] == [1, 2] and w.read()[1]["reward"] == 0.2
 
 
+def test_a_disabled_metric_writer_touches_no_file_but_counts_rows(tmp_path):
+  w = MetricWriter(tmp_path / "log", enabled=False)  # what processes ≠ 0 of a multi-host run get
+  row = w.write(1, {"reward": 0.5})
+  w.write(2, {"reward": 0.7})
+  assert row == {"step": 1, "reward": 0.5} and w.num_rows() == 2 and not (tmp_path / "log").exists()
+  w.truncate_rows(1)
+  assert w.num_rows() == 1 and not (tmp_path / "log").exists()
+
+
 @pytest.mark.slow
 def test_data_parallel_step_matches_one_device():
   code = textwrap.dedent("""
