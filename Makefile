@@ -35,6 +35,7 @@ bench: $(VENV)/.installed-bench
 	$(PY) -m experiments.bench.sampler_vs_transformers
 	$(PY) -m experiments.bench.grpo_step_vs_trl
 	$(PY) -m experiments.bench.rank1_vs_dense
+	$(PY) -m experiments.bench.extrapolate_overhead
 
 lint: $(VENV)/.installed-test
 	$(PY) -m pip install -q ruff && $(VENV)/bin/ruff check next_jax experiments tests

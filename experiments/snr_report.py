@@ -107,9 +107,9 @@ def agreement_table(rows, out: Path) -> str:
 
 def plots(rows, out: Path) -> list[str]:
   try:
-    import matplotlib  # noqa: PLC0415
+    import matplotlib
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt  # noqa: PLC0415
+    import matplotlib.pyplot as plt
   except ImportError:
     return []
   short, _ = _steps(rows)
@@ -146,7 +146,8 @@ def plots(rows, out: Path) -> list[str]:
 def write(rows: list[dict], out: Path, command: str, schedule: dict | None = None) -> str:
   out = Path(out)
   minutes = sum(r["minutes"] for r in rows)
-  parts = [f"# When does trajectory extrapolation pay?\n\ncommand: `{command}`; schedule {schedule}; "
+  sched = f"schedule {schedule}; " if schedule else ""
+  parts = [f"# When does trajectory extrapolation pay?\n\ncommand: `{command}`; {sched}"
            f"{len(rows)} runs, {minutes:.0f} min in all (per run: "
            + ", ".join(f"{r['point']}/s{r['seed']} {r['minutes']:.1f}" for r in rows) + ")",
            "## Drift of the observed trajectory at the jump point (mean over seeds of the median matrix)\n\n"

@@ -1,0 +1,111 @@
+"""What one NExt jump costs on the toy preset, in RL steps: rank-1 triplets, predictor training, the whole
+extrapolate_step — each against the median RL step of the same run.
+
+    python -m experiments.bench.extrapolate_overhead [--repeats 3] [--out experiments/results/bench_extrapolate.md]
+
+Workload: `configs/toy_arith.py` with the paper's schedule (reproduce.PAPER: 16 snapshots, k = 5, the
+paper's predictor: hidden 256, 1000 full-batch epochs). The trajectory's values are random (timing does not
+depend on them; 150 real steps would only add minutes). The RL step is `state_machine.train_step` on the
+same state: sampling 64 prompts × G 8, verification, one update. Each piece runs once to compile, then
+`--repeats` times; medians are reported, the first call separately (compile + run).
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # see experiments/demo.py
+
+import argparse
+import datetime
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from experiments import reproduce as rp
+from experiments.make_toy_base import build_toy_base
+from next_jax import experiment, extrapolate, rank1
+from next_jax import state_machine as sm
+
+
+def _timed(fn, repeats: int) -> tuple[float, float]:
+  """(first call incl. compilation, median of `repeats` later calls) in seconds; fn blocks on its result."""
+  times = []
+  for _ in range(repeats + 1):
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn())
+    times.append(time.perf_counter() - t0)
+  return times[0], float(np.median(times[1:]))
+
+
+def random_trajectory(state: sm.NExtState, key: jax.Array, scale: float = 0.02) -> sm.NExtState:
+  """Fill every snapshot with N(0, scale²) entries (LoRA A and B alike, so B ≠ 0)."""
+  leaves, tree = jax.tree.flatten(state.trajectory)
+  keys = jax.random.split(key, len(leaves))
+  filled = [scale * jax.random.normal(k, x.shape, x.dtype) for k, x in zip(keys, leaves)]
+  return state.replace(trajectory=jax.tree.unflatten(tree, filled))
+
+
+def main():
+  ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  ap.add_argument("--repeats", type=int, default=3)
+  ap.add_argument("--out", default="experiments/results/bench_extrapolate.md")
+  args = ap.parse_args()
+  sched = rp.PAPER
+  build_toy_base("artifacts/toy_base")
+  exp = experiment.build(rp.make_config(0, sched, quick=False))
+  ncfg, setup = exp.ncfg, exp.setup
+  scale = setup.lora_cfg.scale
+
+  state = rp.fork(exp.state)
+  step_times = []
+  for _ in range(12):
+    t0 = time.perf_counter()
+    state, _ = sm.train_step(setup, ncfg, state)
+    jax.block_until_ready(state.rl.train.params)
+    step_times.append(time.perf_counter() - t0)
+  rl_step = float(np.median(step_times[2:]))
+
+  state = random_trajectory(state, jax.random.key(0))
+  steps = sched.interval * np.arange(ncfg.num_snapshots)
+  pairs = rank1.delta_pairs(ncfg.num_snapshots, ncfg.k)
+  flat = [p for kind in ("global", "local", "target", "last_global", "last_local") for p in pairs[kind]]
+  key = sm.jump_key(state)
+  rows = {
+      f"rank-1 triplets ({len(flat)} deltas × {len(state.trajectory)} modules)":
+          lambda: extrapolate.pair_triplets(state.trajectory, flat, scale, ncfg.sign),
+      "NExt Δ: rank-1 + predictors (one per shape group) + ΔŴ":
+          lambda: sm.method_deltas(ncfg, state.trajectory, steps, scale, key)[0],
+      "whole extrapolate_step (+ drift measures, the jump)":
+          lambda: sm.extrapolate_step(setup, ncfg, state.replace(phase=sm.EXTRAPOLATE))[0].base_params,
+  }
+  timed = {name: _timed(fn, args.repeats) for name, fn in rows.items()}
+  names = list(timed)
+  pred_first = timed[names[1]][0] - timed[names[0]][0]
+  pred_med = timed[names[1]][1] - timed[names[0]][1]
+  table = [(n, *timed[n]) for n in names[:1]] + [("predictor training (difference of the two above)",
+                                                  pred_first, pred_med)] + [(n, *timed[n]) for n in names[1:]]
+  lines = [
+      "# One NExt jump on the toy preset, in RL steps",
+      "",
+      f"Command: `python -m experiments.bench.extrapolate_overhead --repeats {args.repeats}`  ",
+      (f"Date: {datetime.date.today()}; {os.cpu_count()} CPU cores; jax {jax.__version__}; "
+       f"predictor hidden {ncfg.predictor.hidden}, {ncfg.predictor.epochs} epochs; {ncfg.num_snapshots} "
+       f"snapshots, k = {ncfg.k}"),
+      "",
+      f"Median RL step (train_step, 64 prompts × G 8): **{rl_step:.3f} s**",
+      "",
+      "| piece | first call (s, incl. compile) | median later call (s) | later call in RL steps |",
+      "|---|---|---|---|",
+  ]
+  lines += [f"| {n} | {first:.2f} | {med:.2f} | {med / rl_step:.1f} |" for n, first, med in table]
+  md = "\n".join(lines) + "\n"
+  Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+  Path(args.out).write_text(md)
+  print(md)
+
+
+if __name__ == "__main__":
+  main()
