@@ -6,7 +6,7 @@
    10, k = 5, α = 1.5, jump, then 100 steps, 250 real steps in total), from the same seed.
 3. Print accuracy and ICER (RL steps per accuracy point gained over the backbone) and point to the logs.
 
-    python -m experiments.demo [--steps-scale 1.0] [--seed 0]
+    python -m experiments.demo [--quick] [--seed 0] [--workdir runs/demo] [--model-dir DIR]
 """
 
 from __future__ import annotations
@@ -39,6 +39,8 @@ def config(method: str, total: int, seed: int, workdir: Path, quick: bool):
   c.nxt.total_steps = total
   c.ckpt.overwrite = True
   c.eval.every = 0 if quick else 50
+  if quick:  # a smoke run: a small predictor, trained briefly
+    c.nxt.predictor.hidden, c.nxt.predictor.epochs = 32, 20
   return c
 
 
@@ -61,24 +63,26 @@ def plot(results: dict, path: Path) -> None:
   fig.savefig(path, dpi=120)
 
 
-def main():
+def main(argv=None):
   from absl import logging as absl_logging  # noqa: PLC0415
   absl_logging.set_verbosity(absl_logging.WARNING)  # orbax logs every save at INFO
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   ap.add_argument("--seed", type=int, default=0)
   ap.add_argument("--workdir", default="runs/demo")
   ap.add_argument("--quick", action="store_true", help="smoke-sized (12 steps; seconds, not minutes)")
-  args = ap.parse_args()
+  ap.add_argument("--model-dir", default=None, help="default: the toy base (built if missing)")
+  args = ap.parse_args(argv)
   os.chdir(ROOT)
   t0 = time.time()
-  build_toy_base("artifacts/toy_base")
+  if args.model_dir is None:
+    build_toy_base("artifacts/toy_base")
   wd = Path(args.workdir)
   total = 12 if args.quick else 250
   runs = {"GRPO-LoRA": ("none", total), "NExt": ("next", total)}
   results = {}
   for name, (method, total) in runs.items():
     print(f"\n== {name}: {total} real steps ==", flush=True)
-    results[name] = experiment.run(config(method, total, args.seed, wd, args.quick))
+    results[name] = experiment.run(config(method, total, args.seed, wd, args.quick), args.model_dir)
   backbone = results["GRPO-LoRA"]["backbone"]
   lines = ["| method | real RL steps | test accuracy | ICER (steps / point) |", "|---|---|---|---|",
            f"| Backbone | – | {100 * backbone:.1f} | – |"]

@@ -121,3 +121,18 @@ def test_icer_is_steps_per_accuracy_point():
 
 def test_common_algos_cover_the_grpo_family():
   assert set(common.ALGOS) == {"grpo", "drgrpo", "dapo", "rloo", "reinforce_pp"}
+
+
+def test_demo_quick_prints_backbone_grpo_and_next(char_model_dir, tmp_path, capsys):
+  from experiments import demo  # noqa: PLC0415
+
+  wd = tmp_path / "demo"
+  demo.main(["--quick", "--workdir", str(wd), "--model-dir", str(char_model_dir)])
+  table = (wd / "summary.md").read_text()
+  assert table in capsys.readouterr().out
+  rows = {line.split(" | ")[0].strip("| "): line.split(" | ")[1:] for line in table.splitlines()[2:]}
+  assert set(rows) == {"Backbone", "GRPO-LoRA", "NExt"}
+  assert rows["GRPO-LoRA"][0] == rows["NExt"][0] == "12"
+  res = json.loads((wd / "next_12" / "results.json").read_text())
+  assert len(res["jumps"]) == 1 and f"{100 * res['final']:.1f}" == rows["NExt"][1]
+  assert (wd / "accuracy.png").stat().st_size > 0
