@@ -107,9 +107,9 @@ def agreement_table(rows, out: Path) -> str:
 
 def plots(rows, out: Path) -> list[str]:
   try:
-    import matplotlib
+    import matplotlib  # noqa: PLC0415
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # noqa: PLC0415
   except ImportError:
     return []
   short, _ = _steps(rows)
