@@ -36,12 +36,15 @@ LRS = (2e-5, 1e-4, 1e-3)
 
 
 def _median(trips, field, index=None) -> float:
+  """Median over every matrix (and layer) of a Triplet field; `index` picks one entry of the leading axis."""
   vals = [np.asarray(getattr(t, field) if index is None else getattr(t, field)[index]).ravel()
           for t in trips.values()]
   return float(np.median(np.concatenate(vals)))
 
 
 def run_seed(seed: int, sched: rp.Schedule, quick: bool, lrs, model_dir=None) -> list[dict]:
+  """One COLLECT run to the jump point, GRPO-LoRA to `short` (the true future W_{jump+k·interval}), then
+  NExt with each predictor lr from that same state: one row per lr."""
   exp = experiment.build(rp.make_config(seed, sched, quick), model_dir)
   s_jump, bb, _, _ = rp.collect(exp, sched, f"s{seed} collect")
   h = sched.k * sched.interval
@@ -63,6 +66,7 @@ def run_seed(seed: int, sched: rp.Schedule, quick: bool, lrs, model_dir=None) ->
 
 
 def report(rows, out: Path, command: str, sched: rp.Schedule) -> str:
+  """Per lr, means over seeds: final/initial loss per group, σ̂, agreement, accuracy → Markdown + CSV."""
   body = []
   for lr in sorted({r["lr"] for r in rows}):
     rs = [r for r in rows if r["lr"] == lr]
