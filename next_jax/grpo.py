@@ -138,7 +138,7 @@ def kl_estimate(logp: jax.Array, ref_logp: jax.Array, kind: str) -> jax.Array:
   if kind in ("k3", "low_var_kl"):
     d = jnp.clip(-x, -20.0, 20.0)
     return jnp.clip(jnp.exp(d) - d - 1.0, -10.0, 10.0)
-  raise ValueError(f"kl estimator {kind!r}; choose from k1/kl, abs, k2/mse, k3/low_var_kl")
+  raise ValueError(f"kl estimator {kind!r}; choose from {KL_ESTIMATORS}")
 
 
 def ppo_token_loss(logp, old_logp, advantages, clip_low: float, clip_high: float, clip_c: float | None):
@@ -211,7 +211,7 @@ class LossConfig:
     if self.agg_mode not in AGG_MODES:
       raise ValueError(f"LossConfig.agg_mode={self.agg_mode!r}; choose from {AGG_MODES}")
     if self.kl_estimator not in KL_ESTIMATORS:  # by name: no JAX work may precede jax.distributed
-      raise ValueError(f"kl estimator {self.kl_estimator!r}; choose from k1/kl, abs, k2/mse, k3/low_var_kl")
+      raise ValueError(f"kl estimator {self.kl_estimator!r}; choose from {KL_ESTIMATORS}")
 
 
 class TrainState(flax.struct.PyTreeNode):
