@@ -129,9 +129,14 @@ def _sample(setup: RLSetup, base_params, trainable, problems, key, group_size, t
   return prompts, pmask, out
 
 
-@functools.partial(jax.jit, static_argnames=("sharding",))
-def _constrain_rows(tree, sharding):
+def _constrain(tree, sharding):
+  """with_sharding_constraint on every leaf (inside jit); sharding None: unchanged."""
+  if sharding is None:
+    return tree
   return jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x, sharding), tree)
+
+
+_constrain_rows = jax.jit(_constrain, static_argnames=("sharding",))
 
 
 def _rows_sharding(setup: RLSetup):
@@ -154,9 +159,8 @@ def _take_rows(rounds, rows, *, group_size, sharding):
   so a kept group moves to the device of its batch slot."""
   def one(k):
     xs = [jnp.repeat(r[k], group_size, 0) if k in ("prompts", "pmask") else r[k] for r in rounds]
-    x = xs[0] if rows is None else jnp.concatenate(xs)[rows]
-    return x if sharding is None else jax.lax.with_sharding_constraint(x, sharding)
-  return {k: one(k) for k in rounds[0]}
+    return xs[0] if rows is None else jnp.concatenate(xs)[rows]
+  return _constrain({k: one(k) for k in rounds[0]}, sharding)
 
 
 def collect(setup: RLSetup, base_params: Params, state: RLState):
@@ -213,9 +217,7 @@ def _assemble(arrays, live, advantages, sharding=None) -> grpo.Batch:
   batch = grpo.Batch(tokens=tokens, mask=mask, loss_mask=loss_mask,
                      advantages=jnp.concatenate([pad, advantages], axis=1) * loss_mask,
                      sampler_logprobs=jnp.concatenate([pad, arrays["logprobs"]], axis=1))
-  if sharding is None:
-    return batch
-  return jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x, sharding), batch)
+  return _constrain(batch, sharding)
 
 
 def make_batch(setup: RLSetup, arrays: dict, advantages: jax.Array) -> grpo.Batch:
