@@ -59,14 +59,7 @@ def main():
   ncfg, setup = exp.ncfg, exp.setup
   scale = setup.lora_cfg.scale
 
-  state = rp.fork(exp.state)
-  step_times = []
-  for _ in range(12):
-    t0 = time.perf_counter()
-    state, _ = sm.train_step(setup, ncfg, state)
-    jax.block_until_ready(state.rl.train.params)
-    step_times.append(time.perf_counter() - t0)
-  rl_step = float(np.median(step_times[2:]))
+  state, _, _, rl_step = rp.advance(exp, ncfg, rp.fork(exp.state), 12, desc="RL steps")  # median s/step
 
   state = random_trajectory(state, jax.random.key(0))
   steps = sched.interval * np.arange(ncfg.num_snapshots)
