@@ -317,7 +317,7 @@ def test_a_large_batch_finishes_instead_of_deadlocking_the_cpu_thread_pool():
       print(float(jax.block_until_ready(t.sigma).min()) > 0)
   """)
   env = {**os.environ, "OPENBLAS_NUM_THREADS": "1"}
-  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=240, env=env,
+  out = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, timeout=240, env=env,
                        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   assert out.returncode == 0, out.stderr[-2000:]
   assert out.stdout.strip().endswith("True")

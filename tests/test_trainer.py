@@ -163,7 +163,7 @@ def test_data_parallel_step_matches_one_device():
   """)
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  out = subprocess.run([sys.executable, "-c", code], env=env, cwd=root, capture_output=True, text=True,
+  out = subprocess.run([sys.executable, "-c", code], check=False, env=env, cwd=root, capture_output=True, text=True,
                        timeout=600)
   assert out.returncode == 0, out.stderr[-3000:]
   import json
