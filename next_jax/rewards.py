@@ -44,6 +44,7 @@ MAX_EXPONENT_DIGITS = 4  # an exponent may hold at most this many digits (2^{202
 MAX_POWER_DIGITS = 100_000  # bound on (longest digit run) · 10^(exponent digits): size of one power
 MAX_FACTORIAL_DIGITS = 3  # 999! ok, 100000! not
 MAX_NUMBER_CHARS = 64  # exact_reward: longer numerals are rejected
+MAX_TAIL_CHARS = 4096  # last_number_reward scans only the end of a response
 _RETRY_S = 0.05  # the deadline signal re-fires at this interval until disarmed
 
 # countdown expression parser limits
@@ -474,10 +475,26 @@ def countdown_reward(response: str, ground_truth: str) -> float:
     return 0.0
 
 
+def last_number_reward(response: str, ground_truth: str) -> float:
+  """1.0 iff the answer equals the ground truth exactly (as exact_reward compares them). The answer is the
+  first number of extract_answer(response) when the response has a \\boxed{}/"Answer:"/"answer is", else
+  the last number in it (the GSM8K "last number" rule): "43 + 30 = 73" → 73, "The answer is 73. Then 5"
+  → 73. Only the last MAX_TAIL_CHARS characters are scanned."""
+  try:
+    tail = response[-MAX_TAIL_CHARS:]
+    marked = extract_answer(tail)
+    numbers = _NUMBER.findall(marked) if marked is not None else []
+    numbers = numbers[:1] or _NUMBER.findall(tail)[-1:]
+    return exact_reward(numbers[0], ground_truth) if numbers else 0.0
+  except Exception:  # noqa: BLE001
+    return 0.0
+
+
 # ------------------------------------------------------------------------------------------ registry
 
 
-REWARDS: dict[str, RewardFn] = {"math": math_reward, "exact": exact_reward, "countdown": countdown_reward}
+REWARDS: dict[str, RewardFn] = {"math": math_reward, "exact": exact_reward, "last_number": last_number_reward,
+                                "countdown": countdown_reward}
 
 
 def get_reward(name: str) -> RewardFn:

@@ -35,7 +35,7 @@ from typing import Any
 
 import numpy as np
 
-from next_jax import rewards
+from next_jax import chat_tasks, rewards
 
 SPLITS = ("train", "test")
 TEST_FRACTION = 0.1  # share of each synthetic task's problem space that belongs to the test split
@@ -180,6 +180,7 @@ def _sample_countdown(rng: np.random.Generator, spec: CountdownSpec) -> tuple[st
 TASKS: dict[str, tuple[type, Callable, str]] = {
     "arith": (ArithSpec, _sample_arith, "exact"),
     "countdown": (CountdownSpec, _sample_countdown, "countdown"),
+    **chat_tasks.TASKS,  # posed in words, for pretrained chat models: add, compare, extract, countdown3
 }
 
 

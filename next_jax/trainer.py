@@ -277,7 +277,8 @@ def train_step(setup: RLSetup, base_params: Params, state: RLState, timer: Timer
 
 def evaluate(setup: RLSetup, base_params: Params, trainable: Params, problems: Sequence[Any], *,
              chunk: int, samples: int = 1, temperature: float = 0.0, seed: int = 0) -> dict[str, float]:
-  """Mean reward over `problems` (avg@samples). Problems go in equal chunks (the last is padded with
+  """Mean reward over `problems` (avg@samples = pass@1) and pass@samples (share of problems with ≥ 1
+  correct sample). Problems go in equal chunks (the last is padded with
   repeats and ignored), so evaluation compiles once. temperature 0 = greedy. Like `collect`, each process
   encodes and verifies only its rows of a chunk; the rewards are then shared."""
   scores = []
@@ -290,7 +291,9 @@ def evaluate(setup: RLSetup, base_params: Params, trainable: Params, problems: S
     rewards = parallel.from_process_rows(_score(setup, part, samples, out), setup.mesh, chunk * samples)
     scores.append(parallel.host_array(rewards)[:n_real * samples])
   r = np.concatenate(scores)
-  return {"accuracy": float((r > 0.5).mean()), "reward_mean": float(r.mean()), "n": int(r.size)}
+  solved = (r > 0.5).reshape(-1, samples)
+  return {"accuracy": float(solved.mean()), "reward_mean": float(r.mean()), "n": int(r.size),
+          f"pass@{samples}": float(solved.any(axis=1).mean())}
 
 
 def train(setup: RLSetup, base_params: Params, state: RLState, num_steps: int, *,

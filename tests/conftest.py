@@ -191,3 +191,15 @@ def frozen_heap():
   gc.freeze()
   yield
   gc.unfreeze()
+
+
+@pytest.fixture(scope="session")
+def chat_model_dir(tmp_path_factory):
+  """A tiny random Llama with the byte-level BPE chat tokenizer: stands in for SmolLM2 in quick runs."""
+  from next_jax import toy  # noqa: PLC0415
+
+  d = tmp_path_factory.mktemp("chatmodel") / "model"
+  cfg = policy.ModelConfig(vocab_size=512, hidden_size=32, intermediate_size=64, num_layers=1, num_heads=2,
+                           num_kv_heads=1, rope_theta=10000.0, qkv_bias=False, tie_embeddings=True)
+  toy.make_random_model_dir(d, cfg)
+  return d

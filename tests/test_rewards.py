@@ -272,10 +272,27 @@ def test_countdown_hostile_is_fast():
 # ------------------------------------------------------------------------------------------ registry
 
 
+@pytest.mark.parametrize("response, want", [
+    ("43 + 30 = 73", 1.0), ("73", 1.0), ("73.0", 1.0), ("The sum is 73.", 1.0),
+    ("The answer is 73. Then 5 more.", 1.0),  # a marked answer wins over the last number
+    ("\\boxed{73} because 40 + 33", 1.0), ("Answer: seventy, 73", 1.0),
+    ("83 + 57 equals 130.", 0.0), ("73 is not 74", 0.0), ("The answer is 74, not 73", 0.0),
+    ("seventy-three", 0.0), ("", 0.0), ("1e3", 0.0)])
+def test_last_number_reward(response, want):
+  assert rewards.last_number_reward(response, "73") == want
+
+
+def test_last_number_reward_scans_only_the_tail_of_huge_responses():
+  t = time.perf_counter()
+  assert rewards.last_number_reward("9 " * 1_000_000 + "73", "73") == 1.0
+  assert rewards.last_number_reward("73 " + "x" * rewards.MAX_TAIL_CHARS, "73") == 0.0
+  assert time.perf_counter() - t < 1.0
+
+
 def test_registry_and_score_batch():
-  assert set(rewards.REWARDS) == {"math", "exact", "countdown"}
+  assert set(rewards.REWARDS) == {"math", "exact", "last_number", "countdown"}
   assert rewards.get_reward("exact") is exact_reward
-  with pytest.raises(ValueError, match="known: \\['countdown', 'exact', 'math'\\]"):
+  with pytest.raises(ValueError, match="known: \\['countdown', 'exact', 'last_number', 'math'\\]"):
     rewards.get_reward("nope")
   out = rewards.score_batch("exact", ["1", "2", "x"], ["1", "3", "x"])
   assert out.dtype == np.float32 and out.tolist() == [1.0, 0.0, 0.0]

@@ -303,3 +303,23 @@ def test_format_prompt_plain_and_raw(chat_tokenizer):
   chat_tokenizer_without = type("Tok", (), {"chat_template": None})()
   assert format_prompt(p, chat_tokenizer_without, instruction=None) == f"Question: {p.prompt}\nAnswer:"
   assert tasks.format_prompts([p, p], raw=True) == [p.prompt, p.prompt]
+
+
+def test_chat_tasks_answers_follow_from_their_prompts():
+  import re
+  from next_jax import chat_tasks, rewards
+  for p in make_task("add", 50, seed=0):
+    a, b = map(int, re.fullmatch(r"What is (\d+) \+ (\d+)\?", p.prompt).groups())
+    assert int(p.answer) == a + b
+  for p in make_task("compare", 50, seed=0):
+    a, b = map(int, re.fullmatch(r"Which number is larger: (\d+) or (\d+)\?", p.prompt).groups())
+    assert a != b and int(p.answer) == max(a, b)
+  for p in make_task("extract", 50, seed=0):
+    nums, nth = re.fullmatch(r"Here is a list of numbers: ([\d, ]+)\. What is the (\w+) number in the list\?",
+                             p.prompt).groups()
+    assert int(p.answer) == [int(x) for x in nums.split(", ")][chat_tasks.ORDINALS.index(nth)]
+  for name in chat_tasks.TASKS:
+    for p in make_task(name, 50, seed=1):  # the reference solution earns the reward; a wrong one does not
+      fn = rewards.get_reward(p.verifier)
+      assert fn(p.solution, p.answer) == 1.0
+      assert fn("12345", p.answer) == 0.0

@@ -1,0 +1,35 @@
+"""Convert a model file (GGUF) or a packaged model into a Hugging Face directory, once, and print its path.
+
+    python -m experiments.convert_model smollm2-135m-instruct          # the model `make real` installs
+    python -m experiments.convert_model /models/foo.Q4_1.gguf --out /models/foo-hf
+
+Without --out the directory goes to the cache ($NEXT_JAX_CACHE, default ~/.cache/next_jax); a second run
+finds it there (keyed on the file's sha256) and converts nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+from next_jax import hf, model_files
+
+
+def main(argv=None):
+  ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  ap.add_argument("model", help=f"a .gguf file or one of {sorted(model_files.PACKAGED)}")
+  ap.add_argument("--out", default=None, help="the HF directory to write (default: in the cache)")
+  args = ap.parse_args(argv)
+  t0 = time.perf_counter()
+  try:
+    out = model_files.resolve(args.model, out_dir=args.out)
+    cfg = hf.load_config(out)
+  except hf.CheckpointError as e:
+    sys.exit(f"error: {e}")
+  print(f"{out}  ({cfg.num_layers} layers, d {cfg.hidden_size}, vocab {cfg.vocab_size}; "
+        f"{time.perf_counter() - t0:.1f} s)")
+
+
+if __name__ == "__main__":
+  main()
