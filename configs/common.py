@@ -60,6 +60,7 @@ def base() -> ml_collections.ConfigDict:
   c.task.n_val = 256  # validation prompts for alpha="auto"
   c.task.raw_prompt = True  # bare "12+34*5=" prompts (toy); False: chat template + instruction
   c.task.instruction = "Please reason step by step, and put your final answer within \\boxed{}."
+  c.task.system = ""  # a system message for chat prompts ("" = the problem's own, else the template's default)
 
   c.rollout = ml_collections.ConfigDict()
   c.rollout.prompts_per_step = 64

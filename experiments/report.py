@@ -178,14 +178,15 @@ def plots(rows, out: Path) -> list[str]:
   return made
 
 
-def write(rows: list[dict], out: Path, command: str, schedule: dict | None = None) -> str:
+def write(rows: list[dict], out: Path, command: str, schedule: dict | None = None,
+          heading: str = "Reproduction at CPU scale") -> str:
   """Render every table that has rows into out/tables.md (+ one CSV each, + PNGs); returns the Markdown."""
   out = Path(out)
   ref = _by_seed(_pick(rows, table="main", method="GRPO-LoRA", steps=min(
       [r["steps"] for r in _pick(rows, table="main", method="GRPO-LoRA")] or [0])))
   done = _pick(rows, table="done")
   seeds = sorted({r["seed"] for r in done})
-  parts = [f"# Reproduction at CPU scale\n\ncommand: `{command}`; seeds {seeds}; schedule {schedule}; "
+  parts = [f"# {heading}\n\ncommand: `{command}`; seeds {seeds}; schedule {schedule}; "
            f"family run times (min): " + ", ".join(f"{r['family']}/s{r['seed']} {r['minutes']:.1f}" for r in done)]
   sections = [("1. Main table", lambda: accuracy_table(rows, "main", MAIN_ORDER, ref, out, "main")),
               ("2. Ablation (NExt variants at the same step count)", lambda: accuracy_table(

@@ -159,15 +159,18 @@ def row(table, family, seed, method, steps, acc, backbone, **extra):
           "backbone": backbone, **extra}
 
 
-def branch_methods(exp, s_jump, sched, actual, seed, at_jump: bool = False) -> tuple[dict, dict, float]:
-  """NExt and every baseline jump from the same jump-point state and continue `extra` steps.
+def branch_methods(exp, s_jump, sched, actual, seed, at_jump: bool = False,
+                   methods=("next",) + tuple(BASELINES)) -> tuple[dict, dict, float]:
+  """NExt and every baseline (or the `methods` named) jump from the same jump-point state and continue
+  `extra` steps.
 
   Returns ({name: acc after the extra steps}, {name: agreement of its Δ with `actual`}, NExt's
   extrapolation seconds); with at_jump also {name + "@jump": acc right after the jump} in the first."""
   ncfg, scale = exp.ncfg, exp.setup.lora_cfg.scale
   steps = sched.interval * np.arange(ncfg.num_snapshots)
   accs, agreement, t_next = {}, {}, 0.0
-  for m, name in (("next", "NExt"),) + tuple(BASELINES.items()):
+  names = {"next": "NExt", **BASELINES}
+  for m, name in ((m, names[m]) for m in methods):
     n = dataclasses.replace(ncfg, method=m)
     t0 = time.perf_counter()
     d, _ = sm.method_deltas(n, s_jump.trajectory, steps, scale, sm.jump_key(s_jump))
@@ -180,8 +183,9 @@ def branch_methods(exp, s_jump, sched, actual, seed, at_jump: bool = False) -> t
   return accs, agreement, t_next
 
 
-def lora_family(exp, sched, seed) -> list[dict]:
-  """GRPO-LoRA to 400, every method from the same step-150 state, ablations, Δ agreement, drift."""
+def lora_family(exp, sched, seed, methods=("next",) + tuple(BASELINES), ablate: bool = True) -> list[dict]:
+  """GRPO-LoRA to 400, every method (or those in `methods`) from the same step-150 state, Δ agreement,
+  drift, and (ablate) NExt's ablations."""
   s_jump, bb, accs, sec = collect(exp, sched, f"s{seed} lora collect")
   h = sched.k * sched.interval
   ncfg = exp.ncfg
@@ -193,14 +197,14 @@ def lora_family(exp, sched, seed) -> list[dict]:
   rows += [row("main", "lora", seed, "GRPO-LoRA", s, accs[s], bb) for s in (sched.short, sched.long)]
   actual = actual_future(exp, s_jump, mats[sched.jump + h])
   analysis = trajectory_analysis(exp, s_jump, sched)
-  accs, agreement, t_next = branch_methods(exp, s_jump, sched, actual, seed)
+  accs, agreement, t_next = branch_methods(exp, s_jump, sched, actual, seed, methods=methods)
   for name, acc in accs.items():
     rows.append(row("main", "lora", seed, name, sched.short, acc, bb,
                     **({"alpha": ncfg.alpha} if name == "NExt" else {})))
   rows.append({"table": "overhead", "family": "lora", "seed": seed, "extrapolate_s": t_next,
                "sec_per_step": (sec + sec2) / 2, "steps_saved": sched.long - sched.short})
   rows.append({"table": "analysis", "family": "lora", "seed": seed, "agreement": agreement, **analysis})
-  return rows + ablations(exp, ncfg, s_jump, sched, seed, bb)
+  return rows + (ablations(exp, ncfg, s_jump, sched, seed, bb) if ablate else [])
 
 
 def alpha_family(exp, sched, seed) -> list[dict]:

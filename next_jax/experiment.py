@@ -86,6 +86,7 @@ _KINDS = {
             "rl.b2", "rl.grad_clip", "rl.clip_low", "rl.clip_high", "rl.clip_c", "rl.kl_coef",
             "rl.kl_in_reward", "rl.entropy_coef", "nxt.alpha", "nxt.predictor.lr", "eval.temperature"),
     str: ("workdir", "model.dir", "model.dtype", "model.trainable", "model.lora_targets", "task.name",
+          "task.system", "task.instruction",
           "task.path", "task.format", "rl.estimator", "rl.agg_mode", "rl.kl_estimator", "nxt.method",
           "nxt.sign", "nxt.continue_mode"),
 }
@@ -247,11 +248,12 @@ def build(c, model_dir: str | None = None) -> Experiment:
   train, test, val = load_problems(c)
   lcfg = lora_config(c)
   raw, instr = c.task.raw_prompt, c.task.instruction or None
-  encode = lambda p: tok(tasks.format_prompt(p, tok, instruction=instr, raw=raw),  # noqa: E731
+  system = c.task.system or None
+  encode = lambda p: tok(tasks.format_prompt(p, tok, system=system, instruction=instr, raw=raw),  # noqa: E731
                          add_special_tokens=False)["input_ids"]
   reward_fns = {name: rewards.get_reward(name) for name in {p.verifier for p in train + test + val}}
   setup = trainer.RLSetup(
-      cfg=cfg, lora_cfg=lcfg, loss_cfg=loss_config(c),
+      cfg=cfg, lora_cfg=lcfg, loss_cfg=dataclasses.replace(loss_config(c), logprob_tail=c.rollout.max_new_tokens),
       rollout=trainer.RolloutConfig(**{k: c.rollout[k] for k in c.rollout}),
       estimator=c.rl.estimator, encode=encode,
       decode=lambda ids: tok.decode(ids, skip_special_tokens=True),

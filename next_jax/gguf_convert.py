@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from next_jax.hf import CheckpointError, _atomic_dir, write_safetensors
+from next_jax.hf import CheckpointError, _atomic_dir, check_tensors, config_from_hf, write_safetensors
 
 CONVERTER_VERSION = 1
 ARCHITECTURES = ("llama",)
@@ -58,8 +58,6 @@ def _reader(path: Path):
     import gguf  # noqa: PLC0415 - the `real` extra
   except ImportError as e:
     raise GGUFError(f"{path}: reading GGUF needs the `gguf` package (pip install -e '.[real]')") from e
-  if not path.is_file():
-    raise GGUFError(f"{path}: no such GGUF file")
   try:
     return gguf.GGUFReader(str(path))
   except Exception as e:  # noqa: BLE001 - numpy memmap/struct errors of a truncated or foreign file
@@ -248,14 +246,20 @@ def convert_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike | None
   and renamed into place, so a failure or a kill leaves no half-written model. out_dir defaults to
   <default_cache()>/<stem>-<sha256[:12]>."""
   path = Path(gguf_path)
-  reader = _reader(path)
+  if not path.is_file():
+    raise GGUFError(f"{path}: no such GGUF file")
   source = _source(path)
   out = Path(out_dir) if out_dir is not None else default_cache() / f"{path.stem}-{source['sha256'][:12]}"
   if is_converted(out, source):
     return out
+  reader = _reader(path)
   meta = metadata(reader, path)
   config = hf_config(meta, path)
   tensors = read_tensors(reader, config, path)  # also sets tie_word_embeddings
+  try:  # every tensor the config implies, of the right shape, before anything is written
+    check_tensors(tensors, config_from_hf(config, str(path)), str(path))
+  except CheckpointError as e:
+    raise GGUFError(str(e)) from e
   tok = build_tokenizer(meta, path)
   generation = {k: config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if config[k] is not None}
 

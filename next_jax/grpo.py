@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from next_jax.policy import LoraConfig, ModelConfig, Params, forward
+from next_jax.policy import LoraConfig, ModelConfig, Params, forward, logits_from_hidden
 
 AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
 KL_ESTIMATORS = ("k1", "kl", "abs", "k2", "mse", "k3", "low_var_kl")
@@ -206,6 +206,10 @@ class LossConfig:
   agg_norm: float | None = None  # constant of seq-mean-token-sum-norm (None: response length)
   num_mini_batches: int = 1  # optimiser steps per RL step (ppo_mini_batch)
   micro_batch_size: int | None = None  # rows per gradient-accumulation micro-batch (None: whole mini)
+  # only the last `logprob_tail` target positions get logits (0: all). Exact when loss_mask is zero before
+  # them, as for trainer batches (prompt ++ response: the response targets are the last max_new_tokens);
+  # saves the [N, T_prompt, V] logits of the prompt, whose loss weight is zero anyway.
+  logprob_tail: int = 0
 
   def __post_init__(self):
     if self.agg_mode not in AGG_MODES:
@@ -241,21 +245,29 @@ class Batch(flax.struct.PyTreeNode):
 
 
 def sequence_logprobs(params: Params, tokens: jax.Array, mask: jax.Array, cfg: ModelConfig,
-                      lora: Params | None = None, lora_cfg: LoraConfig | None = None):
-  """log π(tokens[:, j+1] | tokens[:, :j+1]) and the entropy of that distribution: fp32[N, T−1] each."""
-  logits, _ = forward(params, tokens[:, :-1], cfg, mask=mask[:, :-1], lora=lora, lora_cfg=lora_cfg)
+                      lora: Params | None = None, lora_cfg: LoraConfig | None = None, tail: int = 0):
+  """log π(tokens[:, j+1] | tokens[:, :j+1]) and the entropy of that distribution: fp32[N, T−1] each.
+
+  tail > 0: logits only for the last `tail` targets (the lm_head and softmax never see the others);
+  the earlier positions of both outputs are 0."""
+  hidden, _ = forward(params, tokens[:, :-1], cfg, mask=mask[:, :-1], lora=lora, lora_cfg=lora_cfg,
+                      return_hidden=True)
+  targets = tokens[:, 1:]
+  skip = max(targets.shape[1] - tail, 0) if tail else 0
+  logits = logits_from_hidden(params, hidden[:, skip:], cfg)
   logz = jax.nn.logsumexp(logits, axis=-1, keepdims=True)
   logp_all = logits - logz
-  logp = jnp.take_along_axis(logp_all, tokens[:, 1:, None], axis=-1)[..., 0]
+  logp = jnp.take_along_axis(logp_all, targets[:, skip:, None], axis=-1)[..., 0]
   entropy = -(jnp.exp(logp_all) * logp_all).sum(axis=-1)
-  return logp, entropy
+  pad = lambda x: jnp.pad(x, ((0, 0), (skip, 0))) if skip else x  # noqa: E731
+  return pad(logp), pad(entropy)
 
 
-def _policy_logprobs(trainable, base_params, tokens, mask, cfg, lora_cfg):
+def _policy_logprobs(trainable, base_params, tokens, mask, cfg, lora_cfg, tail: int = 0):
   """The trained policy: base + LoRA(trainable) when lora_cfg is set, else the full params `trainable`."""
   if lora_cfg is None:
-    return sequence_logprobs(trainable, tokens, mask, cfg)
-  return sequence_logprobs(base_params, tokens, mask, cfg, lora=trainable, lora_cfg=lora_cfg)
+    return sequence_logprobs(trainable, tokens, mask, cfg, tail=tail)
+  return sequence_logprobs(base_params, tokens, mask, cfg, lora=trainable, lora_cfg=lora_cfg, tail=tail)
 
 
 def _split(tree, n: int):
@@ -276,7 +288,7 @@ def _micro_loss(trainable, base_params, mb: Batch, old_logp, ref_logp, denom, cf
 
   old_logp=None means on-policy (one mini-batch): old = stop_gradient(logp) of this very forward, which
   equals a separate no-grad pass before the update and saves it."""
-  logp, entropy = _policy_logprobs(trainable, base_params, mb.tokens, mb.mask, cfg, lora_cfg)
+  logp, entropy = _policy_logprobs(trainable, base_params, mb.tokens, mb.mask, cfg, lora_cfg, lc.logprob_tail)
   if old_logp is None:
     old_logp = jax.lax.stop_gradient(logp)
   loss, clipped, clipped_lower, log_ratio = ppo_token_loss(logp, old_logp, mb.advantages, lc.clip_low,
@@ -337,7 +349,7 @@ def grpo_update(state: TrainState, base_params: Params, batch: Batch, *, cfg: Mo
 
   def no_grad_logprobs(p, lcfg):
     chunks = _split((batch.tokens, batch.mask), n_micro)
-    f = lambda c: sequence_logprobs(p, c[0], c[1], cfg, *lcfg)[0]  # noqa: E731
+    f = lambda c: sequence_logprobs(p, c[0], c[1], cfg, *lcfg, tail=lc.logprob_tail)[0]  # noqa: E731
     return jax.lax.map(f, chunks).reshape(n, -1)
 
   on_policy = lc.num_mini_batches == 1

@@ -195,7 +195,7 @@ def _expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
   return shapes
 
 
-def _check_tensors(tensors: dict[str, np.ndarray], cfg: ModelConfig, where: str) -> None:
+def check_tensors(tensors: dict[str, np.ndarray], cfg: ModelConfig, where: str) -> None:
   expected = _expected_shapes(cfg)
   missing = [k for k in expected if k not in tensors]
   if missing:
@@ -216,7 +216,7 @@ def _check_tensors(tensors: dict[str, np.ndarray], cfg: ModelConfig, where: str)
 
 def params_from_hf(tensors: dict[str, np.ndarray], cfg: ModelConfig, where: str = "checkpoint") -> Params:
   """HF state dict (numpy, torch layout) → our params as host numpy arrays in cfg.dtype."""
-  _check_tensors(tensors, cfg, where)
+  check_tensors(tensors, cfg, where)
   dt = np.dtype(cfg.jnp_dtype)
   cast = lambda a: np.asarray(a).astype(dt)  # noqa: E731
   layer = lambda i, n: tensors[f"model.layers.{i}.{n}"]  # noqa: E731

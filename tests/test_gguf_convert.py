@@ -23,7 +23,7 @@ def permute(w: np.ndarray, n_head: int) -> np.ndarray:
   return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def write_tiny_gguf(path: Path, arch: str = "llama", odd_tensor: tuple | None = None) -> Path:
+def write_tiny_gguf(path: Path, arch: str = "llama", odd_tensor: tuple | None = None, drop: str = "") -> Path:
   """A random 2-layer llama in GGUF: weights cycle through CYCLE; tokenizer = the toy byte-level BPE."""
   tok = toy.build_tokenizer()
   spec = json.loads(tok.backend_tokenizer.to_str())
@@ -60,6 +60,7 @@ def write_tiny_gguf(path: Path, arch: str = "llama", odd_tensor: tuple | None = 
     name, kind, raw = odd_tensor
     w.add_tensor(name, raw, raw_dtype=kind)
     mats.pop(name, None)
+  mats.pop(drop, None)
   for j, (name, shape) in enumerate(mats.items()):
     x = (0.3 * rng.standard_normal(shape)).astype(np.float32)
     if ".attn_q." in name or ".attn_k." in name:
@@ -167,7 +168,7 @@ def _assert_nothing_written(parent: Path, name: str):
   assert not [p for p in parent.iterdir() if p.name.startswith(f".{name}.")]
 
 
-@pytest.mark.parametrize("case", ["architecture", "truncated", "quant_type", "not_gguf"])
+@pytest.mark.parametrize("case", ["architecture", "truncated", "quant_type", "missing_tensor", "not_gguf"])
 def test_bad_gguf_names_file_and_field_and_writes_nothing(case, tmp_path):
   src = tmp_path / "bad.gguf"
   if case == "architecture":
@@ -181,6 +182,9 @@ def test_bad_gguf_names_file_and_field_and_writes_nothing(case, tmp_path):
     raw = np.random.default_rng(0).integers(0, 255, size=(8, 144), dtype=np.uint8)  # one Q4_K row block
     write_tiny_gguf(src, odd_tensor=("blk.0.ffn_up.weight", Q.Q4_K, raw))
     match = r"bad\.gguf: tensor 'blk.0.ffn_up.weight' has type Q4_K, which next_jax does not convert"
+  elif case == "missing_tensor":
+    write_tiny_gguf(src, drop="blk.1.ffn_down.weight")
+    match = r"bad\.gguf: missing tensors \['model.layers.1.mlp.down_proj.weight'\]"
   else:
     src.write_bytes(b"PK\3\4 not a gguf at all" * 10)
     match = r"bad\.gguf: not a readable GGUF file"

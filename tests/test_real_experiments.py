@@ -33,7 +33,10 @@ def test_compare_records_drift_and_every_methods_agreement_for_both_models(compa
     assert all(-1.0 <= a["cos_global"] <= 1.0 and a["relerr_global"] >= 0 for a in r["agreement"].values())
     assert len(r["E1_by_step"]) == s.jump // s.interval and r["future_norm"] > 0
   md = (out / "compare.md").read_text()
-  assert md.count("| toy |") == 1 + len(METHODS) and md.count("| smollm2 |") == 1 + len(METHODS)
+  for m in ("toy", "smollm2"):
+    assert f"| {m} | 1 | 4 |" in md  # the drift table: one seed, 4 samples per step
+    assert all(f"| {m} | {name} |" in md for name in METHODS)  # the agreement table
+    assert [f"| {m} | 0 | {t} |" in md for t in range(1, s.jump + 1)] == [False, True, True, True]  # ≥ 3 snapshots
   assert (out / "compare.png").stat().st_size > 10_000
   assert not (out / "ckpt" / "toy_s0").exists()  # a finished run's checkpoints are removed
 
