@@ -165,11 +165,14 @@ DRIFT_COLS = (("increment_cos", "increment cos"), ("local_cos", "step-to-step co
               ("r2_linear", "linear R²"), ("E1", "E₁"))
 
 
-def _fmt(values) -> str:
+def _fmt(values, digits: int = 3) -> str:
+  """mean (± s.e. over more than one value); R²-like values far below 0 print as "< −100"."""
   v = [x for x in values if x is not None]
   if not v:
     return "–"
-  return f"{np.mean(v):.3f}" + (f" ± {np.std(v) / np.sqrt(len(v)):.3f}" if len(v) > 1 else "")
+  if np.mean(v) < -100:
+    return "< −100"
+  return f"{np.mean(v):.{digits}f}" + (f" ± {np.std(v) / np.sqrt(len(v)):.{digits}f}" if len(v) > 1 else "")
 
 
 def table(rows: list[dict], command: str) -> str:
@@ -181,9 +184,9 @@ def table(rows: list[dict], command: str) -> str:
            "|---|---:|---:|---:|---:|---|" + "---:|" * len(DRIFT_COLS)]
   for m, rs in by.items():
     r0 = rs[0]
-    acc = " → ".join(_fmt([100 * r["acc"][k] for r in rs]) for k in r0["acc"])
+    acc = " → ".join(_fmt([100 * r["acc"][k] for r in rs], 1) for k in r0["acc"])
     drift = " | ".join(_fmt([r["drift"].get(k) for r in rs]) for k, _ in DRIFT_COLS)
-    lines.append(f"| {m} | {len(rs)} | {r0['samples']} | {r0['lr']:g} | {_fmt([r['sec_per_step'] for r in rs])} "
+    lines.append(f"| {m} | {len(rs)} | {r0['samples']} | {r0['lr']:g} | {_fmt([r['sec_per_step'] for r in rs], 2)} "
                  f"| {acc} | {drift} |")
   lines += ["", "Agreement of each method's predicted Δ with the true next k·interval steps "
             "(cosine / relative error ‖Δ̂ − Δ‖/‖Δ‖; median over matrices, and the whole model):", "",
@@ -204,7 +207,7 @@ def progress_table(progress: list[dict]) -> str:
   lines = ["| model | seed | RL step | s/step | " + " | ".join(n for k, n in DRIFT_COLS if k in cols) + " |",
            "|---|---:|---:|---:|" + "---:|" * len(cols)]
   for p in progress:
-    vals = " | ".join(f"{p[f'drift/{k}']:.3f}" if f"drift/{k}" in p else "–" for k in cols)
+    vals = " | ".join(_fmt([p.get(f"drift/{k}")]) for k in cols)
     lines.append(f"| {p['model']} | {p['seed']} | {p['step']} | {p['sec_per_step']:.2f} | {vals} |")
   return "\n".join(lines) + "\n"
 

@@ -277,10 +277,10 @@ def train_step(setup: RLSetup, base_params: Params, state: RLState, timer: Timer
 
 def evaluate(setup: RLSetup, base_params: Params, trainable: Params, problems: Sequence[Any], *,
              chunk: int, samples: int = 1, temperature: float = 0.0, seed: int = 0) -> dict[str, float]:
-  """Mean reward over `problems` (avg@samples = pass@1) and pass@samples (share of problems with ≥ 1
-  correct sample). Problems go in equal chunks (the last is padded with
-  repeats and ignored), so evaluation compiles once. temperature 0 = greedy. Like `collect`, each process
-  encodes and verifies only its rows of a chunk; the rewards are then shared."""
+  """Accuracy over `problems` (avg@samples, i.e. pass@1), mean reward, and pass@samples (the share of
+  problems with ≥ 1 correct sample). Problems go in equal chunks (the last is padded with repeats and
+  ignored), so evaluation compiles once. temperature 0 = greedy. Like `collect`, each process encodes
+  and verifies only its rows of a chunk; the rewards are then shared."""
   scores = []
   for start in range(0, len(problems), chunk):
     part = list(problems[start:start + chunk])

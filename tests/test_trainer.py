@@ -109,6 +109,17 @@ def test_evaluate_ignores_padding_of_the_last_chunk(model):
   assert out["n"] == 10 and 0.0 <= out["accuracy"] <= 1.0
 
 
+def test_evaluate_reports_pass_at_samples_per_problem(model):
+  """Sample 0 of every problem right, sample 1 wrong (rows are verified in order): pass@1 ½, pass@2 1."""
+  import dataclasses
+  import itertools
+  params, lora = model
+  calls = itertools.count()
+  setup = dataclasses.replace(make_setup(), reward=lambda text, p: float(next(calls) % 2 == 0))
+  out = trainer.evaluate(setup, params, lora, PROBLEMS[:5], chunk=4, samples=2, temperature=1.0)
+  assert (out["n"], out["accuracy"], out["pass@2"]) == (10, 0.5, 1.0)
+
+
 def test_optimizer_warmup_then_cosine_schedule():
   oc = trainer.OptimConfig(lr=1.0, warmup_steps=2, schedule="cosine", decay_steps=6, min_lr_ratio=0.1,
                            weight_decay=0.0, grad_clip=None, b1=0.0, b2=0.0, eps=0.0)
