@@ -8,7 +8,7 @@ import sys
 import jax
 import pytest
 
-from next_jax import experiment, policy, toy
+from next_jax import experiment, policy
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "configs"))
