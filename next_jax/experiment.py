@@ -253,8 +253,7 @@ def build(c, model_dir: str | None = None) -> Experiment:
                          add_special_tokens=False)["input_ids"]
   reward_fns = {name: rewards.get_reward(name) for name in {p.verifier for p in train + test + val}}
   setup = trainer.RLSetup(
-      cfg=cfg, lora_cfg=lcfg,
-      loss_cfg=dataclasses.replace(loss_config(c), logprob_tail=c.rollout.max_new_tokens),  # response only
+      cfg=cfg, lora_cfg=lcfg, loss_cfg=loss_config(c),
       rollout=trainer.RolloutConfig(**{k: c.rollout[k] for k in c.rollout}),
       estimator=c.rl.estimator, encode=encode,
       decode=lambda ids: tok.decode(ids, skip_special_tokens=True),

@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 
 from next_jax.hf import CheckpointError, _atomic_dir, check_tensors, config_from_hf, write_safetensors
+from next_jax.toy import byte_to_unicode
 
 CONVERTER_VERSION = 1
 ARCHITECTURES = ("llama",)
@@ -162,14 +163,6 @@ def read_tensors(reader, config: dict, path: Path) -> dict[str, np.ndarray]:
 # ----------------------------------------------------------------------------------------- tokenizer
 
 
-def _byte_alphabet() -> dict[int, str]:
-  """GPT-2's byte → printable character map (the alphabet byte-level BPE vocabularies are spelled in)."""
-  keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + \
-      list(range(ord("®"), ord("ÿ") + 1))
-  extra = [b for b in range(256) if b not in keep]
-  return {**{b: chr(b) for b in keep}, **{b: chr(256 + i) for i, b in enumerate(extra)}}
-
-
 def build_tokenizer(meta: dict, path: Path):
   """A transformers fast tokenizer for the file's byte-level BPE (+ chat template, special tokens)."""
   import tokenizers  # noqa: PLC0415
@@ -185,7 +178,7 @@ def build_tokenizer(meta: dict, path: Path):
   tokens = _need(meta, "tokenizer.ggml.tokens", path, list)
   merges = [tuple(m.split(" ")) for m in _need(meta, "tokenizer.ggml.merges", path, list)]
   types = meta.get("tokenizer.ggml.token_type") or [1] * len(tokens)
-  spell = _byte_alphabet()
+  spell = byte_to_unicode()
   alphabet = set(spell.values())
   vocab = {t if set(t) <= alphabet else "".join(spell[b] for b in t.encode()): i for i, t in enumerate(tokens)}
   backend = tokenizers.Tokenizer(tokenizers.models.BPE(vocab=vocab, merges=merges, dropout=None,

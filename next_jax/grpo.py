@@ -207,8 +207,8 @@ class LossConfig:
   num_mini_batches: int = 1  # optimiser steps per RL step (ppo_mini_batch)
   micro_batch_size: int | None = None  # rows per gradient-accumulation micro-batch (None: whole mini)
   # only the last `logprob_tail` target positions get logits (0: all). Exact when loss_mask is zero before
-  # them, as for trainer batches (prompt ++ response: the response targets are the last max_new_tokens);
-  # saves the [N, T_prompt, V] logits of the prompt, whose loss weight is zero anyway.
+  # them; trainer.train_step sets it to max_new_tokens (its batches are prompt ++ response), which saves
+  # the [N, T_prompt, V] logits of the prompt, whose loss weight is zero anyway.
   logprob_tail: int = 0
 
   def __post_init__(self):

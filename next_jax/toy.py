@@ -44,7 +44,7 @@ def build_tokenizer(corpus: Iterable[str] = DEFAULT_CORPUS, vocab_size: int = 51
   return tok
 
 
-def _byte_to_unicode() -> dict[int, str]:
+def byte_to_unicode() -> dict[int, str]:
   """GPT-2 / Qwen byte-level alphabet: printable Latin-1 bytes map to themselves, the other 68 bytes to
   chr(256 + k) in byte order (space → 'Ġ', newline → 'Ċ')."""
   keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
@@ -68,7 +68,7 @@ def build_char_tokenizer(alphabet: Iterable[str], out_dir: str | os.PathLike | N
   bad = [c for c in chars if len(c) != 1 or len(c.encode("utf-8")) != 1]
   if bad or not chars:
     raise ValueError(f"build_char_tokenizer: alphabet needs single-byte characters, got {bad or 'none'}")
-  symbol = _byte_to_unicode()
+  symbol = byte_to_unicode()
   vocab = {symbol[ord(c)]: i for i, c in enumerate(chars)}
   vocab.update({t: len(chars) + i for i, t in enumerate(SPECIAL_TOKENS)})
   tok = transformers.Qwen2Tokenizer(vocab=vocab, merges=[], unk_token=None, eos_token="<|im_end|>",
