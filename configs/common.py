@@ -73,6 +73,7 @@ def base() -> ml_collections.ConfigDict:
   c.rollout.dynamic_sampling = False
   c.rollout.max_sampling_rounds = 4
   c.rollout.overlong_cache = 0
+  c.rollout.sample_chunk = 0  # prompts per sampler call (0: all): bounds the KV cache to sample_chunk·G rows
 
   c.rl = ml_collections.ConfigDict()
   c.rl.algo = "grpo"  # sets estimator/agg_mode/clip_high/dynamic_sampling via ALGOS unless overridden
@@ -94,6 +95,7 @@ def base() -> ml_collections.ConfigDict:
   c.rl.agg_mode = "token-mean"
   c.rl.num_mini_batches = 1
   c.rl.micro_batch_size = 0  # 0 = whole mini-batch
+  c.rl.logprob_chunk = 0  # response positions per lm_head block in the update (0: all): bounds the fp32 logits
   c.rl.max_faults = 5  # stop at the last good checkpoint after this many non-finite steps in a row (0: never)
 
   c.nxt = ml_collections.ConfigDict()

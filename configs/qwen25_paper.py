@@ -40,6 +40,11 @@ def get_config(arg=None):
   c.rl.b2 = 0.999
   c.rl.num_mini_batches = 4  # 128 prompts / mini-batch 32
   c.rl.micro_batch_size = 8
+  # memory, not maths: the update's fp32 logits 512 positions at a time instead of all 4096 response
+  # positions ([8, 512, 152k] = 2.5 GB, not 20 GB), and 32 prompts (256 rows) per sampler call (a quarter
+  # of the KV cache). Greedy rollouts and every loss are unchanged; sampled rollouts draw per chunk.
+  c.rl.logprob_chunk = 512
+  c.rollout.sample_chunk = 32
   c.nxt.method = a.method
   c.nxt.extrapolate_at, c.nxt.interval, c.nxt.k, c.nxt.alpha, c.nxt.total_steps = 150, 10, 5, 1.5, 250
   c.eval.every, c.eval.chunk, c.eval.samples = 50, 64, 8  # avg@8 at temperature 1.0

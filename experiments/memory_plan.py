@@ -50,7 +50,8 @@ def workload(c):
       prompts=c.rollout.prompts_per_step, group_size=c.rollout.group_size, prompt_len=c.rollout.prompt_len,
       max_new_tokens=c.rollout.max_new_tokens,
       micro_batch=c.rl.micro_batch_size or rows // c.rl.num_mini_batches,
-      snapshots=0 if ncfg.method == "none" else ncfg.num_snapshots)
+      snapshots=0 if ncfg.method == "none" else ncfg.num_snapshots, sample_chunk=c.rollout.sample_chunk,
+      logprob_chunk=c.rl.logprob_chunk)
 
 
 def mesh_sizes(c, chips: int) -> dict[str, int]:
@@ -65,7 +66,8 @@ def describe(c, cfg, lcfg, w, sizes) -> str:
           f"mesh data={sizes['data']} fsdp={sizes['fsdp']} tensor={sizes['tensor']} ({n} devices)\n"
           f"workload: {w.prompts} prompts × "
           f"G={w.group_size}, {w.prompt_len}+{w.max_new_tokens} tokens, micro-batch {w.micro_batch}, "
-          f"trajectory K={w.snapshots}")
+          f"trajectory K={w.snapshots}; {w.prompts_per_call} prompts per sampler call, "
+          f"{w.head_positions} logit positions at once")
 
 
 def _fit_marks(peak) -> str:

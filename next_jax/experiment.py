@@ -71,14 +71,15 @@ def loss_config(c) -> grpo.LossConfig:
     return grpo.LossConfig(clip_low=r.clip_low, clip_high=r.clip_high, clip_c=r.clip_c or None,
                            kl_coef=r.kl_coef, kl_estimator=r.kl_estimator, entropy_coef=r.entropy_coef,
                            agg_mode=r.agg_mode, num_mini_batches=r.num_mini_batches,
-                           micro_batch_size=r.micro_batch_size or None)
+                           micro_batch_size=r.micro_batch_size or None, logprob_chunk=r.logprob_chunk)
   except ValueError as e:
     raise ConfigError(f"config.rl: {e}") from e
 
 
 _KINDS = {
     int: ("seed", "model.lora_rank", "task.n_train", "task.n_test", "task.n_val", "rollout.top_k",
-          "rollout.overlong_cache", "rl.warmup_steps", "rl.num_mini_batches", "rl.micro_batch_size",
+          "rollout.overlong_cache", "rl.warmup_steps", "rl.num_mini_batches", "rl.micro_batch_size", "rl.logprob_chunk",
+          "rollout.sample_chunk",
           "rl.max_faults", "nxt.extrapolate_at", "nxt.interval", "nxt.k", "nxt.total_steps", "nxt.cycles",
           "nxt.horizon", "nxt.predictor.hidden", "nxt.predictor.epochs", "eval.every", "eval.chunk",
           "eval.samples", "ckpt.every", "ckpt.max_to_keep", "mesh.data"),
@@ -138,6 +139,9 @@ def validate(c) -> None:
   ro = c.rollout
   for f in ("prompts_per_step", "group_size", "prompt_len", "max_new_tokens", "max_sampling_rounds"):
     _check(isinstance(ro[f], int) and ro[f] >= 1, f"rollout.{f}", ro[f], "must be an integer ≥ 1")
+  _check(ro.sample_chunk >= 0 and ro.prompts_per_step % (ro.sample_chunk or 1) == 0, "rollout.sample_chunk",
+         ro.sample_chunk, f"must be 0 (all at once) or divide prompts_per_step = {ro.prompts_per_step}")
+  _check(c.rl.logprob_chunk >= 0, "rl.logprob_chunk", c.rl.logprob_chunk, "must be ≥ 0 (0: all positions at once)")
   _check(ro.temperature >= 0, "rollout.temperature", ro.temperature, "must be ≥ 0")
   _check(0 < ro.top_p <= 1, "rollout.top_p", ro.top_p, "must be in (0, 1]")
   _check(c.rl.estimator in ("grpo", "drgrpo", "rloo", "reinforce_pp"), "rl.estimator", c.rl.estimator,

@@ -24,6 +24,8 @@ Every error names the file and the metadata field or tensor, and leaves no direc
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import os
@@ -245,6 +247,26 @@ def convert_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike | None
   out = Path(out_dir) if out_dir is not None else default_cache() / f"{path.stem}-{source['sha256'][:12]}"
   if is_converted(out, source):
     return out
+  with _lock(path):  # another process may be converting the same file: wait, then reuse its result
+    if is_converted(out, source):
+      return out
+    return _convert(path, out, source)
+
+
+@contextlib.contextmanager
+def _lock(path: Path):
+  """An exclusive flock on the GGUF file itself (opened read-only: nothing is written, and a read-only
+  site-packages is fine), held while converting it."""
+  with open(path, "rb") as f:
+    fcntl.flock(f, fcntl.LOCK_EX)
+    try:
+      yield
+    finally:
+      fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _convert(path: Path, out: Path, source: dict[str, Any]) -> Path:
+  """Read, check and write (atomically) one conversion; convert_gguf decides whether it is needed."""
   reader = _reader(path)
   meta = metadata(reader, path)
   config = hf_config(meta, path)

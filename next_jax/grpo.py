@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from next_jax.policy import LoraConfig, ModelConfig, Params, forward, logits_from_hidden
+from next_jax.policy import LoraConfig, ModelConfig, Params, forward, head_logprobs
 
 AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
 KL_ESTIMATORS = ("k1", "kl", "abs", "k2", "mse", "k3", "low_var_kl")
@@ -210,6 +210,9 @@ class LossConfig:
   # them; trainer.train_step sets it to max_new_tokens (its batches are prompt ++ response), which saves
   # the [N, T_prompt, V] logits of the prompt, whose loss weight is zero anyway.
   logprob_tail: int = 0
+  # positions per block of the lm_head + log-softmax (0: all at once): bounds the fp32 logits held at once by
+  # [micro-batch, logprob_chunk, V] in the forward and the backward pass (policy.head_logprobs)
+  logprob_chunk: int = 0
 
   def __post_init__(self):
     if self.agg_mode not in AGG_MODES:
@@ -245,29 +248,28 @@ class Batch(flax.struct.PyTreeNode):
 
 
 def sequence_logprobs(params: Params, tokens: jax.Array, mask: jax.Array, cfg: ModelConfig,
-                      lora: Params | None = None, lora_cfg: LoraConfig | None = None, tail: int = 0):
+                      lora: Params | None = None, lora_cfg: LoraConfig | None = None, tail: int = 0,
+                      chunk: int = 0):
   """log π(tokens[:, j+1] | tokens[:, :j+1]) and the entropy of that distribution: fp32[N, T−1] each.
 
   tail > 0: logits only for the last `tail` targets (the lm_head and softmax never see the others);
-  the earlier positions of both outputs are 0."""
+  the earlier positions of both outputs are 0. chunk > 0: those logits `chunk` positions at a time
+  (`policy.head_logprobs`), never [N, T, V] at once."""
   hidden, _ = forward(params, tokens[:, :-1], cfg, mask=mask[:, :-1], lora=lora, lora_cfg=lora_cfg,
                       return_hidden=True)
   targets = tokens[:, 1:]
   skip = max(targets.shape[1] - tail, 0) if tail else 0
-  logits = logits_from_hidden(params, hidden[:, skip:], cfg)
-  logz = jax.nn.logsumexp(logits, axis=-1, keepdims=True)
-  logp_all = logits - logz
-  logp = jnp.take_along_axis(logp_all, targets[:, skip:, None], axis=-1)[..., 0]
-  entropy = -(jnp.exp(logp_all) * logp_all).sum(axis=-1)
+  logp, entropy = head_logprobs(params, hidden[:, skip:], targets[:, skip:], cfg, chunk)
   pad = lambda x: jnp.pad(x, ((0, 0), (skip, 0))) if skip else x  # noqa: E731
   return pad(logp), pad(entropy)
 
 
-def _policy_logprobs(trainable, base_params, tokens, mask, cfg, lora_cfg, tail: int = 0):
+def _policy_logprobs(trainable, base_params, tokens, mask, cfg, lora_cfg, lc: LossConfig):
   """The trained policy: base + LoRA(trainable) when lora_cfg is set, else the full params `trainable`."""
+  kw = dict(tail=lc.logprob_tail, chunk=lc.logprob_chunk)
   if lora_cfg is None:
-    return sequence_logprobs(trainable, tokens, mask, cfg, tail=tail)
-  return sequence_logprobs(base_params, tokens, mask, cfg, lora=trainable, lora_cfg=lora_cfg, tail=tail)
+    return sequence_logprobs(trainable, tokens, mask, cfg, **kw)
+  return sequence_logprobs(base_params, tokens, mask, cfg, lora=trainable, lora_cfg=lora_cfg, **kw)
 
 
 def _split(tree, n: int):
@@ -288,7 +290,7 @@ def _micro_loss(trainable, base_params, mb: Batch, old_logp, ref_logp, denom, cf
 
   old_logp=None means on-policy (one mini-batch): old = stop_gradient(logp) of this very forward, which
   equals a separate no-grad pass before the update and saves it."""
-  logp, entropy = _policy_logprobs(trainable, base_params, mb.tokens, mb.mask, cfg, lora_cfg, lc.logprob_tail)
+  logp, entropy = _policy_logprobs(trainable, base_params, mb.tokens, mb.mask, cfg, lora_cfg, lc)
   if old_logp is None:
     old_logp = jax.lax.stop_gradient(logp)
   loss, clipped, clipped_lower, log_ratio = ppo_token_loss(logp, old_logp, mb.advantages, lc.clip_low,
@@ -335,8 +337,9 @@ def grpo_update(state: TrainState, base_params: Params, batch: Batch, *, cfg: Mo
 
   old logprobs: the current policy, recomputed by this training graph (the sampler's own logprobs only feed
   the mismatch metrics): a no-grad pass before the first step when there are several mini-batches, the
-  gradient pass's own stop-gradient values when there is one (on-policy); reference: `base_params` without LoRA (LoRA runs — no second
-  copy) or `base_params` as the frozen initial weights (full runs). Returns (new state, metrics).
+  gradient pass's own stop-gradient values when there is one (on-policy); reference: `base_params` without
+  LoRA (LoRA runs — no second copy) or `base_params` as the frozen initial weights (full runs). Returns
+  (new state, metrics).
 
   Fault tolerance: a mini-batch whose loss, gradient or updated parameters hold a NaN/Inf is skipped: the
   optimiser step is not taken (params, opt_state and step stay bit-identical) and
@@ -349,7 +352,8 @@ def grpo_update(state: TrainState, base_params: Params, batch: Batch, *, cfg: Mo
 
   def no_grad_logprobs(p, lcfg):
     chunks = _split((batch.tokens, batch.mask), n_micro)
-    f = lambda c: sequence_logprobs(p, c[0], c[1], cfg, *lcfg, tail=lc.logprob_tail)[0]  # noqa: E731
+    f = lambda c: sequence_logprobs(p, c[0], c[1], cfg, *lcfg, tail=lc.logprob_tail,  # noqa: E731
+                                    chunk=lc.logprob_chunk)[0]
     return jax.lax.map(f, chunks).reshape(n, -1)
 
   on_policy = lc.num_mini_batches == 1

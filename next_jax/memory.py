@@ -14,8 +14,9 @@ Update activations, one micro-batch of b rows and T = seq − 1 tokens, per laye
     internals  q,o-in [b,T,H·hd]×2 + k,v [b,T,KVH·hd]×2 + gate,up,act [b,T,F]×3 + norms [b,T,D]×2
                + scores fp32 and probs [b, H, T, T]             (no flash attention)
                × L without remat, × 1 with remat (the layer being recomputed)
-    head       3 · [b, T, V] fp32                              (logits, log-softmax, its exp for entropy)
-Sampler, P prompts of Tp tokens, N = P·G rows, S = Tp + max_new cache slots:
+    head       3 · [b, C, V] fp32                              (logits, log-softmax, its exp for entropy)
+               C = min(logprob_chunk or max_new, max_new): only response targets get logits (logprob_tail)
+Sampler, P prompts of Tp tokens per call (sample_chunk, or all), N = P·G rows, S = Tp + max_new slots:
     KV cache   2 · [L, N, S, KVH, hd] + 2 · [L, P, S, KVH, hd] (the prefill cache before it is tiled G×)
     prefill    one layer's scores fp32 + probs [P, H, Tp, S] + q,k,v,o,gate,up,act + [P, 1, V] logits
     decode     3 · [N, V] fp32 (logits, processed, log-softmax)
@@ -40,7 +41,8 @@ B, TENSOR = sharding.BATCH, sharding.TENSOR
 
 @dataclasses.dataclass(frozen=True)
 class Workload:
-  """Shapes of one RL step. prompts·group_size rows per sampler call; micro_batch rows per gradient pass;
+  """Shapes of one RL step: prompts·group_size rows, sampled sample_chunk prompts at a time (0: all in one
+  call); micro_batch rows per gradient pass, whose log-probs take logprob_chunk positions at a time (0: all);
   snapshots: NExt trajectory length K (0: plain RL)."""
 
   prompts: int
@@ -49,10 +51,21 @@ class Workload:
   max_new_tokens: int
   micro_batch: int
   snapshots: int = 0
+  sample_chunk: int = 0
+  logprob_chunk: int = 0
 
   @property
   def seq(self) -> int:
     return self.prompt_len + self.max_new_tokens
+
+  @property
+  def head_positions(self) -> int:
+    """Target positions whose fp32 logits the update holds at once (trainer: logprob_tail = max_new)."""
+    return min(self.logprob_chunk or self.max_new_tokens, self.max_new_tokens)
+
+  @property
+  def prompts_per_call(self) -> int:
+    return min(self.sample_chunk or self.prompts, self.prompts)
 
 
 def abstract_state(cfg: ModelConfig, lcfg: LoraConfig | None, tx, snapshots: int = 0) -> dict:
@@ -80,24 +93,26 @@ def _layer_internals(cfg: ModelConfig, b: int, t: int, s: int, sizes) -> int:
           + _bytes((b, h, t, s), (B, TENSOR, None, None), 4 + it, sizes))
 
 
-def update_activations(cfg: ModelConfig, b: int, t: int, sizes, remat: bool) -> int:
-  """Estimated bytes live at the peak of one micro-batch's forward+backward (module docstring)."""
+def update_activations(cfg: ModelConfig, b: int, t: int, sizes, remat: bool, head_t: int | None = None) -> int:
+  """Estimated bytes live at the peak of one micro-batch's forward+backward (module docstring); head_t:
+  positions whose logits are live at once (None: all t)."""
   it = np.dtype(cfg.jnp_dtype).itemsize
   residual = cfg.num_layers * _bytes((b, t, cfg.hidden_size), (B, None, None), it, sizes)
   internals = _layer_internals(cfg, b, t, t, sizes) * (1 if remat else cfg.num_layers)
-  head = 3 * _bytes((b, t, cfg.vocab_size), (B, None, TENSOR), 4, sizes)
+  head = 3 * _bytes((b, min(head_t or t, t), cfg.vocab_size), (B, None, TENSOR), 4, sizes)
   return residual + internals + head
 
 
 def sampler_bytes(cfg: ModelConfig, w: Workload, sizes) -> dict[str, int]:
   """KV cache (prefill + tiled) and the larger of the prefill / decode transients."""
   it = np.dtype(cfg.jnp_dtype).itemsize
-  n, s = w.prompts * w.group_size, w.seq
+  p = w.prompts_per_call
+  n, s = p * w.group_size, w.seq
   kv = lambda rows: 2 * _bytes((cfg.num_layers, rows, s, cfg.num_kv_heads, cfg.head_dim),  # noqa: E731
                                sharding.CACHE_DIMS, it, sizes)
-  cache = kv(n) + (kv(w.prompts) if w.group_size > 1 else 0)
-  prefill = (_layer_internals(cfg, w.prompts, w.prompt_len, s, sizes)
-             + _bytes((w.prompts, 1, cfg.vocab_size), (B, None, TENSOR), 4, sizes))
+  cache = kv(n) + (kv(p) if w.group_size > 1 else 0)
+  prefill = (_layer_internals(cfg, p, w.prompt_len, s, sizes)
+             + _bytes((p, 1, cfg.vocab_size), (B, None, TENSOR), 4, sizes))
   decode = 3 * _bytes((n, cfg.vocab_size), (B, TENSOR), 4, sizes)
   return {"kv_cache": cache, "sampler_activations": max(prefill, decode)}
 
@@ -111,7 +126,8 @@ def plan(cfg: ModelConfig, lcfg: LoraConfig | None, tx, w: Workload, sizes: Mapp
   resident = out["params"] + out["trainable"] + out["optimizer"] + out["trajectory"]
   for remat in (True, False):
     key = "remat" if remat else "no_remat"
-    out[f"update_activations_{key}"] = update_activations(cfg, w.micro_batch, w.seq - 1, sizes, remat)
+    acts = update_activations(cfg, w.micro_batch, w.seq - 1, sizes, remat, w.head_positions)
+    out[f"update_activations_{key}"] = acts
     out[f"train_{key}"] = resident + out["grads"] + out[f"update_activations_{key}"]
   out["sample"] = resident + out["kv_cache"] + out["sampler_activations"]
   for key in ("remat", "no_remat"):

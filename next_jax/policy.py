@@ -310,6 +310,33 @@ def logits_from_hidden(params: Params, x: jax.Array, cfg: ModelConfig) -> jax.Ar
   return jnp.einsum("...d,dv->...v", x, head.astype(x.dtype), preferred_element_type=jnp.float32)
 
 
+def head_logprobs(params: Params, hidden: jax.Array, targets: jax.Array, cfg: ModelConfig,
+                  chunk: int = 0) -> tuple[jax.Array, jax.Array]:
+  """Per-position log π(target) = z[target] − logsumexp(z) and entropy H = −Σ_v p_v log p_v, p = softmax(z),
+  z = head(hidden): fp32[B, T] each, from hidden [B, T, D] and targets int32[B, T].
+
+  chunk > 0 splits T into blocks of `chunk` positions (the last one zero-padded), mapped by `lax.map` under
+  `jax.checkpoint`: the forward holds one block's fp32 [B, chunk, V] logits at a time and the backward
+  recomputes them block by block, so neither pass materialises [B, T, V] (3 fp32 copies of it otherwise:
+  logits, log-softmax and its exp). Same formula per position; only the matmul blocking differs.
+  """
+  def block(h, tgt):
+    z = logits_from_hidden(params, h, cfg)
+    logp_all = z - jax.nn.logsumexp(z, axis=-1, keepdims=True)
+    logp = jnp.take_along_axis(logp_all, tgt[..., None], axis=-1)[..., 0]
+    return logp, -(jnp.exp(logp_all) * logp_all).sum(axis=-1)
+
+  b, t = targets.shape
+  if not chunk or chunk >= t:
+    return block(hidden, targets)
+  n = -(-t // chunk)
+  to_blocks = lambda x: jnp.pad(x, [(0, 0), (0, n * chunk - t)] + [(0, 0)] * (x.ndim - 2)).reshape(  # noqa: E731
+      b, n, chunk, *x.shape[2:]).swapaxes(0, 1)
+  logp, entropy = jax.lax.map(jax.checkpoint(lambda xs: block(*xs)), (to_blocks(hidden), to_blocks(targets)))
+  from_blocks = lambda x: x.swapaxes(0, 1).reshape(b, n * chunk)[:, :t]  # noqa: E731
+  return from_blocks(logp), from_blocks(entropy)
+
+
 def token_logprobs(logits: jax.Array, targets: jax.Array) -> jax.Array:
   """log softmax(logits)[target]: fp32[B, T, V], int32[B, T] → fp32[B, T]."""
   logz = jax.nn.logsumexp(logits, axis=-1)

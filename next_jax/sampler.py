@@ -70,13 +70,27 @@ def pad_prompts(prompts: Sequence[Sequence[int]], pad_id: int, length: int | Non
   return tokens, mask
 
 
+NUCLEUS_CANDIDATES = 256  # top-p first looks for the nucleus among the top 256 tokens (`process_logits`)
+
+
+def _nucleus_threshold(sorted_logits: jax.Array, logz: jax.Array, top_p: jax.Array) -> jax.Array:
+  """Smallest kept logit, from logits sorted descending (a prefix of the full sort, or all of it) and the
+  full vocabulary's logsumexp: keep a token when the mass strictly before it is < p; the first always."""
+  probs = jnp.exp(sorted_logits - logz)
+  mass_before = jnp.cumsum(probs, axis=-1) - probs
+  keep = (mass_before < top_p) | (jnp.arange(sorted_logits.shape[-1]) == 0)
+  return jnp.min(jnp.where(keep, sorted_logits, jnp.inf), axis=-1, keepdims=True)
+
+
 def process_logits(logits: jax.Array, temperature: jax.Array, top_k: int, top_p: jax.Array) -> jax.Array:
   """The sampling distribution's logits: logits/T, then top-k (static, 0 = off), then nucleus top-p.
 
   Top-p keeps the smallest prefix of tokens sorted by probability whose mass reaches p (a token is dropped
   when the mass strictly before it is ≥ p; the most likely token always stays). Dropped → −inf.
-  top_p ≥ 1 skips the nucleus step at run time (the vocabulary sort dominates a CPU decode step, and in fp32
-  the cumulative mass can round up to 1 early and drop a tail that p = 1 must keep).
+  The nucleus is found among the top NUCLEUS_CANDIDATES tokens (`lax.top_k`, no vocabulary sort) whenever
+  their mass reaches p in every row, which makes the result the same as sorting everything; otherwise
+  (a flat distribution) the whole vocabulary is sorted. top_p ≥ 1 skips the nucleus step at run time (in
+  fp32 the cumulative mass can round up to 1 early and drop a tail that p = 1 must keep).
   """
   logits = logits / jnp.maximum(temperature, 1e-6)
   neg = jnp.finfo(logits.dtype).min
@@ -85,11 +99,12 @@ def process_logits(logits: jax.Array, temperature: jax.Array, top_k: int, top_p:
     logits = jnp.where(logits < kth, neg, logits)
 
   def nucleus(logits):
-    sorted_logits = jnp.sort(logits, axis=-1)[..., ::-1]
-    probs = jax.nn.softmax(sorted_logits, axis=-1)
-    mass_before = jnp.cumsum(probs, axis=-1) - probs
-    keep_sorted = (mass_before < top_p) | (jnp.arange(logits.shape[-1]) == 0)
-    threshold = jnp.min(jnp.where(keep_sorted, sorted_logits, jnp.inf), axis=-1, keepdims=True)
+    logz = jax.nn.logsumexp(logits, axis=-1, keepdims=True)
+    top = jax.lax.top_k(logits, min(NUCLEUS_CANDIDATES, logits.shape[-1]))[0]
+    covered = jnp.all(jnp.exp(jax.nn.logsumexp(top, axis=-1) - logz[..., 0]) >= top_p)
+    threshold = jax.lax.cond(
+        covered, lambda: _nucleus_threshold(top, logz, top_p),
+        lambda: _nucleus_threshold(jnp.sort(logits, axis=-1)[..., ::-1], logz, top_p))
     return jnp.where(logits < threshold, neg, logits)
 
   return jax.lax.cond(jnp.any(top_p < 1.0), nucleus, lambda x: x, logits)
@@ -121,17 +136,38 @@ def _tile(x: jax.Array, g: int, axis: int) -> jax.Array:
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "lora_cfg", "max_new_tokens", "num_samples", "top_k",
-                                             "stop_ids", "pad_id"))
+                                             "stop_ids", "pad_id", "prompt_chunk"))
 def generate(params: Params, prompts: jax.Array, prompt_mask: jax.Array, rng: jax.Array, *,
              cfg: ModelConfig, lora: Params | None = None, lora_cfg: LoraConfig | None = None,
              max_new_tokens: int, num_samples: int = 1, temperature=1.0, top_k: int = 0, top_p=1.0,
-             stop_ids: tuple[int, ...] = (), pad_id: int = 0) -> SampleOutput:
+             stop_ids: tuple[int, ...] = (), pad_id: int = 0, prompt_chunk: int = 0) -> SampleOutput:
   """Sample `num_samples` responses per left-padded prompt. prompts: int32[B, T]; prompt_mask: bool[B, T].
 
   Returns a SampleOutput with N = B·num_samples rows, grouped by prompt. A row stops after emitting any of
   `stop_ids` (kept, mask 1) or at max_new_tokens; later slots hold pad_id with mask 0. The loop exits as
   soon as every row has stopped.
+
+  prompt_chunk > 0 (dividing B): prompts go `prompt_chunk` at a time through prefill + decode (`lax.map`),
+  so the KV cache holds prompt_chunk·num_samples rows, not N; chunk i draws with fold_in(rng, i) and stops
+  when its own rows have. Greedy output equals the one-call result.
   """
+  kw = dict(cfg=cfg, lora=lora, lora_cfg=lora_cfg, max_new_tokens=max_new_tokens, num_samples=num_samples,
+            temperature=temperature, top_k=top_k, top_p=top_p, stop_ids=stop_ids, pad_id=pad_id)
+  b = prompts.shape[0]
+  if not prompt_chunk or prompt_chunk >= b:
+    return _generate(params, prompts, prompt_mask, rng, **kw)
+  if b % prompt_chunk:
+    raise ValueError(f"generate: prompt_chunk={prompt_chunk} does not divide the {b} prompts")
+  n = b // prompt_chunk
+  split = lambda x: x.reshape(n, prompt_chunk, *x.shape[1:])  # noqa: E731
+  keys = jax.vmap(lambda i: jax.random.fold_in(rng, i))(jnp.arange(n))
+  out = jax.lax.map(lambda xs: _generate(params, *xs, **kw), (split(prompts), split(prompt_mask), keys))
+  return jax.tree.map(lambda x: x.reshape(b * num_samples, *x.shape[2:]), out)
+
+
+def _generate(params, prompts, prompt_mask, rng, *, cfg, lora, lora_cfg, max_new_tokens, num_samples,
+              temperature, top_k, top_p, stop_ids, pad_id) -> SampleOutput:
+  """One prefill + decode over all of `prompts` (generate's docstring)."""
   b, t = prompts.shape
   g, n = num_samples, prompts.shape[0] * num_samples
   temperature = jnp.asarray(temperature, jnp.float32)

@@ -37,6 +37,7 @@ class RolloutConfig:
   dynamic_sampling: bool = False  # DAPO: keep only groups with reward spread, resample to fill
   max_sampling_rounds: int = 4  # dynamic sampling gives up after this many rounds; the rest is masked
   overlong_cache: int = 0  # DAPO overlong penalty window in tokens (0: off); max_len = max_new_tokens
+  sample_chunk: int = 0  # prompts per sampler call in `collect` (0: all): the KV cache holds sample_chunk·G rows
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,8 +108,9 @@ def init_state(trainable: Params, tx: optax.GradientTransformation, seed: int) -
 # --------------------------------------------------------------------------------------------- rollout
 
 
-def _sample(setup: RLSetup, base_params, trainable, problems, key, group_size, temperature):
-  """`group_size` responses to each of `problems` (the round's global list, P of them).
+def _sample(setup: RLSetup, base_params, trainable, problems, key, group_size, temperature, prompt_chunk=0):
+  """`group_size` responses to each of `problems` (the round's global list, P of them), `prompt_chunk`
+  prompts per prefill + decode (0: all; `sampler.generate`).
 
   This process encodes only its prompts (`parallel.process_rows`) and the global batch is assembled from
   every process's rows; the mesh then samples each row on the device that holds it.
@@ -123,7 +125,8 @@ def _sample(setup: RLSetup, base_params, trainable, problems, key, group_size, t
   with sharding.use_mesh(mesh):  # activates the KV-cache / layer-boundary constraints
     out = generate(params, prompts, pmask, key, cfg=setup.cfg, lora=lora, lora_cfg=lora_cfg,
                    max_new_tokens=ro.max_new_tokens, num_samples=group_size, temperature=temperature,
-                   top_k=ro.top_k, top_p=ro.top_p, stop_ids=setup.stop_ids, pad_id=setup.pad_id)
+                   top_k=ro.top_k, top_p=ro.top_p, stop_ids=setup.stop_ids, pad_id=setup.pad_id,
+                   prompt_chunk=prompt_chunk)
   if mesh is not None:  # rows of every output on the devices that sampled them (row r ↔ prompt r // G)
     out = _constrain_rows(out, parallel.batch_sharding(mesh))
   return prompts, pmask, out
@@ -180,7 +183,7 @@ def collect(setup: RLSetup, base_params: Params, state: RLState):
   for rnd in range(ro.max_sampling_rounds if ro.dynamic_sampling else 1):
     problems, cursor = setup.next_problems(cursor, p)
     prompts, pmask, out = _sample(setup, base_params, state.train.params, problems,
-                                  jax.random.fold_in(key, rnd), g, ro.temperature)
+                                  jax.random.fold_in(key, rnd), g, ro.temperature, ro.sample_chunk)
     rewards = _score(setup, problems, g, out)
     if ro.overlong_cache:
       rewards = rewards + np.asarray(grpo.overlong_penalty(parallel.local_rows(out.lengths),
@@ -227,14 +230,15 @@ def make_batch(setup: RLSetup, arrays: dict, advantages: jax.Array) -> grpo.Batc
   return _assemble({k: arrays[k] for k in keys}, arrays["live"], advantages, _rows_sharding(setup))
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "lora_cfg"))
-def _token_kl(base_params, trainable, tokens, mask, *, cfg, lora_cfg):
+@functools.partial(jax.jit, static_argnames=("cfg", "lora_cfg", "chunk"))
+def _token_kl(base_params, trainable, tokens, mask, *, cfg, lora_cfg, chunk=0):
   """k1 KL of the current policy to the reference per target token: log π − log π_ref."""
   if lora_cfg is None:
-    logp, _ = grpo.sequence_logprobs(trainable, tokens, mask, cfg)
+    logp, _ = grpo.sequence_logprobs(trainable, tokens, mask, cfg, chunk=chunk)
   else:
-    logp, _ = grpo.sequence_logprobs(base_params, tokens, mask, cfg, lora=trainable, lora_cfg=lora_cfg)
-  ref, _ = grpo.sequence_logprobs(base_params, tokens, mask, cfg)
+    logp, _ = grpo.sequence_logprobs(base_params, tokens, mask, cfg, lora=trainable, lora_cfg=lora_cfg,
+                                     chunk=chunk)
+  ref, _ = grpo.sequence_logprobs(base_params, tokens, mask, cfg, chunk=chunk)
   return logp - ref
 
 
@@ -250,7 +254,8 @@ def train_step(setup: RLSetup, base_params: Params, state: RLState, timer: Timer
     with timer("logprob"):
       toks = jnp.concatenate([arrays["prompts"], arrays["tokens"]], 1)
       msk = jnp.concatenate([arrays["pmask"], arrays["rmask"]], 1)
-      kl = _token_kl(base_params, state.train.params, toks, msk, cfg=setup.cfg, lora_cfg=setup.lora_cfg)
+      kl = _token_kl(base_params, state.train.params, toks, msk, cfg=setup.cfg, lora_cfg=setup.lora_cfg,
+                     chunk=setup.loss_cfg.logprob_chunk)
       token_kl = kl[:, arrays["prompts"].shape[1] - 1:]
   adv = grpo.compute_advantages(setup.estimator, jnp.asarray(arrays["rewards"]), jnp.asarray(resp_mask),
                                 setup.rollout.group_size, token_kl=token_kl, kl_coef=setup.kl_in_reward)

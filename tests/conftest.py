@@ -104,6 +104,30 @@ def torch_logits(model, tokens, mask=None) -> np.ndarray:
     return model(input_ids=ids, **kwargs).logits.float().numpy()
 
 
+# `make test` runs two workers that take whole files in collection order; the slowest files (≥ 1 min each,
+# measured) go first, so the two workers end together instead of one finishing a long file alone.
+SLOW_FIRST = ("test_real_experiments", "test_smollm2_preset", "test_state_machine", "test_kill_resume",
+              "test_experiment", "test_reproduce", "test_grpo", "test_real_model", "test_trainer",
+              "test_extrapolate", "test_notebook", "test_predictor_fit", "test_multiprocess", "test_sharding",
+              "test_snr_study")
+
+
+def pytest_collection_modifyitems(session, config, items):
+  rank = {name: i for i, name in enumerate(SLOW_FIRST)}
+  items.sort(key=lambda item: rank.get(item.path.stem, len(rank)))  # stable: each file keeps its order
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _release_compiled_programs():
+  """Drop JAX's compiled programs after every test module. XLA:CPU maps each executable's code into its own
+  memory regions; one process that keeps the whole suite's programs passes the kernel's limit of 65,530
+  maps (vm.max_map_count) and LLVM then fails with "Cannot allocate memory" or crashes. Shared jitted
+  fixtures recompile in the next module that uses them."""
+  yield
+  jax.clear_caches()
+  gc.collect()
+
+
 @pytest.fixture(scope="session")
 def hf_model(tmp_path_factory):
   """hf_model(name) → HFModel for a name in HF_SPECS; each is built and saved once per session."""

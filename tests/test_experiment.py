@@ -42,6 +42,8 @@ def test_toy_config_validates():
     ("rl.agg_mode", "mean", "agg_mode"),
     ("model.lora_targets", "q,attn", "lora"),
     ("task.name", "file", "task.path"),
+    ("rollout.sample_chunk", 5, "rollout.sample_chunk"),  # does not divide the 64 prompts of a step
+    ("rl.logprob_chunk", -1, "rl.logprob_chunk"),
 ])
 def test_bad_values_raise_one_error_naming_the_field(field, value, match):
   c = toy_arith.get_config()

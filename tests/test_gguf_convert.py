@@ -2,7 +2,9 @@
 llama.cpp writes them) converts to a directory whose logits and tokenizer equal transformers' own GGUF
 loader's; bad files give one error naming the file and the field, and leave nothing behind."""
 
+import concurrent.futures
 import json
+import threading
 from pathlib import Path
 
 import jax.numpy as jnp
@@ -153,6 +155,22 @@ def test_conversion_is_cached_and_redone_when_the_file_changes(tiny, tmp_path):
   again = gguf_convert.convert_gguf(other, tmp_path / "hf")
   assert json.loads((again / "source.json").read_text())["sha256"] != json.loads(
       (out / "source.json").read_text())["sha256"]
+
+
+def test_concurrent_conversions_of_one_file_convert_it_once(tiny, tmp_path):
+  """Four threads convert the same GGUF into the same directory at once (test workers, two runs starting
+  together): the flock on the source makes one convert and the others reuse its result, with no error."""
+  src, _ = tiny
+  out, barrier = tmp_path / "hf", threading.Barrier(4)
+
+  def convert(_):
+    barrier.wait()
+    return gguf_convert.convert_gguf(src, out), (out / "model.safetensors").stat().st_mtime_ns
+
+  with concurrent.futures.ThreadPoolExecutor(4) as pool:
+    results = list(pool.map(convert, range(4)))
+  assert {r[0] for r in results} == {out} and len({r[1] for r in results}) == 1
+  assert [p.name for p in tmp_path.iterdir()] == ["hf"]
 
 
 def test_model_files_resolves_a_gguf_path_into_the_cache(tiny, tmp_path, monkeypatch):

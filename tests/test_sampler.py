@@ -171,6 +171,18 @@ def test_stop_token_ends_row_with_padding_after_it(gen, greedy):
   np.testing.assert_array_equal(out.lengths, ends)
 
 
+def test_prompt_chunks_give_the_greedy_rows_and_group_layout_of_one_call(gen, greedy):
+  """prompt_chunk=1, G=2: the 3 prompts go one at a time through prefill + decode; greedy rows equal the
+  one-call rows, grouped as before; with stop ids each chunk stops on its own rows."""
+  out = gen(temperature=0.0, num_samples=2, prompt_chunk=1)
+  np.testing.assert_array_equal(out.tokens, np.repeat(greedy.tokens, 2, axis=0))
+  np.testing.assert_allclose(out.logprobs, np.repeat(greedy.logprobs, 2, axis=0), atol=1e-5, rtol=0)
+  sampled = gen(seed=5, temperature=1.0, num_samples=2, prompt_chunk=1)
+  assert sampled.tokens.shape == (6, MAX_NEW) and (sampled.tokens[0::2] != sampled.tokens[1::2]).any()
+  with pytest.raises(ValueError, match="prompt_chunk=2 does not divide the 3 prompts"):
+    gen(temperature=0.0, prompt_chunk=2)
+
+
 def test_temperature_and_top_p_are_traced_not_recompiled(gen):
   gen(temperature=0.5, top_p=0.9)  # compiled (or reused from an earlier test)
   before = sampler.generate._cache_size()
@@ -220,6 +232,34 @@ def test_process_logits_works_on_batches():
   batch = jnp.stack([LOGITS, jnp.array([5.0, 0.0, 1.0, 4.0])])
   out = sampler.process_logits(batch, jnp.float32(1.0), 2, jnp.float32(1.0))
   assert (_kept(out[0]), _kept(out[1])) == ([1, 2], [0, 3])
+
+
+def _nucleus_numpy(logits: np.ndarray, p: float) -> set[int]:
+  """Sort the whole vocabulary (float64): the smallest most-likely prefix whose mass reaches p."""
+  probs = np.exp(logits - logits.max())
+  probs /= probs.sum()
+  order = np.argsort(-probs, kind="stable")
+  before = np.cumsum(probs[order]) - probs[order]
+  return set(order[(before < p) | (np.arange(len(order)) == 0)].tolist())
+
+
+@pytest.mark.parametrize("scale", [4.0, 0.05])
+@pytest.mark.parametrize("p", [0.5, 0.9])
+def test_top_p_equals_the_full_sort_on_peaked_and_flat_rows(scale, p):
+  """4096-token rows: peaked ones (scale 4: the nucleus lies in the top NUCLEUS_CANDIDATES, found by
+  lax.top_k) and flat ones (scale 0.05: hundreds of tokens, the full-sort fallback) keep the same set as a
+  float64 sort of the whole vocabulary."""
+  logits = np.random.RandomState(int(scale * 100 + p * 10)).randn(4, 4096).astype(np.float32) * scale
+  out = np.asarray(sampler.process_logits(jnp.asarray(logits), jnp.float32(1.0), 0, jnp.float32(p)))
+  sizes = []
+  for row, got in zip(logits, out):
+    want = _nucleus_numpy(row.astype(np.float64), p)
+    assert set(np.flatnonzero(got > NEG).tolist()) == want
+    sizes.append(len(want))
+  if scale > 1:
+    assert max(sizes) < sampler.NUCLEUS_CANDIDATES
+  else:
+    assert min(sizes) > sampler.NUCLEUS_CANDIDATES
 
 
 # ------------------------------------------------------------------------------------------ padding

@@ -1,10 +1,14 @@
 """One GRPO RL step (sample G completions per prompt → reward → advantages → one AdamW step on a LoRA):
-next_jax `trainer.train_step` vs TRL's `GRPOTrainer` (PyTorch + transformers `generate`), one random Qwen2.
+next_jax `trainer.train_step` vs TRL's `GRPOTrainer` (PyTorch + transformers `generate`), on one random Qwen2
+or, with --model, a real checkpoint (SmolLM2-135M-Instruct: `--model smollm2-135m-instruct`).
 
-One random Qwen2 HF directory (`toy.make_random_model_dir`: byte-level BPE tokenizer, fp32) is loaded by both
-stacks, ours through `hf.load_model`, theirs through `AutoModelForCausalLM.from_pretrained`. Same workload:
+One HF directory (`toy.make_random_model_dir`: byte-level BPE tokenizer, fp32; or the --model directory) is
+loaded by both stacks, ours through `hf.load_model`, theirs through `AutoModelForCausalLM.from_pretrained`.
+Same workload:
 
-  P text prompts (≤ prompt_len tokens, no chat template) × G completions, temperature 1, top-p 1, top-k off,
+  P text prompts (random presets: "Question: what is a+b*c?"; --model: configs/smollm2.py's chat prompts,
+  the chat template already applied, so TRL sees them as plain text) × G completions, temperature 1, top-p 1,
+  top-k off,
   exactly max_new_tokens new tokens per row (ours: stop_ids=(); TRL: min_new_tokens = max_completion_length,
   so eos is never sampled); reward = fraction of digit characters of the decoded completion (one Python
   function for both); GRPO group-normalised advantages; PPO-clip loss, ε = 0.2, aggregated token-mean (ours:
@@ -38,6 +42,9 @@ the sample / update splits, TRL / ours as a ratio of medians and as the median o
 Writes the table to experiments/results/bench_grpo_step.md.
 
   python -m experiments.bench.grpo_step_vs_trl [--preset toy|small] [--steps 8] [--torch-threads 2,1]
+  python -m experiments.bench.grpo_step_vs_trl --model smollm2-135m-instruct --prompts 8 --group 8 \
+      --prompt-len 64 --new-tokens 32 --rank 16 --alpha 32 --steps 3 --torch-threads 2 \
+      --out experiments/results/bench_grpo_step_smollm2.md
 """
 
 from __future__ import annotations
@@ -58,6 +65,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
+from experiments.bench import real_model
 from next_jax import grpo, hf, toy, trainer
 from next_jax.policy import ALL_MODULES, LoraConfig, ModelConfig, count_params, init_lora
 
@@ -74,6 +82,8 @@ RESULTS = Path(__file__).resolve().parents[1] / "results" / "bench_grpo_step.md"
 def parse_args(argv=None) -> argparse.Namespace:
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--preset", choices=sorted(PRESETS), default="toy")
+  p.add_argument("--model", default="", help="a real checkpoint instead of the random preset: HF dir, .gguf "
+                 "or packaged name (smollm2-135m-instruct)")
   for name in PRESETS["toy"]:
     p.add_argument(f"--{name.replace('_', '-')}", type=int, default=None, help="override the preset")
   p.add_argument("--prompts", type=int, default=8, help="P prompts per step")
@@ -101,7 +111,10 @@ def model_config(args) -> ModelConfig:
 
 
 def make_prompts(tok, n: int, max_len: int, seed: int) -> list[str]:
-  """n distinct short arithmetic questions, each ≤ max_len tokens."""
+  """n distinct short arithmetic questions, each ≤ max_len tokens (ValueError if even the shortest is
+  longer)."""
+  if len(tok(text="Question: what is 0+0*0?")["input_ids"]) > max_len:
+    raise ValueError(f"--prompt-len {max_len}: shorter than any question prompt")
   rng = np.random.default_rng(seed)
   out: list[str] = []
   while len(out) < n:
@@ -305,7 +318,8 @@ def report(args, cfg: ModelConfig, n_params: int, n_lora: int, ours_first: dict,
       f"- date: {datetime.datetime.now().astimezone().isoformat(timespec='seconds')}\n"
       f"- command: `{cmd.strip()}`\n- machine: {machine()}, load average before the run "
       f"{args.load_before}\n- versions: {versions()}\n"
-      f"- model: random Qwen2 `{args.preset}` preset {dataclasses.asdict(cfg)}, {n_params:,} params, fp32; "
+      f"- model: {'`' + args.preset + '`' if args.model else 'random Qwen2 `' + args.preset + '` preset'} "
+      f"{dataclasses.asdict(cfg)}, {n_params:,} params, fp32; "
       f"LoRA r={args.rank} α={args.alpha:g} on all 7 projections ({n_lora:,} trainable)\n"
       f"- workload per step: {args.prompts} prompts × G={args.group} = {args.prompts * args.group} "
       f"completions of exactly {args.new_tokens} tokens (T=1), reward = digit fraction, GRPO advantages, "
@@ -346,9 +360,17 @@ def main(argv=None) -> list[dict]:
   cfg = model_config(args)
   runs: list[dict] = []
   with tempfile.TemporaryDirectory() as tmp:
-    model_dir = toy.make_random_model_dir(Path(tmp) / "model", cfg, seed=args.seed)
-    cfg, params, tok = hf.load_model(model_dir)
-    prompts = make_prompts(tok, 8 * args.prompts, args.prompt_len, args.seed)
+    if args.model:
+      model_dir, cfg, params, tok = real_model.load(args.model)
+      prompts = real_model.chat_prompts(tok, 8 * args.prompts, args.seed)
+      longest = max(len(tok(text=q)["input_ids"]) for q in prompts)
+      if longest > args.prompt_len:
+        raise SystemExit(f"--prompt-len {args.prompt_len}: the chat prompts need {longest} tokens")
+      args.preset = model_dir.name
+    else:
+      model_dir = toy.make_random_model_dir(Path(tmp) / "model", cfg, seed=args.seed)
+      cfg, params, tok = hf.load_model(model_dir)
+      prompts = make_prompts(tok, 8 * args.prompts, args.prompt_len, args.seed)
     ours = Ours(args, cfg, params, tok, prompts, compiles)
     n_params, n_lora = count_params(params), count_params(ours.state.train.params)
     print(f"model: {args.preset} {cfg}\n{n_params:,} params, {n_lora:,} LoRA; {machine()}; {versions()}",

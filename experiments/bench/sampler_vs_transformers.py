@@ -1,8 +1,11 @@
-"""Decode throughput: our jitted KV-cache sampler vs transformers' PyTorch `generate`, on one random Qwen2.
+"""Decode throughput: our jitted KV-cache sampler vs transformers' PyTorch `generate`, on a random Qwen2
+preset or the real SmolLM2-135M-Instruct (`--preset smollm2`).
 
-One random Qwen2 HF directory (`toy.make_random_model_dir`) is loaded by both stacks: ours through
-`hf.load_model`, theirs through `AutoModelForCausalLM.from_pretrained` (fp32, eval, all cores). Both decode
-the same left-padded prompt batch for exactly N new tokens with the KV cache on and no stop ids:
+One HF directory (random presets: `toy.make_random_model_dir`; smollm2: the converted GGUF, with the chat
+prompts configs/smollm2.py trains on) is loaded by both stacks: ours through `hf.load_model`, theirs
+through `AutoModelForCausalLM.from_pretrained` (fp32, eval, all cores). Both decode the same left-padded
+prompt batch for exactly N new tokens (one row set per --new-tokens value) with the KV cache on and no
+stop ids:
 
   greedy : B prompts, 1 sample each, argmax                      → B·N generated tokens per call
   sample : B prompts × G samples (temperature 1, top-p 1 / 0.95) → B·G·N generated tokens per call
@@ -11,10 +14,14 @@ the same left-padded prompt batch for exactly N new tokens with the KV cache on 
 The first call of each (trace + compile for us) is timed separately; then R repetitions alternate the two
 sides (order flipped every rep), each blocked until done. Reported: median and IQR of generated tokens/s,
 the ratio ours/transformers of the medians, and for greedy the fraction of identical tokens.
-Writes the table to experiments/results/bench_sampler.md.
+--early-stop adds, per preset, one greedy call of max(--new-tokens) with the model's EOS as stop id on both
+sides: each side's wall time and generated tokens show that decoding ends when every row has stopped.
+Writes the table to experiments/results/bench_sampler.md (--out).
 
-  python -m experiments.bench.sampler_vs_transformers [--preset toy [toy-rl small]] [--batch 16]
-      [--new-tokens 64] [--samples 8] [--top-p 1.0 0.95] [--reps 7] [--profile]
+  python -m experiments.bench.sampler_vs_transformers [--preset toy [toy-rl small smollm2]] [--batch 16]
+      [--new-tokens 64 [128]] [--samples 8] [--top-p 1.0 0.95] [--reps 7] [--early-stop] [--profile]
+  python -m experiments.bench.sampler_vs_transformers --preset smollm2 --batch 64 --samples 1 \
+      --new-tokens 32 128 --reps 3 --early-stop --out experiments/results/bench_sampler_smollm2.md
 """
 
 from __future__ import annotations
@@ -33,6 +40,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
+from experiments.bench import real_model
 from next_jax import hf, sampler, toy
 from next_jax.policy import ModelConfig, count_params
 
@@ -46,6 +54,7 @@ PRESETS = {
     "small": dict(vocab_size=4096, hidden_size=512, intermediate_size=1408, num_layers=8, num_heads=8,
                   num_kv_heads=2),
 }
+REAL = ("smollm2",)  # presets that are a real checkpoint (real_model.load), not a random architecture
 RESULTS = Path(__file__).resolve().parents[1] / "results" / "bench_sampler.md"
 # Other processes' mean CPU (cores) above which a row is flagged: with torch using every core, a fraction of a
 # core taken by someone else can slow transformers' generate 10× or more (threads wait on each other).
@@ -54,12 +63,14 @@ CONTENDED = 0.25
 
 def parse_args(argv=None) -> argparse.Namespace:
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--preset", choices=list(PRESETS), nargs="+", default=["toy"], help="one table row set each")
+  p.add_argument("--preset", choices=list(PRESETS) + list(REAL), nargs="+", default=["toy"],
+                 help="one table row set each")
+  p.add_argument("--model", default=real_model.DEFAULT, help="smollm2 preset: HF dir, .gguf or packaged name")
   for name in PRESETS["toy"]:
     p.add_argument(f"--{name.replace('_', '-')}", type=int, default=None, help="override the preset")
   p.add_argument("--batch", type=int, default=16, help="prompts per call")
   p.add_argument("--prompt-len", type=int, default=32, help="padded prompt length (bucket)")
-  p.add_argument("--new-tokens", type=int, default=64, help="tokens generated per row")
+  p.add_argument("--new-tokens", type=int, nargs="+", default=[64], help="tokens per row; one row set each")
   p.add_argument("--samples", type=int, default=8, help="G for the sampling rows (0 = skip them)")
   p.add_argument("--top-p", type=float, nargs="*", default=[1.0, 0.95],
                  help="one sampling row per value (temperature 1): 1.0 = RL rollouts, 0.95 = nucleus")
@@ -67,6 +78,7 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--weight-scale", type=float, default=1.0, help="toy.make_random_model_dir weight_scale")
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--out", default=str(RESULTS), help="Markdown results file ('' = don't write)")
+  p.add_argument("--early-stop", action="store_true", help="also one greedy call per side that stops at EOS")
   p.add_argument("--profile", action="store_true", help="also trace one call of ours per row: top XLA ops")
   return p.parse_args(argv)
 
@@ -87,25 +99,28 @@ def make_prompts(batch: int, length: int, vocab: int, seed: int) -> tuple[np.nda
 # ------------------------------------------------------------------------------------------ the two sides
 
 
-def ours_fn(params, cfg, tokens, mask, n_new, samples, temperature, top_p):
-  """() → int32[B·G, N] numpy, blocking. Stop ids off, so every row generates exactly n_new tokens."""
+def ours_fn(params, cfg, tokens, mask, n_new, samples, temperature, top_p, stop_ids=(), pad_id=0):
+  """() → int32[B·G, N] numpy, blocking. No stop ids (default): every row generates exactly n_new tokens."""
   tokens, mask = jax.numpy.asarray(tokens), jax.numpy.asarray(mask)
   keys = iter(jax.random.split(jax.random.key(0), 10_000))
 
   def run():
     out = sampler.generate(params, tokens, mask, next(keys), cfg=cfg, max_new_tokens=n_new,
-                           num_samples=samples, temperature=temperature, top_p=top_p)
+                           num_samples=samples, temperature=temperature, top_p=top_p, stop_ids=stop_ids,
+                           pad_id=pad_id)
     return np.asarray(jax.block_until_ready(out.tokens))
 
   return run
 
 
-def theirs_fn(model, tokens, mask, n_new, samples, greedy, top_p):
-  """() → int64[B·G, N] numpy. eos_token_id=None + min_new_tokens=N: exactly n_new tokens per row."""
+def theirs_fn(model, tokens, mask, n_new, samples, greedy, top_p, eos_id=None, pad_id=0):
+  """() → int64[B·G, ≤ N] numpy. eos_id None: min_new_tokens=N, exactly n_new tokens per row."""
   import torch  # noqa: PLC0415
 
   ids, att = torch.from_numpy(tokens.astype(np.int64)), torch.from_numpy(mask.astype(np.int64))
-  kw = dict(max_new_tokens=n_new, min_new_tokens=n_new, use_cache=True, eos_token_id=None, pad_token_id=0)
+  kw = dict(max_new_tokens=n_new, use_cache=True, eos_token_id=eos_id, pad_token_id=pad_id)
+  if eos_id is None:
+    kw["min_new_tokens"] = n_new
   if greedy:
     kw.update(do_sample=False)
   else:
@@ -259,56 +274,96 @@ def compile_note(r: dict) -> str:
           f"{r['first_theirs']:.2f} s (steady {steady:.2f} s)")
 
 
-def report(args, models: dict[str, str], rows: list[dict]) -> str:
+def early_table(rows: list[dict]) -> str:
+  """The --early-stop calls: wall time, generated tokens (stop included) and the longest row, per side."""
+  lines = ["| model | rows × max new tokens | ours: s / tokens / longest row | transformers: s / tokens / "
+           "longest row |", "|---|---|---|---|"]
+  for r in rows:
+    cells = [f"{r[k]['seconds']:.2f} s / {r[k]['tokens']:,} / {r[k]['longest']}" for k in ("ours", "theirs")]
+    lines.append(f"| {r['preset']} | {r['shape']} | " + " | ".join(cells) + " |")
+  return "\n".join(lines) + "\n"
+
+
+def report(args, models: dict[str, str], rows: list[dict], early: list[dict]) -> str:
   cmd = "python -m experiments.bench.sampler_vs_transformers " + shlex.join(sys.argv[1:])
   model_lines = "\n".join(f"- model `{k}`: {v}" for k, v in models.items())
-  compile_lines = "\n".join(f"- {r['preset']} / {r['mode']}: {compile_note(r)}" for r in rows)
+  compile_lines = "\n".join(f"- {r['preset']} / {r['mode']} / {r['shape']}: {compile_note(r)}" for r in rows)
+  early_text = ("\nEarly stop (greedy, EOS as stop id on both sides; decoding should end when the last row "
+                f"stops):\n\n{early_table(early)}" if early else "")
+  new = ", ".join(map(str, args.new_tokens))
   return (f"# Sampler benchmark: next_jax vs transformers generate\n\n"
           f"- date: {datetime.datetime.now().astimezone().isoformat(timespec='seconds')}\n"
           f"- command: `{cmd.strip()}`\n- machine: {machine_info()}\n{model_lines}\n"
-          f"- prompts: batch {args.batch} × {args.prompt_len} tokens (left-padded), {args.new_tokens} new "
-          f"tokens per row, KV cache, no stop ids; {args.reps} alternating timed reps per side; fp32\n\n"
-          f"{table(rows)}\nFirst calls (compile):\n{compile_lines}\n")
+          f"- prompts: batch {args.batch} (left-padded; random presets: {args.prompt_len} random tokens; "
+          f"smollm2: chat prompts of configs/smollm2.py), {new} new tokens per row, KV cache, no stop ids; "
+          f"{args.reps} alternating timed reps per side; fp32\n\n"
+          f"{table(rows)}\nFirst calls (compile):\n{compile_lines}\n{early_text}")
 
 
 # ------------------------------------------------------------------------------------------------ main
 
 
-def load_both(cfg: ModelConfig, args):
-  """One random HF directory → (cfg, our params, transformers model in eval mode)."""
+def load_both(preset: str, args):
+  """→ (cfg, our params, transformers model in eval mode, prompt tokens, mask, EOS id, pad id, description).
+  Random presets: a fresh random HF directory and random prompts; smollm2: the real checkpoint and chat
+  prompts (padded to their bucket)."""
   import torch  # noqa: PLC0415
   import transformers  # noqa: PLC0415
 
+  load = lambda d: transformers.AutoModelForCausalLM.from_pretrained(str(d), dtype=torch.float32).eval()  # noqa: E731
+  if preset in REAL:
+    model_dir, cfg, params, tok = real_model.load(args.model)
+    ids = [tok(text=q)["input_ids"] for q in real_model.chat_prompts(tok, args.batch, args.seed)]
+    tokens, mask = sampler.pad_prompts(ids, tok.pad_token_id)
+    return (cfg, params, load(model_dir), tokens, mask, tok.eos_token_id, tok.pad_token_id,
+            f"{model_dir.name}, {count_params(params):,} params")
   with tempfile.TemporaryDirectory() as tmp:
-    model_dir = toy.make_random_model_dir(Path(tmp) / "model", cfg, seed=args.seed,
+    model_dir = toy.make_random_model_dir(Path(tmp) / "model", model_config(args, preset), seed=args.seed,
                                           weight_scale=args.weight_scale, tokenizer=False)
     cfg, params, _ = hf.load_model(model_dir, tokenizer=False)
-    model = transformers.AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
-  return cfg, params, model
-
-
-def bench_preset(preset: str, args) -> tuple[str, list[dict]]:
-  """Greedy row, then one sampling row per --top-p, for one model preset → (model description, rows)."""
-  cfg, params, model = load_both(model_config(args, preset), args)
-  desc = f"{dataclasses.asdict(cfg)}, {count_params(params):,} params"
-  print(f"model {preset}: {desc}", flush=True)
+    model = load(model_dir)
   tokens, mask = make_prompts(args.batch, args.prompt_len, cfg.vocab_size, args.seed)
-  b, n, g = args.batch, args.new_tokens, args.samples
+  return (cfg, params, model, tokens, mask, 1, 0,
+          f"{dataclasses.asdict(cfg)}, {count_params(params):,} params")
+
+
+def early_stop(preset, params, cfg, model, tokens, mask, eos, pad, n_new) -> dict:
+  """One greedy call per side (after a warm-up call) with EOS as the stop id."""
+  ours = ours_fn(params, cfg, tokens, mask, n_new, 1, 0.0, 1.0, stop_ids=(eos,), pad_id=pad)
+  theirs = theirs_fn(model, tokens, mask, n_new, 1, True, 1.0, eos_id=eos, pad_id=pad)
+  out = {"preset": preset, "shape": f"{tokens.shape[0]} × {n_new}"}
+  for name, fn in (("ours", ours), ("theirs", theirs)):
+    fn()
+    dt, toks = timed(fn)
+    lengths = [int(np.argmax(row == eos)) + 1 if (row == eos).any() else len(row) for row in toks]
+    out[name] = {"seconds": dt, "tokens": int(sum(lengths)), "longest": max(lengths)}
+  return out
+
+
+def bench_preset(preset: str, args) -> tuple[str, list[dict], dict | None]:
+  """Per --new-tokens value: a greedy row, then one sampling row per --top-p → (model description, rows,
+  the early-stop row or None)."""
+  cfg, params, model, tokens, mask, eos, pad, desc = load_both(preset, args)
+  print(f"model {preset}: {desc}", flush=True)
+  b, g = tokens.shape[0], args.samples
   modes = [("greedy", 1, 0.0, 1.0)] + [(f"sample G={g}, T=1, top-p {p:g}", g, 1.0, p)
                                        for p in (args.top_p if g else [])]
   rows = []
-  for mode, k, temp, top_p in modes:
-    print(f"  {mode}: {b}·{k} rows × {n} new tokens ...", flush=True)
-    ours = ours_fn(params, cfg, tokens, mask, n, k, temp, top_p)
-    programs = sampler.generate._cache_size()  # noqa: SLF001 - tells a compile from a cache hit
-    res = race(ours, theirs_fn(model, tokens, mask, n, k, temp == 0.0, top_p), args.reps, b * k * n)
-    rows.append(dict(res, preset=preset, mode=mode, shape=f"{b}·{k} × {n}" if k > 1 else f"{b} × {n}",
-                     shape_tokens=b * k * n, compiled=sampler.generate._cache_size() > programs))
-    if temp == 0.0:
-      rows[-1]["agree"] = agreement(res["out_ours"], res["out_theirs"])
-    if args.profile:
-      profile(ours, f"{preset} {mode}")
-  return desc, rows
+  for n in args.new_tokens:
+    for mode, k, temp, top_p in modes:
+      print(f"  {mode}: {b}·{k} rows × {n} new tokens ...", flush=True)
+      ours = ours_fn(params, cfg, tokens, mask, n, k, temp, top_p, pad_id=pad)
+      programs = sampler.generate._cache_size()  # noqa: SLF001 - tells a compile from a cache hit
+      res = race(ours, theirs_fn(model, tokens, mask, n, k, temp == 0.0, top_p, pad_id=pad), args.reps, b * k * n)
+      rows.append(dict(res, preset=preset, mode=mode, shape=f"{b}·{k} × {n}" if k > 1 else f"{b} × {n}",
+                       shape_tokens=b * k * n, compiled=sampler.generate._cache_size() > programs))
+      if temp == 0.0:
+        rows[-1]["agree"] = agreement(res["out_ours"], res["out_theirs"])
+      if args.profile:
+        profile(ours, f"{preset} {mode}")
+  early = early_stop(preset, params, cfg, model, tokens, mask, eos, pad, max(args.new_tokens)) \
+      if args.early_stop else None
+  return desc, rows, early
 
 
 def main(argv=None) -> list[dict]:
@@ -317,11 +372,12 @@ def main(argv=None) -> list[dict]:
 
   torch.set_num_threads(os.cpu_count())
   print(machine_info(), flush=True)
-  models, rows = {}, []
+  models, rows, early = {}, [], []
   for preset in args.preset:
-    models[preset], preset_rows = bench_preset(preset, args)
+    models[preset], preset_rows, early_row = bench_preset(preset, args)
     rows += preset_rows
-  text = report(args, models, rows)
+    early += [early_row] if early_row else []
+  text = report(args, models, rows, early)
   print("\n" + text)
   if args.out:
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

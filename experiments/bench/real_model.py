@@ -1,0 +1,29 @@
+"""The real model of the speed benchmarks: SmolLM2-135M-Instruct (or any HF directory / GGUF) and the
+chat prompts `configs/smollm2.py` trains on, so both stacks in a benchmark see the same text and tokens."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from next_jax import hf, model_files, tasks
+
+ROOT = Path(__file__).resolve().parents[2]
+DEFAULT = "smollm2-135m-instruct"
+
+
+def load(spec: str = DEFAULT):
+  """→ (HF directory, ModelConfig, params, tokenizer), fp32; a GGUF or packaged name is converted once."""
+  model_dir = model_files.resolve(spec)
+  cfg, params, tok = hf.load_model(model_dir, dtype="float32")
+  return model_dir, cfg, params, tok
+
+
+def chat_prompts(tok, n: int, seed: int = 0, task: str = "compare") -> list[str]:
+  """n problems of `task` posed as configs/smollm2.py poses them (system prompt, instruction, chat template)."""
+  sys.path.insert(0, str(ROOT / "configs"))
+  import smollm2  # noqa: PLC0415
+
+  c = smollm2.get_config(f"task={task}")
+  problems = tasks.make_task(task, n, seed=seed, split="test")
+  return tasks.format_prompts(problems, tok, system=c.task.system, instruction=c.task.instruction)
