@@ -179,6 +179,8 @@ def validate(c) -> None:
   _check(n % split == 0 and ro.prompts_per_step % split == 0, "mesh.data", c.mesh.data,
          f"data·fsdp = {split} must divide prompts_per_step ({ro.prompts_per_step})")
   _check(c.eval.chunk % split == 0, "eval.chunk", c.eval.chunk, f"must be a multiple of data·fsdp = {split}")
+  _check(ro.sample_chunk % split == 0, "rollout.sample_chunk", ro.sample_chunk,
+         f"must be a multiple of data·fsdp = {split} (each sampler call splits its prompts over them)")
 
 
 # ---------------------------------------------------------------------------------------------- build

@@ -70,27 +70,42 @@ def pad_prompts(prompts: Sequence[Sequence[int]], pad_id: int, length: int | Non
   return tokens, mask
 
 
-NUCLEUS_CANDIDATES = 256  # top-p first looks for the nucleus among the top 256 tokens (`process_logits`)
+def _ordered_bits(x: jax.Array) -> jax.Array:
+  """float32 → uint32 with the same order (flip the magnitude bits of negatives, then offset the sign)."""
+  i = jax.lax.bitcast_convert_type(x.astype(jnp.float32), jnp.int32)
+  i = jnp.where(i < 0, i ^ jnp.int32(0x7FFFFFFF), i)
+  return jax.lax.bitcast_convert_type(i ^ jnp.int32(-2 ** 31), jnp.uint32)
 
 
-def _nucleus_threshold(sorted_logits: jax.Array, logz: jax.Array, top_p: jax.Array) -> jax.Array:
-  """Smallest kept logit, from logits sorted descending (a prefix of the full sort, or all of it) and the
-  full vocabulary's logsumexp: keep a token when the mass strictly before it is < p; the first always."""
-  probs = jnp.exp(sorted_logits - logz)
-  mass_before = jnp.cumsum(probs, axis=-1) - probs
-  keep = (mass_before < top_p) | (jnp.arange(sorted_logits.shape[-1]) == 0)
-  return jnp.min(jnp.where(keep, sorted_logits, jnp.inf), axis=-1, keepdims=True)
+def nucleus_threshold(logits: jax.Array, top_p: jax.Array) -> jax.Array:
+  """τ [..., 1]: the smallest logit whose strictly-larger mass M(>τ) = Σ_{z_k > τ} softmax(z)_k is < p.
+
+  Keeping z ≥ τ is top-p: the smallest most-likely prefix of the sorted vocabulary whose mass reaches p
+  (a token goes when the mass strictly before it is ≥ p; ties at τ stay; the most likely token always
+  does). M(>t) is non-increasing in t and changes only at logit values, so τ is found by bisection over the
+  32-bit order of float32 values: 32 masked sums over V instead of a sort."""
+  probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+  bits = _ordered_bits(logits)
+  lo = jnp.zeros(logits.shape[:-1] + (1,), jnp.uint32)  # M(> smallest float) = 1 ≥ p
+  hi = jnp.max(bits, axis=-1, keepdims=True)  # M(> max) = 0 < p
+
+  def step(_, bounds):
+    lo, hi = bounds
+    mid = lo + (hi - lo) // 2
+    below = jnp.sum(jnp.where(bits > mid, probs, 0.0), axis=-1, keepdims=True) < top_p
+    return jnp.where(below, lo, mid), jnp.where(below, mid, hi)
+
+  _, hi = jax.lax.fori_loop(0, 32, step, (lo, hi))
+  return jnp.min(jnp.where(bits >= hi, logits, jnp.inf), axis=-1, keepdims=True)
 
 
 def process_logits(logits: jax.Array, temperature: jax.Array, top_k: int, top_p: jax.Array) -> jax.Array:
   """The sampling distribution's logits: logits/T, then top-k (static, 0 = off), then nucleus top-p.
 
   Top-p keeps the smallest prefix of tokens sorted by probability whose mass reaches p (a token is dropped
-  when the mass strictly before it is ≥ p; the most likely token always stays). Dropped → −inf.
-  The nucleus is found among the top NUCLEUS_CANDIDATES tokens (`lax.top_k`, no vocabulary sort) whenever
-  their mass reaches p in every row, which makes the result the same as sorting everything; otherwise
-  (a flat distribution) the whole vocabulary is sorted. top_p ≥ 1 skips the nucleus step at run time (in
-  fp32 the cumulative mass can round up to 1 early and drop a tail that p = 1 must keep).
+  when the mass strictly before it is ≥ p; the most likely token always stays). Dropped → −inf. The
+  threshold comes from `nucleus_threshold` (bisection, no vocabulary sort). top_p ≥ 1 skips the nucleus
+  step at run time (in fp32 the mass can round up to 1 early and drop a tail that p = 1 must keep).
   """
   logits = logits / jnp.maximum(temperature, 1e-6)
   neg = jnp.finfo(logits.dtype).min
@@ -99,13 +114,7 @@ def process_logits(logits: jax.Array, temperature: jax.Array, top_k: int, top_p:
     logits = jnp.where(logits < kth, neg, logits)
 
   def nucleus(logits):
-    logz = jax.nn.logsumexp(logits, axis=-1, keepdims=True)
-    top = jax.lax.top_k(logits, min(NUCLEUS_CANDIDATES, logits.shape[-1]))[0]
-    covered = jnp.all(jnp.exp(jax.nn.logsumexp(top, axis=-1) - logz[..., 0]) >= top_p)
-    threshold = jax.lax.cond(
-        covered, lambda: _nucleus_threshold(top, logz, top_p),
-        lambda: _nucleus_threshold(jnp.sort(logits, axis=-1)[..., ::-1], logz, top_p))
-    return jnp.where(logits < threshold, neg, logits)
+    return jnp.where(logits < nucleus_threshold(logits, top_p), neg, logits)
 
   return jax.lax.cond(jnp.any(top_p < 1.0), nucleus, lambda x: x, logits)
 

@@ -14,14 +14,14 @@ stop ids:
 The first call of each (trace + compile for us) is timed separately; then R repetitions alternate the two
 sides (order flipped every rep), each blocked until done. Reported: median and IQR of generated tokens/s,
 the ratio ours/transformers of the medians, and for greedy the fraction of identical tokens.
---early-stop adds, per preset, one greedy call of max(--new-tokens) with the model's EOS as stop id on both
-sides: each side's wall time and generated tokens show that decoding ends when every row has stopped.
+--early-stop N adds, per preset, one greedy call of up to N new tokens with the model's EOS (smollm2: and the
+newline token) as stop ids on both sides: each side's wall time and generated tokens show that decoding ends when every row has stopped.
 Writes the table to experiments/results/bench_sampler.md (--out).
 
   python -m experiments.bench.sampler_vs_transformers [--preset toy [toy-rl small smollm2]] [--batch 16]
-      [--new-tokens 64 [128]] [--samples 8] [--top-p 1.0 0.95] [--reps 7] [--early-stop] [--profile]
+      [--new-tokens 64 [128]] [--samples 8] [--top-p 1.0 0.95] [--reps 7] [--early-stop N] [--profile]
   python -m experiments.bench.sampler_vs_transformers --preset smollm2 --batch 64 --samples 1 \
-      --new-tokens 32 128 --reps 3 --early-stop --out experiments/results/bench_sampler_smollm2.md
+      --new-tokens 32 128 --top-p 1.0 --reps 2 --early-stop 128 --out experiments/results/bench_sampler_smollm2.md
 """
 
 from __future__ import annotations
@@ -70,7 +70,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument(f"--{name.replace('_', '-')}", type=int, default=None, help="override the preset")
   p.add_argument("--batch", type=int, default=16, help="prompts per call")
   p.add_argument("--prompt-len", type=int, default=32, help="padded prompt length (bucket)")
-  p.add_argument("--new-tokens", type=int, nargs="+", default=[64], help="tokens per row; one row set each")
+  p.add_argument("--new-tokens", type=int, nargs="*", default=[64],
+                 help="tokens per row; one row set each (none: only --early-stop)")
   p.add_argument("--samples", type=int, default=8, help="G for the sampling rows (0 = skip them)")
   p.add_argument("--top-p", type=float, nargs="*", default=[1.0, 0.95],
                  help="one sampling row per value (temperature 1): 1.0 = RL rollouts, 0.95 = nucleus")
@@ -78,7 +79,9 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--weight-scale", type=float, default=1.0, help="toy.make_random_model_dir weight_scale")
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--out", default=str(RESULTS), help="Markdown results file ('' = don't write)")
-  p.add_argument("--early-stop", action="store_true", help="also one greedy call per side that stops at EOS")
+  p.add_argument("--early-stop", type=int, default=0, metavar="N",
+                 help="also one greedy call of up to N new tokens per side that stops at EOS (smollm2: or a "
+                 "newline); 0 = off")
   p.add_argument("--profile", action="store_true", help="also trace one call of ours per row: top XLA ops")
   return p.parse_args(argv)
 
@@ -267,7 +270,7 @@ def table(rows: list[dict]) -> str:
 
 def compile_note(r: dict) -> str:
   """First-call times; our compile ≈ first call − median steady call (none when the jit cache hit)."""
-  comp = r["first_ours"] - r["shape_tokens"] / stats(r["tps_ours"])[0]
+  comp = max(r["first_ours"] - r["shape_tokens"] / stats(r["tps_ours"])[0], 0.0)  # ≥ 0 under timing noise
   what = f"≈ {comp:.2f} s trace + XLA compile" if r["compiled"] else "no compile: jit cache hit (traced args)"
   steady = r["shape_tokens"] / stats(r["tps_theirs"])[0]
   return (f"ours first call {r['first_ours']:.2f} s ({what}); transformers first call "
@@ -288,8 +291,8 @@ def report(args, models: dict[str, str], rows: list[dict], early: list[dict]) ->
   cmd = "python -m experiments.bench.sampler_vs_transformers " + shlex.join(sys.argv[1:])
   model_lines = "\n".join(f"- model `{k}`: {v}" for k, v in models.items())
   compile_lines = "\n".join(f"- {r['preset']} / {r['mode']} / {r['shape']}: {compile_note(r)}" for r in rows)
-  early_text = ("\nEarly stop (greedy, EOS as stop id on both sides; decoding should end when the last row "
-                f"stops):\n\n{early_table(early)}" if early else "")
+  early_text = ("\nEarly stop (greedy; stop ids: EOS, and for smollm2 also the newline token, on both sides; "
+                f"decoding should end when the last row stops):\n\n{early_table(early)}" if early else "")
   new = ", ".join(map(str, args.new_tokens))
   return (f"# Sampler benchmark: next_jax vs transformers generate\n\n"
           f"- date: {datetime.datetime.now().astimezone().isoformat(timespec='seconds')}\n"
@@ -304,9 +307,10 @@ def report(args, models: dict[str, str], rows: list[dict], early: list[dict]) ->
 
 
 def load_both(preset: str, args):
-  """→ (cfg, our params, transformers model in eval mode, prompt tokens, mask, EOS id, pad id, description).
+  """→ (cfg, our params, transformers model in eval mode, prompt tokens, mask, stop ids of the early-stop
+  call, pad id, description).
   Random presets: a fresh random HF directory and random prompts; smollm2: the real checkpoint and chat
-  prompts (padded to their bucket)."""
+  prompts, left-padded to the longest rounded up to a multiple of 8 (40 tokens, as configs/smollm2.py)."""
   import torch  # noqa: PLC0415
   import transformers  # noqa: PLC0415
 
@@ -314,8 +318,9 @@ def load_both(preset: str, args):
   if preset in REAL:
     model_dir, cfg, params, tok = real_model.load(args.model)
     ids = [tok(text=q)["input_ids"] for q in real_model.chat_prompts(tok, args.batch, args.seed)]
-    tokens, mask = sampler.pad_prompts(ids, tok.pad_token_id)
-    return (cfg, params, load(model_dir), tokens, mask, tok.eos_token_id, tok.pad_token_id,
+    tokens, mask = sampler.pad_prompts(ids, tok.pad_token_id, -(-max(map(len, ids)) // 8) * 8)  # as the preset
+    newline = tok(text="\n")["input_ids"]  # the answers are one line: EOS or a newline ends them
+    return (cfg, params, load(model_dir), tokens, mask, (tok.eos_token_id, *newline[-1:]), tok.pad_token_id,
             f"{model_dir.name}, {count_params(params):,} params")
   with tempfile.TemporaryDirectory() as tmp:
     model_dir = toy.make_random_model_dir(Path(tmp) / "model", model_config(args, preset), seed=args.seed,
@@ -323,19 +328,20 @@ def load_both(preset: str, args):
     cfg, params, _ = hf.load_model(model_dir, tokenizer=False)
     model = load(model_dir)
   tokens, mask = make_prompts(args.batch, args.prompt_len, cfg.vocab_size, args.seed)
-  return (cfg, params, model, tokens, mask, 1, 0,
+  return (cfg, params, model, tokens, mask, (1,), 0,
           f"{dataclasses.asdict(cfg)}, {count_params(params):,} params")
 
 
-def early_stop(preset, params, cfg, model, tokens, mask, eos, pad, n_new) -> dict:
-  """One greedy call per side (after a warm-up call) with EOS as the stop id."""
-  ours = ours_fn(params, cfg, tokens, mask, n_new, 1, 0.0, 1.0, stop_ids=(eos,), pad_id=pad)
-  theirs = theirs_fn(model, tokens, mask, n_new, 1, True, 1.0, eos_id=eos, pad_id=pad)
+def early_stop(preset, params, cfg, model, tokens, mask, stops, pad, n_new) -> dict:
+  """One greedy call per side (after a warm-up call) with `stops` as the stop ids."""
+  ours = ours_fn(params, cfg, tokens, mask, n_new, 1, 0.0, 1.0, stop_ids=stops, pad_id=pad)
+  theirs = theirs_fn(model, tokens, mask, n_new, 1, True, 1.0, eos_id=list(stops), pad_id=pad)
   out = {"preset": preset, "shape": f"{tokens.shape[0]} × {n_new}"}
   for name, fn in (("ours", ours), ("theirs", theirs)):
     fn()
     dt, toks = timed(fn)
-    lengths = [int(np.argmax(row == eos)) + 1 if (row == eos).any() else len(row) for row in toks]
+    hit = np.isin(toks, stops)
+    lengths = [int(np.argmax(row)) + 1 if row.any() else len(row) for row in hit]
     out[name] = {"seconds": dt, "tokens": int(sum(lengths)), "longest": max(lengths)}
   return out
 
@@ -343,7 +349,7 @@ def early_stop(preset, params, cfg, model, tokens, mask, eos, pad, n_new) -> dic
 def bench_preset(preset: str, args) -> tuple[str, list[dict], dict | None]:
   """Per --new-tokens value: a greedy row, then one sampling row per --top-p → (model description, rows,
   the early-stop row or None)."""
-  cfg, params, model, tokens, mask, eos, pad, desc = load_both(preset, args)
+  cfg, params, model, tokens, mask, stops, pad, desc = load_both(preset, args)
   print(f"model {preset}: {desc}", flush=True)
   b, g = tokens.shape[0], args.samples
   modes = [("greedy", 1, 0.0, 1.0)] + [(f"sample G={g}, T=1, top-p {p:g}", g, 1.0, p)
@@ -361,7 +367,7 @@ def bench_preset(preset: str, args) -> tuple[str, list[dict], dict | None]:
         rows[-1]["agree"] = agreement(res["out_ours"], res["out_theirs"])
       if args.profile:
         profile(ours, f"{preset} {mode}")
-  early = early_stop(preset, params, cfg, model, tokens, mask, eos, pad, max(args.new_tokens)) \
+  early = early_stop(preset, params, cfg, model, tokens, mask, stops, pad, args.early_stop) \
       if args.early_stop else None
   return desc, rows, early
 
