@@ -78,8 +78,8 @@ def loss_config(c) -> grpo.LossConfig:
 
 _KINDS = {
     int: ("seed", "model.lora_rank", "task.n_train", "task.n_test", "task.n_val", "rollout.top_k",
-          "rollout.overlong_cache", "rl.warmup_steps", "rl.num_mini_batches", "rl.micro_batch_size", "rl.logprob_chunk",
-          "rollout.sample_chunk",
+          "rollout.overlong_cache", "rollout.sample_chunk", "rl.warmup_steps", "rl.num_mini_batches",
+          "rl.micro_batch_size", "rl.logprob_chunk",
           "rl.max_faults", "nxt.extrapolate_at", "nxt.interval", "nxt.k", "nxt.total_steps", "nxt.cycles",
           "nxt.horizon", "nxt.predictor.hidden", "nxt.predictor.epochs", "eval.every", "eval.chunk",
           "eval.samples", "ckpt.every", "ckpt.max_to_keep", "mesh.data"),
@@ -141,7 +141,8 @@ def validate(c) -> None:
     _check(isinstance(ro[f], int) and ro[f] >= 1, f"rollout.{f}", ro[f], "must be an integer ≥ 1")
   _check(ro.sample_chunk >= 0 and ro.prompts_per_step % (ro.sample_chunk or 1) == 0, "rollout.sample_chunk",
          ro.sample_chunk, f"must be 0 (all at once) or divide prompts_per_step = {ro.prompts_per_step}")
-  _check(c.rl.logprob_chunk >= 0, "rl.logprob_chunk", c.rl.logprob_chunk, "must be ≥ 0 (0: all positions at once)")
+  _check(c.rl.logprob_chunk >= 0, "rl.logprob_chunk", c.rl.logprob_chunk,
+         "must be ≥ 0 (0: all positions at once)")
   _check(ro.temperature >= 0, "rollout.temperature", ro.temperature, "must be ≥ 0")
   _check(0 < ro.top_p <= 1, "rollout.top_p", ro.top_p, "must be in (0, 1]")
   _check(c.rl.estimator in ("grpo", "drgrpo", "rloo", "reinforce_pp"), "rl.estimator", c.rl.estimator,

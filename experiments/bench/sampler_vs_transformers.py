@@ -15,7 +15,8 @@ The first call of each (trace + compile for us) is timed separately; then R repe
 sides (order flipped every rep), each blocked until done. Reported: median and IQR of generated tokens/s,
 the ratio ours/transformers of the medians, and for greedy the fraction of identical tokens.
 --early-stop N adds, per preset, one greedy call of up to N new tokens with the model's EOS (smollm2: and the
-newline token) as stop ids on both sides: each side's wall time and generated tokens show that decoding ends when every row has stopped.
+newline token) as stop ids on both sides: each side's wall time and generated tokens show that decoding
+ends when every row has stopped.
 Writes the table to experiments/results/bench_sampler.md (--out).
 
   python -m experiments.bench.sampler_vs_transformers [--preset toy [toy-rl small smollm2]] [--batch 16]
