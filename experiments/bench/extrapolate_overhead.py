@@ -18,26 +18,16 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # see experiments/demo.py
 
 import argparse
 import datetime
-import time
 from pathlib import Path
 
 import jax
 import numpy as np
 
 from experiments import reproduce as rp
+from experiments.bench.common import first_and_median
 from experiments.make_toy_base import build_toy_base
 from next_jax import experiment, extrapolate, rank1
 from next_jax import state_machine as sm
-
-
-def _timed(fn, repeats: int) -> tuple[float, float]:
-  """(first call incl. compilation, median of `repeats` later calls) in seconds; fn blocks on its result."""
-  times = []
-  for _ in range(repeats + 1):
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn())
-    times.append(time.perf_counter() - t0)
-  return times[0], float(np.median(times[1:]))
 
 
 def random_trajectory(state: sm.NExtState, key: jax.Array, scale: float = 0.02) -> sm.NExtState:
@@ -74,7 +64,7 @@ def main():
       "whole extrapolate_step (+ drift measures, the jump)":
           lambda: sm.extrapolate_step(setup, ncfg, state.replace(phase=sm.EXTRAPOLATE))[0].base_params,
   }
-  timed = {name: _timed(fn, args.repeats) for name, fn in rows.items()}
+  timed = {name: first_and_median(fn, args.repeats) for name, fn in rows.items()}
   names = list(timed)
   pred_first = timed[names[1]][0] - timed[names[0]][0]
   pred_med = timed[names[1]][1] - timed[names[0]][1]

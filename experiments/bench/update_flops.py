@@ -22,7 +22,6 @@ import argparse  # noqa: E402
 import datetime  # noqa: E402
 import shlex  # noqa: E402
 import sys  # noqa: E402
-import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import jax  # noqa: E402
@@ -30,6 +29,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
+from experiments.bench.common import first_and_median  # noqa: E402
 from next_jax import grpo, hf, model_files, policy  # noqa: E402
 from next_jax.policy import ALL_MODULES, LoraConfig, ModelConfig  # noqa: E402
 
@@ -70,22 +70,12 @@ def update_flops(cfg: ModelConfig, lcfg: LoraConfig, rows: int, seq: int, tail: 
   return {"forward": float(fwd), "backward": float(bwd), "total": float(fwd + bwd)}
 
 
-def median_seconds(fn, reps: int) -> tuple[float, float]:
-  """(first call, median of `reps` more) seconds; fn blocks on its result."""
-  times = []
-  for _ in range(reps + 1):
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn())
-    times.append(time.perf_counter() - t0)
-  return times[0], float(np.median(times[1:]))
-
-
 def matmul_peak(n: int, reps: int) -> float:
   """FLOP/s of a jitted f32 [n, n] @ [n, n] (2n³ FLOPs), median of reps."""
   a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
   b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
   mm = jax.jit(lambda x, y: x @ y)
-  return 2 * n ** 3 / median_seconds(lambda: mm(a, b), reps)[1]
+  return 2 * n ** 3 / first_and_median(lambda: mm(a, b), reps)[1]
 
 
 def update_fn(cfg, params, lcfg, rows: int, seq: int, tail: int, seed: int = 0):
@@ -119,7 +109,7 @@ def main(argv=None) -> list[dict]:
   rows = []
   for seq in args.seq:
     run = update_fn(cfg, params, lcfg, args.rows, seq, args.tail)
-    first, med = median_seconds(run, args.reps)
+    first, med = first_and_median(run, args.reps)
     flops = update_flops(cfg, lcfg, args.rows, seq, args.tail)
     rows.append({"seq": seq, "first": first, "median": med, **flops})
     print(f"seq {seq}: {med:.3f} s, {flops['total'] / med / 1e9:.1f} GFLOP/s", flush=True)
