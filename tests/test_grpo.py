@@ -183,17 +183,21 @@ def test_micro_batch_accumulation_equals_full_batch_gradient(tiny):
   close(m_full["pg_loss"], m_micro["pg_loss"])
 
 
+def _assert_same_update(a, b):
+  """Two (gradient, metrics) results of `_sgd_step`: the same update and the same loss metrics."""
+  for x, y in zip(jax.tree.leaves(a[0]), jax.tree.leaves(b[0])):
+    np.testing.assert_allclose(x, y, atol=1e-6, rtol=1e-5)
+  for k in ("pg_loss", "entropy", "kl_ref", "ppo_kl", "grad_norm"):
+    close(a[1][k], b[1][k], tol=1e-6)
+
+
 def test_logprob_tail_gives_the_same_update_without_the_prompts_logits(tiny):
   """loss_mask is zero before target 4, so logits for the last 5 targets are all the update needs."""
   _, _, _, _, batch = tiny
   assert not batch.loss_mask[:, :4].any()
   kw = dict(agg_mode="token-mean", kl_coef=0.05, entropy_coef=0.01, num_mini_batches=2)
   full, m_full = _sgd_step(tiny, **kw)
-  tail, m_tail = _sgd_step(tiny, logprob_tail=5, **kw)
-  for a, b in zip(jax.tree.leaves(full), jax.tree.leaves(tail)):
-    np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-5)
-  for k in ("pg_loss", "entropy", "kl_ref", "ppo_kl", "grad_norm"):
-    close(m_full[k], m_tail[k], tol=1e-6)
+  _assert_same_update((full, m_full), _sgd_step(tiny, logprob_tail=5, **kw))
   cut, _ = _sgd_step(tiny, logprob_tail=3, **kw)  # too short a tail drops loss targets: a different update
   assert max(float(jnp.abs(a - b).max()) for a, b in zip(jax.tree.leaves(full), jax.tree.leaves(cut))) > 1e-4
 
@@ -201,12 +205,7 @@ def test_logprob_tail_gives_the_same_update_without_the_prompts_logits(tiny):
 def test_logprob_chunks_give_the_same_update(tiny):
   """3-position blocks of the 5-target tail (the last block zero-padded): same update and metrics."""
   kw = dict(agg_mode="token-mean", kl_coef=0.05, entropy_coef=0.01, num_mini_batches=2, logprob_tail=5)
-  whole, m_whole = _sgd_step(tiny, **kw)
-  chunked, m_chunked = _sgd_step(tiny, logprob_chunk=3, **kw)
-  for a, b in zip(jax.tree.leaves(whole), jax.tree.leaves(chunked)):
-    np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-5)
-  for k in ("pg_loss", "entropy", "kl_ref", "ppo_kl", "grad_norm"):
-    close(m_whole[k], m_chunked[k], tol=1e-6)
+  _assert_same_update(_sgd_step(tiny, **kw), _sgd_step(tiny, logprob_chunk=3, **kw))
 
 
 @pytest.mark.parametrize("tie", [False, True])

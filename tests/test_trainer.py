@@ -32,7 +32,7 @@ SETUP_FLAGS = {"constant_even": False}
 
 
 def make_setup(**rollout_kw):
-  ro = dict(prompts_per_step=4, group_size=8, prompt_len=4, max_new_tokens=4)
+  ro = {"prompts_per_step": 4, "group_size": 8, "prompt_len": 4, "max_new_tokens": 4}
   ro.update(rollout_kw)
   return trainer.RLSetup(
       cfg=CFG, lora_cfg=LCFG, loss_cfg=grpo.LossConfig(), rollout=trainer.RolloutConfig(**ro),
