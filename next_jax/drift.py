@@ -126,3 +126,21 @@ def trajectory_drift(traj, steps: np.ndarray, scale: float, horizon: int, spectr
     per["E1"], per["E1_sq"] = [np.asarray(e1)], [np.asarray(e1sq)]
   values = {k: np.concatenate(v) for k, v in per.items()}
   return {k: float(np.median(v)) for k, v in values.items()}, values
+
+
+def line_r2(steps: np.ndarray, y: np.ndarray, horizon: int) -> np.ndarray:
+  """R² of a least-squares line in step through the first T−h vectors y_t, evaluated at the last h:
+  1 − Σ_targets ‖ŷ_t − y_t‖² / Σ_targets ‖y_t − ȳ‖² (ȳ: mean of the h targets), as `linear_fit_scores`
+  but on any per-snapshot vectors (e.g. the u of each G_t's triplet, where the SVD's sign matters).
+  steps: [T]; y: [T, N, d] → R² [N]."""
+  x, y = np.asarray(steps, np.float64), np.asarray(y, np.float64)
+  n_fit = len(x) - horizon
+  if n_fit < 2:
+    raise ValueError(f"{len(x)} snapshots leave {n_fit} to fit a line before the last {horizon}")
+  xf, yf, yt = x[:n_fit], y[:n_fit], y[n_fit:]
+  xc = xf - xf.mean()
+  slope = np.tensordot(xc, yf - yf.mean(0), axes=(0, 0)) / (xc @ xc)
+  pred = yf.mean(0) + slope * (x[n_fit:] - xf.mean())[:, None, None]
+  sse = ((pred - yt) ** 2).sum((0, 2))
+  sst = ((yt - yt.mean(0)) ** 2).sum((0, 2))
+  return 1.0 - sse / np.maximum(sst, 1e-30)

@@ -56,13 +56,17 @@ def _chunk_triplets(mod, pairs, scale, sign, devices) -> Triplet:
   return rank1.batched_dense_triplets(d.reshape(-1, *d.shape[2:]), sign, devices)
 
 
+def normalised(t: Triplet) -> Triplet:
+  """û = u/‖u‖, v̂ = v/‖v‖ (a predicted triplet's vectors are not unit length; σ is kept as predicted)."""
+  unit = lambda x: x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)  # noqa: E731
+  return t.replace(u=unit(t.u), v=unit(t.v))
+
+
 def triplet_delta(t: Triplet, normalise: bool = True) -> jax.Array:
   """σ·u·vᵀ in our layout: [..., n, m] = σ·v⊗u; u, v normalised to unit length first (predictions)."""
-  u, v = t.u, t.v
   if normalise:
-    u = u / jnp.maximum(jnp.linalg.norm(u, axis=-1, keepdims=True), 1e-12)
-    v = v / jnp.maximum(jnp.linalg.norm(v, axis=-1, keepdims=True), 1e-12)
-  return t.sigma[..., None, None] * v[..., :, None] * u[..., None, :]
+    t = normalised(t)
+  return t.sigma[..., None, None] * t.v[..., :, None] * t.u[..., None, :]
 
 
 def snapshot_delta(mod, i: int, j: int, scale: float) -> jax.Array:
@@ -187,6 +191,16 @@ def _line_fit(x: jax.Array, y: jax.Array, x_new: float) -> jax.Array:
   return y.mean(0) + slope * (x_new - x.mean())
 
 
+@jax.jit
+def _align_signs(u: jax.Array, v: jax.Array, sigma: jax.Array):
+  """Flip (u_t, v_t) when ⟨u_t, u_{t−1}⟩ < 0 (after the previous flips), along the leading axis."""
+  def align(prev_u, cur):
+    u, v, s = cur
+    flip = jnp.where(jnp.sum(u * prev_u, -1, keepdims=True) < 0, -1.0, 1.0)
+    return u * flip, (u * flip, v * flip, s)
+  return jax.lax.scan(align, u[0], (u, v, sigma))[1]
+
+
 def alpharl(traj, steps: jax.Array, t_target: float, scale: float, devices: str = "pmap"):
   """AlphaRL (arXiv 2510.00553), linear-in-step stand-in for its PLS-on-accuracy fit.
 
@@ -198,11 +212,7 @@ def alpharl(traj, steps: jax.Array, t_target: float, scale: float, devices: str 
   last = num - 1
   out = {}
   for m, t in trip.items():
-    def align(prev_u, cur):
-      u, v, s = cur
-      flip = jnp.where(jnp.sum(u * prev_u, -1, keepdims=True) < 0, -1.0, 1.0)
-      return u * flip, (u * flip, v * flip, s)
-    _, (u, v, s) = jax.lax.scan(align, t.u[0], (t.u, t.v, t.sigma))
+    u, v, s = _align_signs(t.u, t.v, t.sigma)
     a_hat = _line_fit(steps[1:], s[..., None] * u, t_target)  # [L, m]
     target = triplet_delta(Triplet(sigma=jnp.ones(a_hat.shape[:-1]), u=a_hat, v=v[-1], spectrum=s[-1]),
                            normalise=False)

@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from next_jax.hf import CheckpointError, _atomic_dir, check_tensors, config_from_hf, write_safetensors
+from next_jax.hf import CheckpointError, atomic_dir, check_tensors, config_from_hf, write_safetensors
 from next_jax.toy import byte_to_unicode
 
 CONVERTER_VERSION = 1
@@ -285,4 +285,4 @@ def _convert(path: Path, out: Path, source: dict[str, Any]) -> Path:
     (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2))
     (tmp / "source.json").write_text(json.dumps(source, indent=2))
 
-  return _atomic_dir(out, write)
+  return atomic_dir(out, write)

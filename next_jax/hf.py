@@ -89,7 +89,7 @@ def write_safetensors(path: str | os.PathLike, tensors: dict[str, np.ndarray],
       f.write(a.tobytes())
 
 
-def _read_weights(model_dir: Path) -> dict[str, np.ndarray]:
+def read_weights(model_dir: Path) -> dict[str, np.ndarray]:
   """model.safetensors, or the shards named by model.safetensors.index.json."""
   single, index = model_dir / "model.safetensors", model_dir / "model.safetensors.index.json"
   if single.exists():
@@ -291,11 +291,11 @@ def load_model(model_dir: str | os.PathLike, *, dtype: str | None = None, shardi
   """
   model_dir = Path(model_dir)
   cfg = load_config(model_dir, dtype)
-  params = params_from_hf(_read_weights(model_dir), cfg, str(model_dir))
+  params = params_from_hf(read_weights(model_dir), cfg, str(model_dir))
   return cfg, _place(params, sharding), (load_tokenizer(model_dir) if tokenizer else None)
 
 
-def _atomic_dir(out_dir: Path, write) -> Path:
+def atomic_dir(out_dir: Path, write) -> Path:
   """Run write(tmp_dir), then move tmp_dir to out_dir: no half-written export is ever left behind."""
   out_dir = Path(out_dir)
   out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -323,12 +323,19 @@ def save_model(out_dir: str | os.PathLike, cfg: ModelConfig, params: Params, tok
     if tokenizer is not None:
       tokenizer.save_pretrained(str(tmp))
 
-  return _atomic_dir(Path(out_dir), write)
+  return atomic_dir(Path(out_dir), write)
 
 
 # ------------------------------------------------------------------------------------------- PEFT
 
 _PEFT_PREFIX = "base_model.model.model.layers."
+# adapter_config.json fields that change what the stored factors mean: each must hold its plain-LoRA value.
+_PEFT_UNSUPPORTED = {"use_dora": lambda v: not v, "lora_bias": lambda v: not v, "fan_in_fan_out": lambda v: not v,
+                     "bias": lambda v: v in (None, "none"), "rank_pattern": lambda v: not v,
+                     "alpha_pattern": lambda v: not v, "modules_to_save": lambda v: not v,
+                     "layers_to_transform": lambda v: v is None, "use_qalora": lambda v: not v,
+                     "layer_replication": lambda v: not v, "trainable_token_indices": lambda v: not v,
+                     "target_parameters": lambda v: not v}
 
 
 def save_peft_adapter(out_dir: str | os.PathLike, cfg: ModelConfig, lora: Params, lora_cfg: LoraConfig,
@@ -350,26 +357,41 @@ def save_peft_adapter(out_dir: str | os.PathLike, cfg: ModelConfig, lora: Params
     (tmp / "adapter_config.json").write_text(json.dumps(adapter_cfg, indent=2))
     write_safetensors(tmp / "adapter_model.safetensors", tensors)
 
-  return _atomic_dir(Path(out_dir), write)
+  return atomic_dir(Path(out_dir), write)
 
 
-def load_peft_adapter(adapter_dir: str | os.PathLike, cfg: ModelConfig) -> tuple[LoraConfig, Params]:
-  """PEFT LoRA adapter directory → (LoraConfig, lora params in cfg.dtype)."""
+def load_peft_adapter(adapter_dir: str | os.PathLike, cfg: ModelConfig,
+                      config_only: bool = False) -> tuple[LoraConfig, Params | None]:
+  """PEFT LoRA adapter directory → (LoraConfig, lora params in cfg.dtype; None with config_only)."""
   adapter_dir = Path(adapter_dir)
   cfg_path = adapter_dir / "adapter_config.json"
   if not cfg_path.exists():
     raise CheckpointError(f"{cfg_path}: missing")
-  acfg = json.loads(cfg_path.read_text())
+  try:
+    acfg = json.loads(cfg_path.read_text())
+  except json.JSONDecodeError as e:
+    raise CheckpointError(f"{cfg_path}: invalid JSON ({e})") from e
+  if not isinstance(acfg, dict):
+    raise CheckpointError(f"{cfg_path}: expected a JSON object")
   if acfg.get("peft_type", "LORA") != "LORA":
     raise CheckpointError(f"{cfg_path}: peft_type={acfg.get('peft_type')!r}; only LORA adapters load")
+  for field, ok in _PEFT_UNSUPPORTED.items():
+    if field in acfg and not ok(acfg[field]):
+      raise CheckpointError(f"{cfg_path}: {field}={acfg[field]!r} is not supported (plain LoRA only: the "
+                            "weights would mean something else than s·B·A on every target)")
   by_hf = {v.split(".")[1]: k for k, v in _HF_MODULE.items()}
   targets = acfg.get("target_modules") or []
+  if isinstance(targets, str):
+    raise CheckpointError(f"{cfg_path}: target_modules={targets!r} is a pattern; only a list of module "
+                          f"names among {sorted(by_hf)} is supported")
   unknown = [t for t in targets if t not in by_hf]
   if unknown:
     raise CheckpointError(f"{cfg_path}: target_modules {unknown} are not among {sorted(by_hf)}")
   lcfg = LoraConfig(rank=int(acfg["r"]), alpha=float(acfg["lora_alpha"]),
                     targets=tuple(t for t in ALL_MODULES if _HF_MODULE[t].split(".")[1] in targets),
                     rslora=bool(acfg.get("use_rslora", False)))
+  if config_only:
+    return lcfg, None
   pickled = (adapter_dir / "adapter_model.bin").exists()
   if pickled and not (adapter_dir / "adapter_model.safetensors").exists():
     raise CheckpointError(f"{adapter_dir}: only adapter_model.bin (a pickle) is present; pickles are never "
@@ -391,4 +413,10 @@ def load_peft_adapter(adapter_dir: str | os.PathLike, cfg: ModelConfig) -> tuple
                                 f"is {got}; expected {want}")
         mats[key].append(t)
     lora[name] = {k: jax.numpy.asarray(np.stack(v).astype(dt)) for k, v in mats.items()}
+  used = {f"{_PEFT_PREFIX}{i}.{_HF_MODULE[n]}.lora_{x}.weight" for n in lcfg.targets
+          for i in range(cfg.num_layers) for x in "AB"}
+  extra = sorted(set(tensors) - used)
+  if extra:
+    raise CheckpointError(f"{adapter_dir}/adapter_model.safetensors: tensors {extra[:3]} are not LoRA factors of "
+                          f"the {len(lcfg.targets)} target modules (modules_to_save, trained tokens or biases?)")
   return lcfg, lora

@@ -188,7 +188,7 @@ def apply_jump(setup: trainer.RLSetup, ncfg: NExtConfig, state: NExtState, delta
   if lora_cfg is not None:
     base = merge_lora(state.base_params, train.params, lora_cfg) if ncfg.continue_mode == "merge" \
         else state.base_params
-    base = _add_to_kernels(base, deltas, alpha)
+    base = add_to_kernels(base, deltas, alpha)
     if untrained:
       base = _add_to_paths(base, untrained, alpha)
     params = train.params
@@ -198,7 +198,7 @@ def apply_jump(setup: trainer.RLSetup, ncfg: NExtConfig, state: NExtState, delta
     new_train = train.replace(params=params) if ncfg.continue_mode == "keep" else \
         type(train).create(params, train.tx).replace(step=train.step)
     return state.replace(base_params=base, rl=state.rl.replace(train=new_train))
-  params = _add_to_kernels(train.params, deltas, alpha)
+  params = add_to_kernels(train.params, deltas, alpha)
   new_train = train.replace(params=params) if ncfg.continue_mode == "keep" else \
       type(train).create(params, train.tx).replace(step=train.step)
   return state.replace(rl=state.rl.replace(train=new_train))
@@ -218,7 +218,8 @@ def _add_to_paths(params: Params, deltas: dict[str, jax.Array], alpha: float) ->
   return jax.tree_util.tree_map_with_path(add, params)
 
 
-def _add_to_kernels(params: Params, deltas: Params, alpha: float) -> Params:
+def add_to_kernels(params: Params, deltas: Params, alpha: float) -> Params:
+  """W ← W + α·Δ on each module's stacked kernel ({module: Δ [L, n, m]}), computed in fp32."""
   layers = dict(params["layers"])
   for m, d in deltas.items():
     k = layers[m]["kernel"]

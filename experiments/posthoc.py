@@ -1,0 +1,298 @@
+"""NExt over a run trained elsewhere: point it at a verl / TRL / PEFT checkpoint sequence and ask whether
+extrapolation would pay on it, then write the jump for that stack.
+
+    python -m experiments.posthoc --base BASE_HF_DIR \\
+        --checkpoints 'RUN/global_step_*/actor/lora_adapter' --out OUT            # verl, LoRA
+    python -m experiments.posthoc --base BASE --checkpoints 'trl_out/checkpoint-*' --out OUT --k 2
+    python -m experiments.posthoc --base BASE --checkpoints 'RUN/global_step_*/actor/huggingface' \\
+        --out OUT --alphas 1.5 --backtest last                                     # merged / full-param
+
+Reads every checkpoint (next_jax.runs: safetensors only, the step from the directory name, rank, α,
+targets and shapes checked against each other and the base), then writes, atomically, OUT/:
+    report.md, results.json   E₁ over steps, the R² linearity analysis, the drift measures, the offline
+                              back-test of NExt, RL-Extra, AlphaRL and RELEX, and one verdict per method
+    e1.png, r2.png, backtest.png
+    jump/alpha_<α>/merged/    the extrapolated model W_t + α·σ̂ûv̂ᵀ as an HF directory (base's dtype,
+                              config, generation config and tokenizer), for every α of --alphas
+    jump/alpha_<α>/adapter/   LoRA runs: a PEFT adapter of rank r+1 that is the same model exactly
+Nothing is written when an input is wrong: the error names the path or the flag.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # see experiments/demo.py
+
+import argparse
+import json
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from next_jax import drift, hf, posthoc, runs
+from next_jax import extrapolate as ex
+from next_jax import state_machine as sm
+from next_jax.metrics import progress
+from next_jax.policy import merge_lora
+from next_jax.hf import CheckpointError
+from next_jax.predictor import PredictorConfig
+from next_jax.rank1 import SIGN_MODES
+
+OFFICIAL_ALPHAS = "0.5,1.0,1.5,2.0,2.5,3.0,3.5,4.0"
+NAMES = {"next": "NExt", "rl_extra": "RL-Extra", "alpharl": "AlphaRL", "relex": "RELEX"}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--base", required=True, help="the base model's HF directory (W₀)")
+  p.add_argument("--checkpoints", required=True, help="glob of checkpoint directories (quote it)")
+  p.add_argument("--out", required=True, help="output directory (written atomically)")
+  p.add_argument("--interval", type=int, default=None, help="steps between snapshots (default: the first step)")
+  p.add_argument("--max-step", type=int, default=None, help="ignore checkpoints after this step")
+  p.add_argument("--k", type=int, default=5, help="NExt's target k snapshots ahead (paper: 5)")
+  p.add_argument("--alphas", default=OFFICIAL_ALPHAS, help="comma-separated jump scales α (official grid)")
+  p.add_argument("--sign", default="max_abs_u", choices=SIGN_MODES, help="SVD sign canonicalisation")
+  p.add_argument("--epochs", type=int, default=1000, help="predictor epochs (paper: 1000)")
+  p.add_argument("--backtest", default="all", choices=("all", "last", "none"), help="back-test origins")
+  p.add_argument("--write", default="merged,adapter", help="jump formats: merged, adapter (LoRA), or none")
+  p.add_argument("--seed", type=int, default=0, help="predictor seed")
+  p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+  return p.parse_args(argv)
+
+
+def check_args(args) -> tuple[list[float], set[str], Path]:
+  """Flag errors as one CheckpointError naming the flag, before anything is read or written."""
+  try:
+    alphas = [float(a) for a in args.alphas.split(",") if a.strip()]
+  except ValueError as e:
+    raise CheckpointError(f"--alphas {args.alphas!r}: not a comma-separated list of numbers") from e
+  if not alphas or any(not np.isfinite(a) or a <= 0 for a in alphas):
+    raise CheckpointError(f"--alphas {args.alphas!r}: every α must be a positive number")
+  write = {w for w in args.write.split(",") if w.strip()} - {"none"}
+  if write - {"merged", "adapter"}:
+    raise CheckpointError(f"--write {args.write!r}: choose from merged, adapter, none")
+  if args.k < 1 or args.epochs < 1:
+    raise CheckpointError(f"--k {args.k} and --epochs {args.epochs} must be ≥ 1")
+  out = Path(args.out)
+  if out.exists() and not out.is_dir():
+    raise CheckpointError(f"--out {out} is a file")
+  if out.is_dir() and any(out.iterdir()) and not args.overwrite:
+    raise CheckpointError(f"--out {out} already holds files; pass --overwrite to replace it")
+  if any(p.is_file() for p in out.parents):
+    raise CheckpointError(f"--out {out} lies under a file")
+  return alphas, write, out
+
+
+# ------------------------------------------------------------------------------------------ analysis
+
+
+def analyse(run: runs.CheckpointRun, args) -> dict:
+  """Every number of the report (no files written)."""
+  steps, traj, scale, times = run.steps, run.trajectory, run.scale, {}
+  t0 = time.perf_counter()
+  e1, trip = posthoc.e1_series(traj, steps, scale)
+  h = posthoc.r2_horizon(len(steps))
+  r2 = posthoc.r2_analysis(traj, steps, scale, h, trip, args.sign) if len(steps) - 1 - h >= 2 else {}
+  spectra = np.concatenate([np.asarray(t.spectrum[-1]).reshape(-1, t.spectrum.shape[-1]) for t in trip.values()])
+  drift_med, _ = drift.trajectory_drift(traj, steps, scale, min(args.k, (len(steps) - 1) // 2), spectra)
+  times["analysis"] = time.perf_counter() - t0
+  # every back-test origin and the jump train on ≤ K−1−k snapshots: padded to that, they compile once
+  pcfg = PredictorConfig(epochs=args.epochs, pad_snapshots=len(steps) - 1 - args.k)
+  key = jax.random.PRNGKey(args.seed)
+  t0 = time.perf_counter()
+  origins = posthoc.backtest_origins(len(steps), args.k, args.backtest)
+  rows = posthoc.backtest(traj, steps, scale, args.k, origins, pcfg, key, args.sign)
+  times["backtest"] = time.perf_counter() - t0
+  t0 = time.perf_counter()
+  _, info = ex.next_predict(traj, args.k, scale, pcfg, jax.random.fold_in(key, len(steps) - 1), args.sign)
+  times["next_fit"] = time.perf_counter() - t0
+  return {"e1": e1, "r2": r2, "r2_horizon": h, "drift": drift_med, "backtest": rows,
+          "summary": posthoc.summarise(rows) if rows else {}, "origins": [int(steps[t]) for t in origins],
+          "jump": {m: jax.tree.map(lambda x: x[0], t) for m, t in info["predicted"].items()},
+          "predictor_loss": {int(d): float(c[-1]) for d, c in info["loss_curves"].items()}, "times": times}
+
+
+def write_jumps(out: Path, run: runs.CheckpointRun, jump, alphas, write) -> list[dict]:
+  """jump/alpha_<α>/{merged,adapter} for each α; returns what was written."""
+  if not write:
+    return []
+  base = runs.last_params(run) if run.kind == "merged" else hf.load_model(run.base_dir, dtype="float32",
+                                                                          tokenizer=False)[1]
+  written = []
+  bar = progress(len(alphas), desc="writing jumps")
+  for a in alphas:
+    d = out / "jump" / f"alpha_{a:g}"
+    row = {"alpha": a}
+    if run.kind == "lora":
+      lcfg, lora = runs.extend_adapter(runs.last_lora(run), run.lora_cfg, jump, a)
+      if "adapter" in write:
+        hf.save_peft_adapter(d / "adapter", run.cfg, lora, lcfg, base_model_name_or_path=str(run.base_dir))
+        row["adapter"] = f"jump/alpha_{a:g}/adapter (rank {lcfg.rank}, lora_alpha {lcfg.alpha:g})"
+      params = merge_lora(base, lora, lcfg) if "merged" in write else None
+    else:
+      params = sm.add_to_kernels(base, {m: ex.triplet_delta(t) for m, t in jump.items()}, a)
+    if params is not None and "merged" in write:
+      runs.save_like(d / "merged", run.base_dir, run.cfg, params)
+      row["merged"] = f"jump/alpha_{a:g}/merged"
+    written.append(row)
+    bar.update(1)
+  bar.close()
+  return written
+
+
+# ------------------------------------------------------------------------------------------ report
+
+
+def _f(x: float) -> str:
+  return f"{x:.3f}" if np.isfinite(x) else str(x)
+
+
+def plots(out: Path, run: runs.CheckpointRun, res: dict) -> None:
+  import matplotlib  # noqa: PLC0415
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # noqa: PLC0415
+
+  x = run.steps[1:]
+  fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+  for ax, key, title in zip(axes, ("E1", "E1_sq"), ("E₁ = σ₁/Σσᵢ", "σ₁²/Σσᵢ²")):
+    for m, v in res["e1"][key].items():
+      ax.plot(x, np.median(v, axis=1), marker=".", label=m)
+    ax.set(xlabel="RL step", ylabel="median over layers", title=f"{title} of G_i = W_i − W₀")
+  axes[0].legend(fontsize="small", ncol=2)
+  fig.tight_layout()
+  fig.savefig(out / "e1.png", dpi=110)
+  plt.close(fig)
+  if res["r2"]:
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    for label, v in res["r2"].items():
+      ax.plot(np.sort(np.clip(v, -3, 1)), np.linspace(0, 1, len(v)), label=label)
+    ax.axvline(0, color="grey", ls=":")
+    ax.set(xlabel="R² (clipped at −3)", ylabel="share of matrices ≤ x", title="linear fit, last snapshots")
+    ax.legend(fontsize="x-small")
+    fig.tight_layout()
+    fig.savefig(out / "r2.png", dpi=110)
+    plt.close(fig)
+  if res["backtest"]:
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    for method in res["summary"]:
+      rows = [r for r in res["backtest"] if r["method"] == method]
+      for ax, key in zip(axes, ("cos_global", "relerr_global")):
+        ax.plot([r["origin"] for r in rows], [r[key] for r in rows], marker="o", label=NAMES[method])
+    axes[1].axhline(1.0, color="grey", ls=":", label="not jumping")
+    axes[0].set(xlabel="origin step", ylabel="cosine with the real future", title="back-test: direction")
+    axes[1].set(xlabel="origin step", ylabel="‖Δ̂ − Δ‖/‖Δ‖", title="back-test: relative error (α = 1)")
+    axes[1].legend(fontsize="small")
+    fig.tight_layout()
+    fig.savefig(out / "backtest.png", dpi=110)
+    plt.close(fig)
+
+
+def report(run: runs.CheckpointRun, res: dict, args, written: list[dict], argv: list[str]) -> str:
+  k, steps = args.k, run.steps
+  cfg = run.cfg
+  what = (f"LoRA r = {run.lora_cfg.rank}, lora_alpha = {run.lora_cfg.alpha:g} (s = {run.scale:g}), targets "
+          f"{', '.join(run.lora_cfg.targets)}" if run.kind == "lora" else "merged full models (dense deltas)")
+  lines = [f"# NExt post-hoc report: `{args.checkpoints}`", "",
+           f"Command: `python -m experiments.posthoc {shlex.join(argv)}`", "",
+           f"- base: `{run.base_dir}` ({cfg.num_layers} layers, hidden {cfg.hidden_size}, vocab {cfg.vocab_size})",
+           f"- checkpoints: {len(run.paths)}, {what}",
+           f"- snapshots: step 0 (the base) and {', '.join(map(str, steps[1:]))} (every {run.interval} steps); "
+           f"k = {k} snapshots = {k * run.interval} steps", ""]
+  lines += ["## E₁ of the global delta G_i = W_i − W₀", "",
+            "Median over every trained matrix; E₁ = 1 means the drift so far is exactly rank 1.", "",
+            "| step | E₁ = σ₁/Σσᵢ | σ₁²/Σσᵢ² | " + " | ".join(res["e1"]["E1"]) + " |",
+            "|---|---|---|" + "---|" * len(res["e1"]["E1"])]
+  for i, s in enumerate(steps[1:]):
+    allv = lambda key, i=i: np.median(np.concatenate([v[i] for v in res["e1"][key].values()]))  # noqa: E731
+    per = " | ".join(_f(float(np.median(v[i]))) for v in res["e1"]["E1"].values())
+    lines.append(f"| {s} | {_f(allv('E1'))} | {_f(allv('E1_sq'))} | {per} |")
+  lines += ["", "![E1](e1.png)", ""]
+  h = res["r2_horizon"]
+  lines += [f"## Linearity: a line fitted on snapshots 1–{len(steps) - 1 - h} predicts the last {h}", ""]
+  if res["r2"]:
+    lines += ["R² = 1 − SSE/SST per matrix (the paper reports R² < 0 for more than half of the matrices). "
+              "u and v depend on the SVD's arbitrary sign; σ and ΔW do not.", "",
+              "| fitted quantity | median R² | share R² < 0 |", "|---|---|---|"]
+    lines += [f"| {label} | {_f(float(np.median(v)))} | {np.mean(v < 0):.0%} |" for label, v in res["r2"].items()]
+    lines += ["", "![R2](r2.png)", ""]
+  else:
+    lines += [f"Too few snapshots ({len(steps) - 1}) to fit a line on ≥ 2 and predict {h}.", ""]
+  lines += ["## Drift measures (next_jax.drift; medians over matrices)", "", "| measure | value |", "|---|---|"]
+  lines += [f"| {key} | {_f(v)} |" for key, v in res["drift"].items()]
+  lines += ["", "increment_cos ≈ 1 and growth_exp ≈ 1 mean a straight drift (extrapolation can pay); ≈ 0 and "
+            "≈ 0.5 a random walk.", ""]
+  lines += [f"## Back-test: each method predicts W_(t+{k}) − W_t from snapshots 0..t", ""]
+  if res["summary"]:
+    lines += [f"Origins t = {', '.join(map(str, res['origins']))}. Medians over origins of the whole-model cosine, "
+              "relative error ‖Δ̂ − Δ‖/‖Δ‖ at α = 1 (not jumping scores exactly 1) and the best scale α*.", "",
+              "| method | cos | rel. err | α* | verdict |", "|---|---|---|---|---|"]
+    for m, s in res["summary"].items():
+      lines.append(f"| {NAMES[m]} | {_f(s['cos'])} | {_f(s['relerr'])} | {_f(s['alpha_star'])} | "
+                   f"{posthoc.verdict(s)} |")
+    mods = list(next(iter(res["summary"].values()))["modules"])
+    lines += ["", "Per module type (cos / rel. err):", "", "| method | " + " | ".join(mods) + " |",
+              "|---|" + "---|" * len(mods)]
+    for m, s in res["summary"].items():
+      cells = " | ".join(f"{s['modules'][x]['cos']:.2f} / {s['modules'][x]['relerr']:.2f}" for x in mods)
+      lines.append(f"| {NAMES[m]} | {cells} |")
+    lines += ["", "![back-test](backtest.png)", ""]
+  else:
+    lines += [f"Skipped: {'--backtest none' if args.backtest == 'none' else ''} needs ≥ {2 * k + 2} snapshots "
+              f"with W₀ (has {len(steps)}).", ""]
+  lines += [f"## The jump: NExt at step {steps[-1]}, predicting {k * run.interval} steps ahead", "",
+            "Predictor loss after training, per shape group: " + ", ".join(
+                f"dim {d}: {v:.4g}" for d, v in sorted(res["predictor_loss"].items())), ""]
+  if written:
+    lines += ["| α | merged HF model | PEFT adapter |", "|---|---|---|"]
+    lines += [f"| {w['alpha']:g} | `{w.get('merged', '–')}` | `{w.get('adapter', '–')}` |" for w in written]
+  t = res["times"]
+  lines += ["", f"Time: read {t['read']:.1f} s, analysis {t['analysis']:.1f} s, back-test {t['backtest']:.1f} s, "
+            f"NExt fit {t['next_fit']:.1f} s, writing {t.get('write', 0.0):.1f} s.", ""]
+  return "\n".join(lines)
+
+
+def _jsonable(res: dict, written) -> dict:
+  return {"e1": {k: {m: np.asarray(v).tolist() for m, v in d.items()} for k, d in res["e1"].items()},
+          "r2": {k: np.asarray(v).tolist() for k, v in res["r2"].items()}, "r2_horizon": res["r2_horizon"],
+          "drift": res["drift"], "backtest": res["backtest"], "summary": res["summary"],
+          "verdicts": {m: posthoc.verdict(s) for m, s in res["summary"].items()},
+          "predictor_loss": res["predictor_loss"], "jump": written, "times": res["times"]}
+
+
+def main(argv=None) -> dict:
+  argv = sys.argv[1:] if argv is None else list(argv)
+  args = parse_args(argv)
+  t0 = time.perf_counter()
+  try:
+    alphas, write, out = check_args(args)
+    run = runs.read(args.base, args.checkpoints, args.interval, args.max_step)
+    if len(run.steps) < args.k + 2:
+      raise CheckpointError(f"--k {args.k}: NExt needs ≥ k+1 = {args.k + 1} checkpoints after the base, "
+                            f"{len(run.steps) - 1} given")
+  except CheckpointError as e:
+    sys.exit(f"posthoc: {e}")
+  read_s = time.perf_counter() - t0
+  res = analyse(run, args)
+  res["times"]["read"] = read_s
+
+  def write_all(tmp: Path):
+    t1 = time.perf_counter()
+    written = write_jumps(tmp, run, res["jump"], alphas, write)
+    res["times"]["write"] = time.perf_counter() - t1
+    plots(tmp, run, res)
+    (tmp / "report.md").write_text(report(run, res, args, written, argv))
+    (tmp / "results.json").write_text(json.dumps(_jsonable(res, written), indent=1))
+    res["written"] = written
+
+  hf.atomic_dir(out, write_all)
+  print(f"wrote {out}/report.md")
+  return res
+
+
+if __name__ == "__main__":
+  main()
