@@ -15,7 +15,6 @@ import pytest
 
 from experiments import posthoc as cli
 from next_jax import drift, extrapolate, hf, policy, runs, toy
-from next_jax.hf import CheckpointError
 from next_jax.rank1 import Triplet, delta_pairs
 
 from conftest import load_torch_model, torch_logits
@@ -233,7 +232,8 @@ def test_jump_adapter_and_merged_model_load_with_our_logits(runs_dir, trl_run, r
   np.testing.assert_allclose(torch_logits(with_adapter, tokens), ours, atol=2e-4)
   np.testing.assert_allclose(torch_logits(load_torch_model(d / "merged"), tokens), ours, atol=2e-4)
   assert (d / "merged/tokenizer.json").read_bytes() == (runs_dir["base"] / "tokenizer.json").read_bytes()
-  assert json.loads((d / "merged/config.json").read_text()) == json.loads((runs_dir["base"] / "config.json").read_text())
+  config = lambda p: json.loads((p / "config.json").read_text())  # noqa: E731
+  assert config(d / "merged") == config(runs_dir["base"])
 
 
 def test_extend_adapter_is_exact_for_any_sign_and_rslora():
@@ -295,8 +295,8 @@ def test_inconsistent_runs_are_refused(runs_dir, tmp_path):
   _fails(["--base", base, "--checkpoints", str(tmp_path / "gap/checkpoint-*")], tmp_path, r"missing step\(s\) \[4\]")
   dirs = _copy_ckpts(runs_dir["trl"], tmp_path / "rank")
   cfg = hf.load_config(base)
-  hf.save_peft_adapter(dirs[2], cfg, {"q": {"a": np.zeros((2, 2, 32), np.float32), "b": np.zeros((2, 32, 2), np.float32)}},
-                       policy.LoraConfig(rank=2, alpha=8.0, targets=("q",)))
+  rank2 = {"q": {"a": np.zeros((2, 2, 32), np.float32), "b": np.zeros((2, 32, 2), np.float32)}}
+  hf.save_peft_adapter(dirs[2], cfg, rank2, policy.LoraConfig(rank=2, alpha=8.0, targets=("q",)))
   _fails(["--base", base, "--checkpoints", str(tmp_path / "rank/checkpoint-*")], tmp_path, "rank=2 but")
   dirs = _copy_ckpts(runs_dir["trl"], tmp_path / "dora")
   acfg = json.loads((dirs[0] / "adapter_config.json").read_text())
