@@ -107,7 +107,7 @@ def torch_logits(model, tokens, mask=None) -> np.ndarray:
 # `make test` runs two workers that take whole files in collection order; the slowest files (≥ 1 min each,
 # measured) go first, so the two workers end together instead of one finishing a long file alone.
 SLOW_FIRST = ("test_real_experiments", "test_smollm2_preset", "test_state_machine", "test_kill_resume",
-              "test_experiment", "test_reproduce", "test_grpo", "test_real_model", "test_trainer",
+              "test_experiment", "test_posthoc", "test_reproduce", "test_grpo", "test_real_model", "test_trainer",
               "test_extrapolate", "test_notebook", "test_predictor_fit", "test_multiprocess", "test_sharding",
               "test_snr_study")
 
