@@ -37,9 +37,9 @@ import numpy as np
 from next_jax import drift, hf, posthoc, runs
 from next_jax import extrapolate as ex
 from next_jax import state_machine as sm
+from next_jax.hf import CheckpointError
 from next_jax.metrics import progress
 from next_jax.policy import merge_lora
-from next_jax.hf import CheckpointError
 from next_jax.predictor import PredictorConfig
 from next_jax.rank1 import SIGN_MODES
 

@@ -245,7 +245,8 @@ def relex(traj, steps: jax.Array, t_target: float, scale: float) -> dict[str, ja
 
 def delta_agreement(pred: dict[str, jax.Array], actual: dict[str, jax.Array]) -> dict[str, float]:
   """Cosine and relative error ‖Δ̂ − Δ‖/‖Δ‖ of predicted vs actual future deltas: per-matrix medians and
-  the whole-model values (all trained matrices flattened together)."""
+  the whole-model values (all trained matrices flattened together), and the whole-model best scale
+  α* = ⟨Δ̂, Δ⟩/‖Δ̂‖² (the multiple of the prediction closest to the real future)."""
   cos, rel, dot, n_p, n_a, n_d = [], [], 0.0, 0.0, 0.0, 0.0
   for m in pred:
     p, a = pred[m].astype(jnp.float32), actual[m].astype(jnp.float32)
@@ -257,4 +258,5 @@ def delta_agreement(pred: dict[str, jax.Array], actual: dict[str, jax.Array]) ->
   return {"cos_median": float(jnp.median(jnp.concatenate(cos))),
           "relerr_median": float(jnp.median(jnp.concatenate(rel))),
           "cos_global": float(dot / jnp.maximum(jnp.sqrt(n_p * n_a), 1e-30)),
-          "relerr_global": float(jnp.sqrt(n_d / jnp.maximum(n_a, 1e-30)))}
+          "relerr_global": float(jnp.sqrt(n_d / jnp.maximum(n_a, 1e-30))),
+          "alpha_star": float(dot / jnp.maximum(n_p, 1e-30))}

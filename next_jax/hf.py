@@ -329,13 +329,12 @@ def save_model(out_dir: str | os.PathLike, cfg: ModelConfig, params: Params, tok
 # ------------------------------------------------------------------------------------------- PEFT
 
 _PEFT_PREFIX = "base_model.model.model.layers."
-# adapter_config.json fields that change what the stored factors mean: each must hold its plain-LoRA value.
-_PEFT_UNSUPPORTED = {"use_dora": lambda v: not v, "lora_bias": lambda v: not v, "fan_in_fan_out": lambda v: not v,
-                     "bias": lambda v: v in (None, "none"), "rank_pattern": lambda v: not v,
-                     "alpha_pattern": lambda v: not v, "modules_to_save": lambda v: not v,
-                     "layers_to_transform": lambda v: v is None, "use_qalora": lambda v: not v,
-                     "layer_replication": lambda v: not v, "trainable_token_indices": lambda v: not v,
-                     "target_parameters": lambda v: not v}
+# adapter_config.json fields that change what the stored factors mean: each must be empty / false / null,
+# except bias ("none") and layers_to_transform (null: 0 means "layer 0 only").
+_PEFT_EMPTY = ("use_dora", "lora_bias", "fan_in_fan_out", "rank_pattern", "alpha_pattern", "modules_to_save",
+               "use_qalora", "layer_replication", "trainable_token_indices", "target_parameters")
+_PEFT_PLAIN = {**{f: (lambda v: not v) for f in _PEFT_EMPTY}, "bias": lambda v: v in (None, "none"),
+               "layers_to_transform": lambda v: v is None}
 
 
 def save_peft_adapter(out_dir: str | os.PathLike, cfg: ModelConfig, lora: Params, lora_cfg: LoraConfig,
@@ -375,7 +374,7 @@ def load_peft_adapter(adapter_dir: str | os.PathLike, cfg: ModelConfig,
     raise CheckpointError(f"{cfg_path}: expected a JSON object")
   if acfg.get("peft_type", "LORA") != "LORA":
     raise CheckpointError(f"{cfg_path}: peft_type={acfg.get('peft_type')!r}; only LORA adapters load")
-  for field, ok in _PEFT_UNSUPPORTED.items():
+  for field, ok in _PEFT_PLAIN.items():
     if field in acfg and not ok(acfg[field]):
       raise CheckpointError(f"{cfg_path}: {field}={acfg[field]!r} is not supported (plain LoRA only: the "
                             "weights would mean something else than s·B·A on every target)")

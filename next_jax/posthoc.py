@@ -7,6 +7,7 @@
                     canonicalisation
     backtest        from every snapshot t that has a real future W_{t+k}, each method predicts
                     W_{t+k} − W_t from snapshots 0..t only; cosine, relative error and the best scale α*
+                    (extrapolate.delta_agreement)
     verdict         one line per method from the back-test's medians
 """
 
@@ -23,11 +24,9 @@ from next_jax.predictor import PredictorConfig
 
 def e1_series(traj, steps: np.ndarray, scale: float):
   """({"E1"|"E1_sq": {module: [K−1, L]}} for G_1 … G_{K−1}, those G's triplets with sign "none")."""
-  num = len(steps)
-  trip = extrapolate.pair_triplets(traj, [(i, 0) for i in range(1, num)], scale, "none")
-  e1 = {m: np.asarray(rank1.energy_ratios(t.spectrum)[0]) for m, t in trip.items()}
-  e1sq = {m: np.asarray(rank1.energy_ratios(t.spectrum)[1]) for m, t in trip.items()}
-  return {"E1": e1, "E1_sq": e1sq}, trip
+  trip = extrapolate.pair_triplets(traj, [(i, 0) for i in range(1, len(steps))], scale, "none")
+  ratios = {m: rank1.energy_ratios(t.spectrum) for m, t in trip.items()}
+  return {key: {m: np.asarray(r[i]) for m, r in ratios.items()} for i, key in enumerate(("E1", "E1_sq"))}, trip
 
 
 def r2_horizon(num_snapshots: int) -> int:
@@ -42,10 +41,9 @@ def r2_analysis(traj, steps: np.ndarray, scale: float, horizon: int, triplets_no
   Rows: "ΔW element-wise" (sign-free), "u"/"v" of G_t's top triplet with the SVD's own sign ("none", as
   the official code keeps it) and canonicalised (`sign`), and "σ". triplets_none: G_t's triplets with
   sign "none" if already computed (e1_series returns them)."""
-  num = len(steps)
   if triplets_none is None:
-    triplets_none = extrapolate.pair_triplets(traj, [(i, 0) for i in range(1, num)], scale, "none")
-  canon = extrapolate.pair_triplets(traj, [(i, 0) for i in range(1, num)], scale, sign)
+    triplets_none = extrapolate.pair_triplets(traj, [(i, 0) for i in range(1, len(steps))], scale, "none")
+  canon = {m: rank1.canonical_sign(t, sign) for m, t in triplets_none.items()}  # same SVDs, signs fixed
   x = steps[1:]
   out = {"ΔW element-wise": np.concatenate([np.asarray(drift.linear_fit_scores(
       drift.delta_gram(mod, scale), steps, horizon)[0]) for mod in traj.values()])}
@@ -59,16 +57,6 @@ def r2_analysis(traj, steps: np.ndarray, scale: float, horizon: int, triplets_no
 
 
 # ------------------------------------------------------------------------------------------ back-test
-
-
-def score(pred: dict[str, jax.Array], actual: dict[str, jax.Array]) -> dict[str, float]:
-  """extrapolate.delta_agreement plus α* = ⟨Δ̂, Δ⟩/‖Δ̂‖² over all matrices: the scale of the prediction
-  that would have landed closest to the real future (relative error there: √(1 − cos²))."""
-  out = extrapolate.delta_agreement(pred, actual)
-  dot = sum(float((np.asarray(pred[m], np.float64) * np.asarray(actual[m], np.float64)).sum()) for m in pred)
-  pp = sum(float((np.asarray(pred[m], np.float64) ** 2).sum()) for m in pred)
-  out["alpha_star"] = dot / max(pp, 1e-30)
-  return out
 
 
 def backtest_origins(num_snapshots: int, k: int, which: str = "all") -> list[int]:
@@ -92,8 +80,9 @@ def backtest(traj, steps: np.ndarray, scale: float, k: int, origins: list[int], 
       ncfg = sm.NExtConfig(method=method, extrapolate_at=t * interval, interval=interval, k=k,
                            total_steps=t * interval, sign=sign, predictor=pcfg)
       deltas, _ = sm.method_deltas(ncfg, sub, steps[:t + 1], scale, jax.random.fold_in(key, t))
-      row = {"origin": int(steps[t]), "target": int(steps[t + k]), "method": method, **score(deltas, actual)}
-      row["modules"] = {m: score({m: deltas[m]}, {m: actual[m]}) for m in deltas}
+      agree = extrapolate.delta_agreement
+      row = {"origin": int(steps[t]), "target": int(steps[t + k]), "method": method, **agree(deltas, actual)}
+      row["modules"] = {m: agree({m: deltas[m]}, {m: actual[m]}) for m in deltas}
       rows.append(row)
       bar.update(1)
   bar.close()

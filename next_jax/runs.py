@@ -147,7 +147,7 @@ def _lora_config(adapter_dir: Path, cfg: ModelConfig) -> LoraConfig:
 
 
 def _check_same(first: Path, lcfg: LoraConfig, other: Path, ocfg: LoraConfig) -> None:
-  for field in ("rank", "alpha", "targets", "rslora"):
+  for field in (f.name for f in dataclasses.fields(LoraConfig)):
     a, b = getattr(lcfg, field), getattr(ocfg, field)
     if a != b:
       raise CheckpointError(f"{other}/adapter_config.json: {field}={b!r} but {first} has {a!r}; every "
@@ -158,7 +158,7 @@ def read(base_dir: str | Path, pattern: str, interval: int | None = None,
          max_step: int | None = None) -> CheckpointRun:
   """Validate and load a checkpoint sequence on top of its base model (fp32). Everything that can be
   wrong (the base, a step number, a gap, mixed kinds or LoRA settings, a shape) raises `CheckpointError`
-  naming the path before any array is stacked."""
+  naming the path; nothing is written."""
   base_dir = Path(base_dir)
   cfg = hf.load_config(base_dir, dtype="float32")
   hf.check_tensors(hf.read_weights(base_dir), cfg, str(base_dir))
@@ -205,9 +205,9 @@ def _stack_kernels(cfg: ModelConfig, dirs: list[Path]) -> dict:
 
 def last_params(run: CheckpointRun) -> Params:
   """fp32 weights of the last checkpoint: base + s·B·A (LoRA) or the merged model as stored."""
-  _, base, _ = hf.load_model(run.base_dir, dtype="float32", tokenizer=False)
   if run.kind == "merged":
     return hf.params_from_hf(hf.read_weights(run.paths[-1]), run.cfg, str(run.paths[-1]))
+  _, base, _ = hf.load_model(run.base_dir, dtype="float32", tokenizer=False)
   return merge_lora(base, last_lora(run), run.lora_cfg)
 
 

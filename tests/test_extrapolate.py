@@ -242,6 +242,7 @@ def test_delta_agreement_by_hand():
   assert r["relerr_median"] == pytest.approx((1 / math.sqrt(2) + 2) / 2, rel=1e-6)
   assert r["cos_global"] == pytest.approx(4 / math.sqrt(30), rel=1e-6)
   assert r["relerr_global"] == pytest.approx(math.sqrt(5 / 3), rel=1e-6)
+  assert r["alpha_star"] == pytest.approx(4 / 10, rel=1e-6)  # ⟨Δ̂, Δ⟩ = 1 + 3, ‖Δ̂‖² = 1 + 9
 
 
 # ---------------------------------------------------------------------------------- NExt premise

@@ -12,12 +12,12 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
+from conftest import load_torch_model, torch_logits
 
 from experiments import posthoc as cli
 from next_jax import drift, extrapolate, hf, policy, runs, toy
+from next_jax import state_machine as sm
 from next_jax.rank1 import Triplet, delta_pairs
-
-from conftest import load_torch_model, torch_logits
 
 K = 2  # NExt's k in snapshots; TRL saves every 2 steps for 12 steps → 6 checkpoints + the base
 HF_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -225,7 +225,7 @@ def test_jump_adapter_and_merged_model_load_with_our_logits(runs_dir, trl_run, r
   assert acfg["r"] == 5 and acfg["lora_alpha"] / acfg["r"] == pytest.approx(trl_run.scale, rel=1e-12)
   cfg, base, _ = hf.load_model(runs_dir["base"], tokenizer=False)
   want = policy.merge_lora(base, runs.last_lora(trl_run), trl_run.lora_cfg)
-  want = cli.sm.add_to_kernels(want, {m: extrapolate.triplet_delta(t) for m, t in res["jump"].items()}, alpha)
+  want = sm.add_to_kernels(want, {m: extrapolate.triplet_delta(t) for m, t in res["jump"].items()}, alpha)
   tokens = np.random.default_rng(0).integers(3, 300, size=(2, 9)).astype(np.int32)
   ours = np.asarray(fwd(want, tokens, cfg)[0])
   with_adapter = peft.PeftModel.from_pretrained(load_torch_model(runs_dir["base"]), str(d / "adapter")).eval()
