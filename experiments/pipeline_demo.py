@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from next_jax import hf, sampler, toy
+from next_jax import hf, peft_io, sampler, toy
 from next_jax.policy import LoraConfig, ModelConfig, count_params, init_lora
 
 ARTIFACTS = Path(__file__).resolve().parents[1] / "artifacts"
@@ -94,8 +94,8 @@ def export_adapter(cfg: ModelConfig, adapter_dir: Path, base: Path) -> None:
   lcfg = LoraConfig(rank=8, alpha=16.0)
   lora = init_lora(cfg, lcfg, jax.random.key(1))
   lora = {m: {**f, "b": 0.01 * jax.random.normal(jax.random.key(2), f["b"].shape)} for m, f in lora.items()}
-  hf.save_peft_adapter(adapter_dir, cfg, lora, lcfg, base_model_name_or_path=str(base))
-  lcfg2, lora2 = hf.load_peft_adapter(adapter_dir, cfg)
+  peft_io.save_peft_adapter(adapter_dir, cfg, lora, lcfg, base_model_name_or_path=str(base))
+  lcfg2, lora2 = peft_io.load_peft_adapter(adapter_dir, cfg)
   same = lcfg2 == lcfg and all(bool(jnp.array_equal(lora[m][k], lora2[m][k])) for m in lora for k in "ab")
   files = ", ".join(f"{p.name} ({p.stat().st_size / 1e3:.0f} kB)" for p in sorted(adapter_dir.iterdir()))
   print(f"\nexported a random rank-{lcfg.rank} LoRA on {list(lcfg.targets)} as a PEFT adapter:\n"

@@ -34,7 +34,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from next_jax import drift, hf, posthoc, runs
+from next_jax import drift, hf, peft_io, posthoc, runs
 from next_jax import extrapolate as ex
 from next_jax import state_machine as sm
 from next_jax.hf import CheckpointError
@@ -109,7 +109,7 @@ def analyse(run: runs.CheckpointRun, args) -> dict:
   rows = posthoc.backtest(traj, steps, scale, args.k, origins, pcfg, key, args.sign)
   times["backtest"] = time.perf_counter() - t0
   t0 = time.perf_counter()
-  _, info = ex.next_predict(traj, args.k, scale, pcfg, jax.random.fold_in(key, len(steps) - 1), args.sign)
+  _, info = ex.next_triplets(traj, args.k, scale, pcfg, jax.random.fold_in(key, len(steps) - 1), args.sign)
   times["next_fit"] = time.perf_counter() - t0
   return {"e1": e1, "r2": r2, "r2_horizon": h, "drift": drift_med, "backtest": rows,
           "summary": posthoc.summarise(rows) if rows else {}, "origins": [int(steps[t]) for t in origins],
@@ -121,8 +121,7 @@ def write_jumps(out: Path, run: runs.CheckpointRun, jump, alphas, write) -> list
   """jump/alpha_<α>/{merged,adapter} for each α; returns what was written."""
   if not write:
     return []
-  base = runs.last_params(run) if run.kind == "merged" else hf.load_model(run.base_dir, dtype="float32",
-                                                                          tokenizer=False)[1]
+  base = runs.last_params(run) if run.kind == "merged" else runs.base_params(run)
   written = []
   bar = progress(len(alphas), desc="writing jumps")
   for a in alphas:
@@ -131,7 +130,7 @@ def write_jumps(out: Path, run: runs.CheckpointRun, jump, alphas, write) -> list
     if run.kind == "lora":
       lcfg, lora = runs.extend_adapter(runs.last_lora(run), run.lora_cfg, jump, a)
       if "adapter" in write:
-        hf.save_peft_adapter(d / "adapter", run.cfg, lora, lcfg, base_model_name_or_path=str(run.base_dir))
+        peft_io.save_peft_adapter(d / "adapter", run.cfg, lora, lcfg, base_model_name_or_path=str(run.base_dir))
         row["adapter"] = f"jump/alpha_{a:g}/adapter (rank {lcfg.rank}, lora_alpha {lcfg.alpha:g})"
       params = merge_lora(base, lora, lcfg) if "merged" in write else None
     else:

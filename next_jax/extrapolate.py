@@ -80,14 +80,14 @@ def snapshot_delta(mod, i: int, j: int, scale: float) -> jax.Array:
 # --------------------------------------------------------------------------------------------- NExt
 
 
-def next_predict(traj, k: int, scale: float, pcfg: pred_lib.PredictorConfig, key: jax.Array,
-                 sign: str = "max_abs_u", devices: str = "pmap", untrained: dict | None = None):
-  """NExt: rank-1 triplets of G_i, L_i, T_i → train one predictor per shape group → predict the target
-  triplet from the last (G, L) → ΔŴ = σ̂·û·v̂ᵀ (û, v̂ normalised).
+def next_triplets(traj, k: int, scale: float, pcfg: pred_lib.PredictorConfig, key: jax.Array,
+                  sign: str = "max_abs_u", devices: str = "pmap", untrained: dict | None = None):
+  """NExt up to the prediction: rank-1 triplets of G_i, L_i, T_i → train one predictor per shape group →
+  the target triplet predicted from the last (G, L), with no dense matrix formed (post-hoc use at full size).
 
   untrained {path: shape} (faithful mode, `untrained_leaves`): also feed the predictor the rows of every
   parameter the run never trains, as the official code does, and return their predicted deltas.
-  Returns ({module: ΔŴ [L, n, m]}, info with the loss curves, the triplets and "untrained_deltas")."""
+  Returns ({module: Triplet [1, L]}, info with the loss curves, the triplets and "untrained_deltas")."""
   num = next(iter(traj.values()))[("a" if is_lora(traj) else "kernel")].shape[0]
   pairs = rank1.delta_pairs(num, k)
   if not pairs["global"]:
@@ -103,9 +103,16 @@ def next_predict(traj, k: int, scale: float, pcfg: pred_lib.PredictorConfig, key
   rows, layout = untrained_rows(untrained or {})
   predicted, curves, extra = pred_lib.fit_and_predict(key, split["global"], split["local"], split["target"],
                                                       split["last_global"], split["last_local"], pcfg, rows)
-  deltas = {m: triplet_delta(t)[0] for m, t in predicted.items()}
-  return deltas, {"loss_curves": curves, "triplets": split, "predicted": predicted,
-                  "untrained_deltas": untrained_deltas(extra, layout)}
+  return predicted, {"loss_curves": curves, "triplets": split, "predicted": predicted,
+                     "untrained_deltas": untrained_deltas(extra, layout)}
+
+
+def next_predict(traj, k: int, scale: float, pcfg: pred_lib.PredictorConfig, key: jax.Array,
+                 sign: str = "max_abs_u", devices: str = "pmap", untrained: dict | None = None):
+  """NExt: `next_triplets`, then ΔŴ = σ̂·û·v̂ᵀ (û, v̂ normalised).
+  Returns ({module: ΔŴ [L, n, m]}, next_triplets' info)."""
+  predicted, info = next_triplets(traj, k, scale, pcfg, key, sign, devices, untrained)
+  return {m: triplet_delta(t)[0] for m, t in predicted.items()}, info
 
 
 # ------------------------------------------------------------------------- faithful: untrained params

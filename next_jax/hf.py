@@ -1,4 +1,4 @@
-"""Hugging Face directories ↔ next_jax params; PEFT adapters.
+"""Hugging Face directories ↔ next_jax params (PEFT adapters: next_jax.peft_io).
 
 A local HF model directory (config.json, model.safetensors or a sharded index, tokenizer files) loads through
 `load_model`, exactly as a real Qwen2.5 checkpoint would. Torch stores Linear weights [out, in]; ours are
@@ -20,14 +20,14 @@ import jax
 import ml_dtypes
 import numpy as np
 
-from next_jax.policy import ALL_MODULES, LoraConfig, ModelConfig, Params, merge_lora
+from next_jax.policy import LoraConfig, ModelConfig, Params, merge_lora
 
 SUPPORTED = ("qwen2", "llama")
 _ST_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
               "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8,
               "BOOL": np.bool_}
 _ST_NAMES = {np.dtype(v): k for k, v in _ST_DTYPES.items()}
-_HF_MODULE = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj",
+HF_MODULE = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj",
               "o": "self_attn.o_proj", "gate": "mlp.gate_proj", "up": "mlp.up_proj", "down": "mlp.down_proj"}
 _HF_NORM = {"attn_norm": "input_layernorm", "mlp_norm": "post_attention_layernorm"}
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
@@ -177,7 +177,7 @@ def config_to_hf(cfg: ModelConfig, **extra) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------- name mapping
 
 
-def _expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
   """HF tensor name → torch-layout shape, for every tensor the checkpoint must hold."""
   d = cfg.hidden_size
   shapes = {"model.embed_tokens.weight": (cfg.vocab_size, d), "model.norm.weight": (d,)}
@@ -187,7 +187,7 @@ def _expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     pre = f"model.layers.{i}."
     for ours, theirs in _HF_NORM.items():
       shapes[f"{pre}{theirs}.weight"] = (d,)
-    for name, theirs in _HF_MODULE.items():
+    for name, theirs in HF_MODULE.items():
       n_in, n_out = cfg.module_shape(name)
       shapes[f"{pre}{theirs}.weight"] = (n_out, n_in)
       if cfg.qkv_bias and name in ("q", "k", "v"):
@@ -196,7 +196,7 @@ def _expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
 
 
 def check_tensors(tensors: dict[str, np.ndarray], cfg: ModelConfig, where: str) -> None:
-  expected = _expected_shapes(cfg)
+  expected = expected_shapes(cfg)
   missing = [k for k in expected if k not in tensors]
   if missing:
     more = f" (+{len(missing) - 5} more)" if len(missing) > 5 else ""
@@ -223,7 +223,7 @@ def params_from_hf(tensors: dict[str, np.ndarray], cfg: ModelConfig, where: str 
   rng = range(cfg.num_layers)
   layers: Params = {ours: cast(np.stack([layer(i, f"{hf}.weight") for i in rng]))
                     for ours, hf in _HF_NORM.items()}
-  for name, hf in _HF_MODULE.items():
+  for name, hf in HF_MODULE.items():
     layers[name] = {"kernel": cast(np.stack([layer(i, f"{hf}.weight").T for i in rng]))}
     if cfg.qkv_bias and name in ("q", "k", "v"):
       layers[name]["bias"] = cast(np.stack([layer(i, f"{hf}.bias") for i in rng]))
@@ -244,7 +244,7 @@ def params_to_hf(params: Params, cfg: ModelConfig) -> dict[str, np.ndarray]:
     pre = f"model.layers.{i}."
     for ours, hf in _HF_NORM.items():
       out[f"{pre}{hf}.weight"] = p["layers"][ours][i]
-    for name, hf in _HF_MODULE.items():
+    for name, hf in HF_MODULE.items():
       out[f"{pre}{hf}.weight"] = p["layers"][name]["kernel"][i].T
       if "bias" in p["layers"][name]:
         out[f"{pre}{hf}.bias"] = p["layers"][name]["bias"][i]
@@ -310,112 +310,45 @@ def atomic_dir(out_dir: Path, write) -> Path:
   return out_dir
 
 
+TOKEN_IDS = ("bos_token_id", "eos_token_id", "pad_token_id")
+
+
+def token_ids(tokenizer=None, source_dir: Path | None = None) -> dict[str, Any]:
+  """bos/eos/pad ids for config.json and generation_config.json: the source checkpoint's (its
+  generation_config.json, then its config.json), else the tokenizer's; absent ids are left out."""
+  ids: dict[str, Any] = {}
+  if source_dir is not None:
+    for name in ("config.json", "generation_config.json"):  # the generation config wins, as in transformers
+      f = Path(source_dir) / name
+      if f.exists():
+        ids.update({k: v for k, v in json.loads(f.read_text()).items() if k in TOKEN_IDS and v is not None})
+  if tokenizer is not None:
+    for k in TOKEN_IDS:
+      if ids.get(k) is None and getattr(tokenizer, k, None) is not None:
+        ids[k] = getattr(tokenizer, k)
+  return ids
+
+
 def save_model(out_dir: str | os.PathLike, cfg: ModelConfig, params: Params, tokenizer=None,
-               lora: Params | None = None, lora_cfg: LoraConfig | None = None) -> Path:
-  """Write an HF directory (config.json, model.safetensors, tokenizer files) that
-  `transformers.AutoModelForCausalLM.from_pretrained` loads; LoRA, if given, is merged first."""
+               lora: Params | None = None, lora_cfg: LoraConfig | None = None,
+               source_dir: str | os.PathLike | None = None) -> Path:
+  """Write an HF directory (config.json, generation_config.json, model.safetensors, tokenizer files) that
+  `transformers.AutoModelForCausalLM.from_pretrained` loads and `generate` stops on; LoRA, if given, is
+  merged first. The bos/eos/pad ids come from `source_dir` (the checkpoint the params were loaded from,
+  whose generation_config.json is kept whole) or else the tokenizer (`token_ids`)."""
   if lora is not None:
     params = merge_lora(params, lora, lora_cfg)
+  ids = token_ids(tokenizer, Path(source_dir) if source_dir is not None else None)
+  generation = {}
+  if source_dir is not None and (Path(source_dir) / "generation_config.json").exists():
+    generation = json.loads((Path(source_dir) / "generation_config.json").read_text())
 
   def write(tmp: Path):
-    (tmp / "config.json").write_text(json.dumps(config_to_hf(cfg), indent=2))
+    (tmp / "config.json").write_text(json.dumps(config_to_hf(cfg, **ids), indent=2))
+    if ids or generation:
+      (tmp / "generation_config.json").write_text(json.dumps({**generation, **ids}, indent=2))
     write_safetensors(tmp / "model.safetensors", params_to_hf(params, cfg))
     if tokenizer is not None:
       tokenizer.save_pretrained(str(tmp))
 
   return atomic_dir(Path(out_dir), write)
-
-
-# ------------------------------------------------------------------------------------------- PEFT
-
-_PEFT_PREFIX = "base_model.model.model.layers."
-# adapter_config.json fields that change what the stored factors mean: each must be empty / false / null,
-# except bias ("none") and layers_to_transform (null: 0 means "layer 0 only").
-_PEFT_EMPTY = ("use_dora", "lora_bias", "fan_in_fan_out", "rank_pattern", "alpha_pattern", "modules_to_save",
-               "use_qalora", "layer_replication", "trainable_token_indices", "target_parameters")
-_PEFT_PLAIN = {**{f: (lambda v: not v) for f in _PEFT_EMPTY}, "bias": lambda v: v in (None, "none"),
-               "layers_to_transform": lambda v: v is None}
-
-
-def save_peft_adapter(out_dir: str | os.PathLike, cfg: ModelConfig, lora: Params, lora_cfg: LoraConfig,
-                      base_model_name_or_path: str = "") -> Path:
-  """PEFT LoRA adapter (adapter_config.json + adapter_model.safetensors) for `PeftModel.from_pretrained`."""
-  tensors = {}
-  for name, mod in lora.items():
-    a, b = np.asarray(mod["a"]), np.asarray(mod["b"])
-    for i in range(cfg.num_layers):
-      pre = f"{_PEFT_PREFIX}{i}.{_HF_MODULE[name]}"
-      tensors[f"{pre}.lora_A.weight"], tensors[f"{pre}.lora_B.weight"] = a[i], b[i]
-  adapter_cfg = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": lora_cfg.rank,
-                 "lora_alpha": lora_cfg.alpha, "use_rslora": lora_cfg.rslora, "lora_dropout": 0.0,
-                 "bias": "none", "fan_in_fan_out": False, "inference_mode": True,
-                 "target_modules": sorted(_HF_MODULE[t].split(".")[1] for t in lora),
-                 "base_model_name_or_path": base_model_name_or_path}
-
-  def write(tmp: Path):
-    (tmp / "adapter_config.json").write_text(json.dumps(adapter_cfg, indent=2))
-    write_safetensors(tmp / "adapter_model.safetensors", tensors)
-
-  return atomic_dir(Path(out_dir), write)
-
-
-def load_peft_adapter(adapter_dir: str | os.PathLike, cfg: ModelConfig,
-                      config_only: bool = False) -> tuple[LoraConfig, Params | None]:
-  """PEFT LoRA adapter directory → (LoraConfig, lora params in cfg.dtype; None with config_only)."""
-  adapter_dir = Path(adapter_dir)
-  cfg_path = adapter_dir / "adapter_config.json"
-  if not cfg_path.exists():
-    raise CheckpointError(f"{cfg_path}: missing")
-  try:
-    acfg = json.loads(cfg_path.read_text())
-  except json.JSONDecodeError as e:
-    raise CheckpointError(f"{cfg_path}: invalid JSON ({e})") from e
-  if not isinstance(acfg, dict):
-    raise CheckpointError(f"{cfg_path}: expected a JSON object")
-  if acfg.get("peft_type", "LORA") != "LORA":
-    raise CheckpointError(f"{cfg_path}: peft_type={acfg.get('peft_type')!r}; only LORA adapters load")
-  for field, ok in _PEFT_PLAIN.items():
-    if field in acfg and not ok(acfg[field]):
-      raise CheckpointError(f"{cfg_path}: {field}={acfg[field]!r} is not supported (plain LoRA only: the "
-                            "weights would mean something else than s·B·A on every target)")
-  by_hf = {v.split(".")[1]: k for k, v in _HF_MODULE.items()}
-  targets = acfg.get("target_modules") or []
-  if isinstance(targets, str):
-    raise CheckpointError(f"{cfg_path}: target_modules={targets!r} is a pattern; only a list of module "
-                          f"names among {sorted(by_hf)} is supported")
-  unknown = [t for t in targets if t not in by_hf]
-  if unknown:
-    raise CheckpointError(f"{cfg_path}: target_modules {unknown} are not among {sorted(by_hf)}")
-  lcfg = LoraConfig(rank=int(acfg["r"]), alpha=float(acfg["lora_alpha"]),
-                    targets=tuple(t for t in ALL_MODULES if _HF_MODULE[t].split(".")[1] in targets),
-                    rslora=bool(acfg.get("use_rslora", False)))
-  if config_only:
-    return lcfg, None
-  pickled = (adapter_dir / "adapter_model.bin").exists()
-  if pickled and not (adapter_dir / "adapter_model.safetensors").exists():
-    raise CheckpointError(f"{adapter_dir}: only adapter_model.bin (a pickle) is present; pickles are never "
-                          "loaded. Convert it once with peft: `PeftModel.from_pretrained(base, d)"
-                          ".save_pretrained(d, safe_serialization=True)`")
-  tensors = read_safetensors(adapter_dir / "adapter_model.safetensors")
-  dt = np.dtype(cfg.jnp_dtype)
-  lora = {}
-  for name in lcfg.targets:
-    n_in, n_out = cfg.module_shape(name)
-    mats = {"a": [], "b": []}
-    for i in range(cfg.num_layers):
-      pre = f"{_PEFT_PREFIX}{i}.{_HF_MODULE[name]}"
-      for key, want in (("a", (lcfg.rank, n_in)), ("b", (n_out, lcfg.rank))):
-        t = tensors.get(f"{pre}.lora_{key.upper()}.weight")
-        if t is None or tuple(t.shape) != want:
-          got = "missing" if t is None else f"shape {tuple(t.shape)}"
-          raise CheckpointError(f"{adapter_dir}/adapter_model.safetensors: {pre}.lora_{key.upper()}.weight "
-                                f"is {got}; expected {want}")
-        mats[key].append(t)
-    lora[name] = {k: jax.numpy.asarray(np.stack(v).astype(dt)) for k, v in mats.items()}
-  used = {f"{_PEFT_PREFIX}{i}.{_HF_MODULE[n]}.lora_{x}.weight" for n in lcfg.targets
-          for i in range(cfg.num_layers) for x in "AB"}
-  extra = sorted(set(tensors) - used)
-  if extra:
-    raise CheckpointError(f"{adapter_dir}/adapter_model.safetensors: tensors {extra[:3]} are not LoRA factors of "
-                          f"the {len(lcfg.targets)} target modules (modules_to_save, trained tokens or biases?)")
-  return lcfg, lora

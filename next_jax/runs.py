@@ -28,7 +28,7 @@ from pathlib import Path
 import jax.numpy as jnp
 import numpy as np
 
-from next_jax import hf
+from next_jax import hf, peft_io
 from next_jax.extrapolate import normalised
 from next_jax.hf import CheckpointError
 from next_jax.policy import ALL_MODULES, LoraConfig, ModelConfig, Params, merge_lora
@@ -138,7 +138,7 @@ def select(found: list[tuple[int, str, Path]], interval: int | None, max_step: i
 def _lora_config(adapter_dir: Path, cfg: ModelConfig) -> LoraConfig:
   """The adapter's LoraConfig; refuses inits under which step 0 is not the base (B ≠ 0, or PiSSA-style
   inits that rewrite W₀), since snapshot 0 is taken to be the base itself."""
-  lcfg = hf.load_peft_adapter(adapter_dir, cfg, config_only=True)[0]
+  lcfg = peft_io.load_peft_adapter(adapter_dir, cfg, config_only=True)[0]
   init = json.loads((adapter_dir / "adapter_config.json").read_text()).get("init_lora_weights", True)
   if init not in (True, "gaussian"):
     raise CheckpointError(f"{adapter_dir}/adapter_config.json: init_lora_weights={init!r}; only inits that "
@@ -186,7 +186,7 @@ def _stack_lora(cfg: ModelConfig, lcfg: LoraConfig, dirs: list[Path]) -> dict:
     traj[m] = {"a": np.zeros((num, cfg.num_layers, r, n_in), np.float32),
                "b": np.zeros((num, cfg.num_layers, n_out, r), np.float32)}
   for i, d in enumerate(dirs, start=1):
-    _, lora = hf.load_peft_adapter(d, cfg)
+    _, lora = peft_io.load_peft_adapter(d, cfg)
     for m, mod in lora.items():
       traj[m]["a"][i], traj[m]["b"][i] = np.asarray(mod["a"]), np.asarray(mod["b"])
   return {m: {k: jnp.asarray(v) for k, v in mod.items()} for m, mod in traj.items()}
@@ -239,18 +239,29 @@ def extend_adapter(lora: Params, lcfg: LoraConfig, jump: dict[str, Triplet], alp
   return new_cfg, out
 
 
+def stored_dtype(model_dir: Path) -> str:
+  """The dtype a model directory's weights are stored in ("bfloat16", "float32", …)."""
+  return str(hf.read_weights(Path(model_dir))["model.embed_tokens.weight"].dtype)
+
+
+def base_params(run: CheckpointRun) -> Params:
+  """The base's weights in their stored dtype (a merge adds in fp32 and rounds once, as saving would)."""
+  cfg = dataclasses.replace(run.cfg, dtype=stored_dtype(run.base_dir))
+  return hf.params_from_hf(hf.read_weights(run.base_dir), cfg, str(run.base_dir))
+
+
 def save_like(out_dir: Path, base_dir: Path, cfg: ModelConfig, params: Params) -> Path:
   """An HF directory for `params` that keeps everything else of `base_dir` (config.json,
   generation_config.json, tokenizer and chat template) and stores the weights in the base's dtype."""
   base_dir = Path(base_dir)
-  dtype = hf.read_weights(base_dir)["model.embed_tokens.weight"].dtype
+  dtype = np.dtype(stored_dtype(base_dir))
   skip = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".index.json")
 
   def write(tmp: Path):
     for f in base_dir.iterdir():
       if f.is_file() and not f.name.endswith(skip):
         shutil.copy2(f, tmp / f.name)
-    tensors = {k: np.asarray(v, np.float32).astype(dtype) for k, v in hf.params_to_hf(params, cfg).items()}
+    tensors = {k: np.asarray(v).astype(dtype, copy=False) for k, v in hf.params_to_hf(params, cfg).items()}
     hf.write_safetensors(tmp / "model.safetensors", tensors)
 
   return hf.atomic_dir(Path(out_dir), write)

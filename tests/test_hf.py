@@ -14,7 +14,7 @@ import safetensors.torch
 import torch
 
 from conftest import MAIN, load_torch_model, torch_logits
-from next_jax import hf, policy, toy
+from next_jax import hf, peft_io, policy, toy
 
 EXPORT_ATOL = 1e-4
 HEADER_TOO_LONG = r"model\.safetensors: header length \d+ exceeds the file size"
@@ -65,6 +65,32 @@ def test_save_model_replaces_existing_dir_without_leftovers(main_model, tmp_path
   hf.save_model(tmp_path / "out", cfg, params)
   assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no temporary directory left behind
   assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["config.json", "model.safetensors"]
+
+
+def test_exported_model_keeps_the_source_token_ids_and_generation_config(hf_model, main_model, tmp_path):
+  """transformers' generate stops on generation_config's eos: an export without it never stops (issue 17)."""
+  import transformers  # noqa: PLC0415
+  cfg, params = main_model
+  src = _copy_dir(hf_model(MAIN).path, tmp_path / "src", lambda c: c.update(bos_token_id=1, eos_token_id=2))
+  (src / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, 5], "pad_token_id": 3,
+                                                          "temperature": 0.7, "do_sample": True}))
+  out = hf.save_model(tmp_path / "export", cfg, params, source_dir=src)
+  written = json.loads((out / "config.json").read_text())
+  assert (written["bos_token_id"], written["eos_token_id"], written["pad_token_id"]) == (1, [2, 5], 3)
+  gen = transformers.GenerationConfig.from_pretrained(out)
+  assert (gen.bos_token_id, gen.eos_token_id, gen.pad_token_id, gen.temperature) == (1, [2, 5], 3, 0.7)
+  assert load_torch_model(out).generation_config.eos_token_id == [2, 5]
+
+
+def test_exported_model_takes_token_ids_from_the_tokenizer_without_a_source(main_model, tmp_path):
+  cfg, params = main_model
+  tok = toy.build_char_tokenizer("0123456789+-*=", out_dir=tmp_path / "tok")
+  out = hf.save_model(tmp_path / "export", cfg, params, tokenizer=tok)
+  ids = {k: tok_id for k in hf.TOKEN_IDS if (tok_id := getattr(tok, k)) is not None}
+  assert ids.get("eos_token_id") is not None
+  assert json.loads((out / "generation_config.json").read_text()) == ids
+  written = json.loads((out / "config.json").read_text())
+  assert {k: written[k] for k in ids} == ids
 
 
 @pytest.mark.parametrize("name", [MAIN, "qwen_mha_tied", "llama"])
@@ -126,7 +152,7 @@ def test_peft_loads_our_adapter_with_our_logits(lcfg, hf_model, main_model, fwd,
                                                 tmp_path):
   cfg, params = main_model
   lora = random_lora(cfg, lcfg, seed=5)
-  adapter = hf.save_peft_adapter(tmp_path / "adapter", cfg, lora, lcfg)
+  adapter = peft_io.save_peft_adapter(tmp_path / "adapter", cfg, lora, lcfg)
   tokens, mask = padded_batch
   ours, _ = fwd(params, tokens, cfg, mask=mask, lora=lora, lora_cfg=lcfg)
   base = load_torch_model(hf_model(MAIN).path)
@@ -139,7 +165,7 @@ def test_peft_loads_our_adapter_with_our_logits(lcfg, hf_model, main_model, fwd,
 
 def test_peft_adapter_config_names_hf_modules(main_model, random_lora, tmp_path):
   cfg, _ = main_model
-  adapter = hf.save_peft_adapter(tmp_path / "adapter", cfg, random_lora(cfg, LORA_SUBSET), LORA_SUBSET)
+  adapter = peft_io.save_peft_adapter(tmp_path / "adapter", cfg, random_lora(cfg, LORA_SUBSET), LORA_SUBSET)
   acfg = json.loads((adapter / "adapter_config.json").read_text())
   assert acfg["target_modules"] == ["down_proj", "q_proj", "v_proj"]
   assert (acfg["peft_type"], acfg["r"], acfg["lora_alpha"], acfg["use_rslora"]) == ("LORA", 2, 5.0, False)
@@ -149,20 +175,61 @@ def test_peft_adapter_config_names_hf_modules(main_model, random_lora, tmp_path)
 def test_load_peft_adapter_round_trips_exactly(lcfg, main_model, random_lora, tmp_path):
   cfg, _ = main_model
   lora = random_lora(cfg, lcfg, seed=7)
-  adapter = hf.save_peft_adapter(tmp_path / "adapter", cfg, lora, lcfg)
-  lcfg2, lora2 = hf.load_peft_adapter(adapter, cfg)
+  adapter = peft_io.save_peft_adapter(tmp_path / "adapter", cfg, lora, lcfg)
+  lcfg2, lora2 = peft_io.load_peft_adapter(adapter, cfg)
   assert lcfg2 == lcfg
   _assert_trees_equal(lora2, lora)
 
 
 def test_load_peft_adapter_rejects_wrong_rank_tensor(main_model, random_lora, tmp_path):
   cfg, _ = main_model
-  adapter = hf.save_peft_adapter(tmp_path / "adapter", cfg, random_lora(cfg, LORA_SUBSET), LORA_SUBSET)
+  adapter = peft_io.save_peft_adapter(tmp_path / "adapter", cfg, random_lora(cfg, LORA_SUBSET), LORA_SUBSET)
   acfg = json.loads((adapter / "adapter_config.json").read_text())
   (adapter / "adapter_config.json").write_text(json.dumps({**acfg, "r": 3}))
   msg = "layers.0.self_attn.q_proj.lora_A.weight is shape (2, 64); expected (3, 64)"
   with pytest.raises(hf.CheckpointError, match=re.escape(msg)):
-    hf.load_peft_adapter(adapter, cfg)
+    peft_io.load_peft_adapter(adapter, cfg)
+
+
+@pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")
+@pytest.mark.parametrize("rslora", [False, True], ids=["plain", "rslora"])
+def test_rank_and_alpha_patterns_load_with_peft_logits(rslora, hf_model, main_model, fwd, padded_batch, tmp_path):
+  """peft's rank_pattern / alpha_pattern, per module type and per layer (a regex key), folded into one rank
+  and scale: our forward equals peft's (with the patterns ignored, q alone would be 0.34 off, issue 17)."""
+  cfg, params = main_model
+  torch.manual_seed(0)
+  base = load_torch_model(hf_model(MAIN).path)
+  pcfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], use_rslora=rslora,
+                         rank_pattern={"q_proj": 2, "layers.1.mlp.down_proj": 6},
+                         alpha_pattern={"q_proj": 32, r"layers\.0\..*v_proj": 3}, init_lora_weights=False)
+  model = peft.get_peft_model(base, pcfg).eval()
+  model.save_pretrained(tmp_path / "adapter")
+  tokens, mask = padded_batch
+  theirs = torch_logits(model, tokens, mask)
+  lcfg, lora = peft_io.load_peft_adapter(tmp_path / "adapter", cfg)
+  assert (lcfg.rank, lcfg.targets, lcfg.rslora) == (6, ("q", "v", "down"), rslora)
+  np.testing.assert_allclose(lcfg.scale, 8 / (2.0 if rslora else 4.0))  # the plain r and lora_alpha's scale
+  ours, _ = fwd(params, tokens, cfg, mask=mask, lora=lora, lora_cfg=lcfg)
+  np.testing.assert_allclose(theirs[mask], np.asarray(ours)[mask], atol=EXPORT_ATOL, rtol=0)
+  plain = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+  (tmp_path / "adapter" / "adapter_config.json").write_text(json.dumps({**plain, "alpha_pattern": {}}))
+  lcfg2, lora2 = peft_io.load_peft_adapter(tmp_path / "adapter", cfg)  # the ranks still fit, the scales not
+  wrong, _ = fwd(params, tokens, cfg, mask=mask, lora=lora2, lora_cfg=lcfg2)
+  assert np.abs(np.asarray(wrong) - theirs)[mask].max() > 0.1
+  (tmp_path / "adapter" / "adapter_config.json").write_text(json.dumps({**plain, "rank_pattern": {}}))
+  with pytest.raises(hf.CheckpointError, match=r"q_proj\.lora_A\.weight is shape \(2, 64\); expected \(4, 64\)"):
+    peft_io.load_peft_adapter(tmp_path / "adapter", cfg)
+
+
+@pytest.mark.parametrize("field, value", [("rank_pattern", {"q_proj": 0}), ("alpha_pattern", {"q_proj": "x"}),
+                                          ("alpha_pattern", {"(": 2}), ("rank_pattern", ["q_proj"])])
+def test_bad_patterns_are_refused_naming_the_field(field, value, main_model, random_lora, tmp_path):
+  cfg, _ = main_model
+  adapter = peft_io.save_peft_adapter(tmp_path / "adapter", cfg, random_lora(cfg, LORA_SUBSET), LORA_SUBSET)
+  acfg = json.loads((adapter / "adapter_config.json").read_text())
+  (adapter / "adapter_config.json").write_text(json.dumps({**acfg, field: value}))
+  with pytest.raises(hf.CheckpointError, match=f"adapter_config.json: {field}"):
+    peft_io.load_peft_adapter(adapter, cfg)
 
 
 # ------------------------------------------------------------------------------------------- errors
@@ -367,3 +434,21 @@ def test_model_dir_without_tokenizer_files_is_reported(hf_model):
   """transformers 5 would silently return a 1-token tokenizer built from config.json alone."""
   with pytest.raises(hf.CheckpointError, match=r"cannot load a tokenizer \(none of \('tokenizer\.json'"):
     hf.load_tokenizer(hf_model(MAIN).path)
+
+
+def test_qwen2_tokenizers_follow_auto_tokenizer_not_the_raw_tokenizer_json(tmp_path):
+  """transformers 5 builds Qwen2 tokenizers with its own digit-isolating pre-tokenizer, not the ByteLevel one
+  a tokenizer.json may hold, so raw `tokenizers` and AutoTokenizer disagree on digits (" 4": "Ġ4" vs "Ġ", "4").
+  We load through AutoTokenizer (hf.load_tokenizer), as the real checkpoints' users do."""
+  import tokenizers  # noqa: PLC0415
+  import transformers  # noqa: PLC0415
+  toy.build_char_tokenizer("0123456789+-*= ", out_dir=tmp_path)
+  tj = json.loads((tmp_path / "tokenizer.json").read_text())
+  merged = max([*tj["model"]["vocab"].values(), *(t["id"] for t in tj["added_tokens"])]) + 1
+  tj["model"]["vocab"]["Ġ4"], tj["model"]["merges"] = merged, [*tj["model"]["merges"], ["Ġ", "4"]]
+  tj["pre_tokenizer"] = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}
+  (tmp_path / "tokenizer.json").write_text(json.dumps(tj))
+  raw = tokenizers.Tokenizer.from_file(str(tmp_path / "tokenizer.json")).encode(" 4", add_special_tokens=False)
+  auto = transformers.AutoTokenizer.from_pretrained(tmp_path)(" 4", add_special_tokens=False)["input_ids"]
+  ours = hf.load_tokenizer(tmp_path)(" 4", add_special_tokens=False)["input_ids"]
+  assert raw.ids == [merged] and auto == ours == [14, 4]  # "Ġ" (the space), "4"

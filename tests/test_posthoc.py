@@ -15,7 +15,7 @@ import pytest
 from conftest import load_torch_model, torch_logits
 
 from experiments import posthoc as cli
-from next_jax import drift, extrapolate, hf, policy, runs, toy
+from next_jax import drift, extrapolate, hf, peft_io, policy, runs, toy
 from next_jax import state_machine as sm
 from next_jax.rank1 import Triplet, delta_pairs
 
@@ -116,7 +116,7 @@ def _check_against_dense(run, weights: list[dict], sigma_rtol: float, cos_tol: f
   """Every G, L, T pair's (σ, u, v) against the dense SVD of the same delta of the merged weights."""
   pairs = sorted({p for ps in delta_pairs(len(run.steps), K).values() for p in ps})
   ours = extrapolate.pair_triplets(run.trajectory, pairs, run.scale, "none", devices="vmap")
-  names = {m: hf._HF_MODULE[m].split(".")[1] for m in ours}
+  names = {m: hf.HF_MODULE[m].split(".")[1] for m in ours}
   checked = 0
   for pi, (i, j) in enumerate(pairs):
     for m, t in ours.items():
@@ -296,7 +296,7 @@ def test_inconsistent_runs_are_refused(runs_dir, tmp_path):
   dirs = _copy_ckpts(runs_dir["trl"], tmp_path / "rank")
   cfg = hf.load_config(base)
   rank2 = {"q": {"a": np.zeros((2, 2, 32), np.float32), "b": np.zeros((2, 32, 2), np.float32)}}
-  hf.save_peft_adapter(dirs[2], cfg, rank2, policy.LoraConfig(rank=2, alpha=8.0, targets=("q",)))
+  peft_io.save_peft_adapter(dirs[2], cfg, rank2, policy.LoraConfig(rank=2, alpha=8.0, targets=("q",)))
   _fails(["--base", base, "--checkpoints", str(tmp_path / "rank/checkpoint-*")], tmp_path, "rank=2 but")
   dirs = _copy_ckpts(runs_dir["trl"], tmp_path / "dora")
   acfg = json.loads((dirs[0] / "adapter_config.json").read_text())
