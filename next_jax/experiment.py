@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 import shutil
 from pathlib import Path
@@ -26,6 +27,8 @@ from next_jax import state_machine as sm
 from next_jax.checkpoint import Checkpointer
 from next_jax.metrics import MetricWriter, is_primary
 from next_jax.predictor import PredictorConfig
+
+log = logging.getLogger(__name__)
 
 
 class ConfigError(ValueError):
@@ -71,7 +74,9 @@ def loss_config(c) -> grpo.LossConfig:
     return grpo.LossConfig(clip_low=r.clip_low, clip_high=r.clip_high, clip_c=r.clip_c or None,
                            kl_coef=r.kl_coef, kl_estimator=r.kl_estimator, entropy_coef=r.entropy_coef,
                            agg_mode=r.agg_mode, num_mini_batches=r.num_mini_batches,
-                           micro_batch_size=r.micro_batch_size or None, logprob_chunk=r.logprob_chunk)
+                           micro_batch_size=r.micro_batch_size or None, logprob_chunk=r.logprob_chunk,
+                           loss_scale_factor=r.loss_scale_factor or None,
+                           max_update_ratio=r.max_update_ratio)
   except ValueError as e:
     raise ConfigError(f"config.rl: {e}") from e
 
@@ -79,16 +84,18 @@ def loss_config(c) -> grpo.LossConfig:
 _KINDS = {
     int: ("seed", "model.lora_rank", "task.n_train", "task.n_test", "task.n_val", "rollout.top_k",
           "rollout.overlong_cache", "rollout.sample_chunk", "rl.warmup_steps", "rl.num_mini_batches",
-          "rl.micro_batch_size", "rl.logprob_chunk",
+          "rl.micro_batch_size", "rl.logprob_chunk", "rl.loss_scale_factor",
           "rl.max_faults", "nxt.extrapolate_at", "nxt.interval", "nxt.k", "nxt.total_steps", "nxt.cycles",
           "nxt.horizon", "nxt.predictor.hidden", "nxt.predictor.epochs", "eval.every", "eval.chunk",
           "eval.samples", "ckpt.every", "ckpt.max_to_keep", "mesh.data"),
     float: ("model.lora_alpha", "rollout.temperature", "rollout.top_p", "rl.lr", "rl.weight_decay", "rl.b1",
             "rl.b2", "rl.grad_clip", "rl.clip_low", "rl.clip_high", "rl.clip_c", "rl.kl_coef",
-            "rl.kl_in_reward", "rl.entropy_coef", "nxt.alpha", "nxt.predictor.lr", "eval.temperature"),
+            "rl.kl_in_reward", "rl.entropy_coef", "rl.max_update_ratio", "nxt.alpha", "nxt.predictor.lr",
+            "eval.temperature"),
     str: ("workdir", "model.dir", "model.dtype", "model.trainable", "model.lora_targets", "task.name",
           "task.system", "task.instruction",
           "task.path", "task.format", "rl.estimator", "rl.agg_mode", "rl.kl_estimator", "nxt.method",
+          "ckpt.allow_changes",
           "nxt.sign", "nxt.continue_mode"),
 }
 _POSITIVE = ("rl.num_mini_batches", "nxt.extrapolate_at", "nxt.interval", "nxt.k", "nxt.total_steps",
@@ -121,10 +128,22 @@ def _check_kinds(c) -> None:
     _check(_get(c, f) >= 1, f, _get(c, f), "must be ≥ 1")
 
 
+def _check_workdir_path(workdir: str) -> None:
+  wd = Path(workdir)
+  _check(bool(workdir) and not wd.is_file(), "workdir", workdir, "is a file, not a directory")
+  under = next((p for p in wd.parents if p.exists() and not p.is_dir()), None)
+  _check(under is None, "workdir", workdir, f"lies under {under}, which is a file")
+
+
 def validate(c) -> None:
   """Every check that can fail before work starts; raises ConfigError naming the field."""
   _check_kinds(c)
   _check(bool(c.model.dir), "model.dir", c.model.dir, "set it to a local HF model directory")
+  _check_workdir_path(c.workdir)
+  _allowed_changes(c)
+  _check(not (c.ckpt.resume and c.ckpt.overwrite), "ckpt.resume", c.ckpt.resume,
+         "and ckpt.overwrite=True contradict each other (resume continues the run in workdir, overwrite "
+         "deletes it): pass one")
   _check(c.model.trainable in ("lora", "full"), "model.trainable", c.model.trainable, "use 'lora' or 'full'")
   _check(not c.nxt.faithful or c.model.trainable == "lora", "nxt.faithful", c.nxt.faithful,
          "needs model.trainable='lora' (a full run's trajectory holds only the projection kernels, so its other "
@@ -141,6 +160,9 @@ def validate(c) -> None:
     _check(isinstance(ro[f], int) and ro[f] >= 1, f"rollout.{f}", ro[f], "must be an integer ≥ 1")
   _check(ro.sample_chunk >= 0 and ro.prompts_per_step % (ro.sample_chunk or 1) == 0, "rollout.sample_chunk",
          ro.sample_chunk, f"must be 0 (all at once) or divide prompts_per_step = {ro.prompts_per_step}")
+  _check(c.rl.max_update_ratio >= 0, "rl.max_update_ratio", c.rl.max_update_ratio, "must be ≥ 0 (0: off)")
+  _check(c.rl.loss_scale_factor >= 0, "rl.loss_scale_factor", c.rl.loss_scale_factor,
+         "must be ≥ 0 (0: the response budget rollout.max_new_tokens)")
   _check(c.rl.logprob_chunk >= 0, "rl.logprob_chunk", c.rl.logprob_chunk,
          "must be ≥ 0 (0: all positions at once)")
   _check(ro.temperature >= 0, "rollout.temperature", ro.temperature, "must be ≥ 0")
@@ -247,17 +269,25 @@ def build(c, model_dir: str | None = None) -> Experiment:
     model_dir = model_files.resolve(model_dir or c.model.dir)  # a .gguf or packaged model: converted once
   except hf.CheckpointError as e:
     raise ConfigError(f"config.model.dir={c.model.dir!r}: {e}") from e
+  lcfg, model_cfg = lora_config(c), hf.load_config(model_dir)
+  if lcfg is not None:
+    check_lora_rank(lcfg, model_cfg)
+  total = c.rollout.prompt_len + c.rollout.max_new_tokens
+  _check(total <= model_cfg.max_position_embeddings, "rollout.max_new_tokens", c.rollout.max_new_tokens,
+         f"prompt_len + max_new_tokens = {total} exceeds the model's max_position_embeddings = "
+         f"{model_cfg.max_position_embeddings} ({model_dir}/config.json)")
   cfg, params, tok = hf.load_model(model_dir, dtype=c.model.dtype or None)
   cfg = dataclasses.replace(cfg, remat=c.model.remat)
   mesh = run_mesh(c)
   if mesh is not None:
     params = place(params, mesh)
   train, test, val = load_problems(c)
-  lcfg = lora_config(c)
   raw, instr = c.task.raw_prompt, c.task.instruction or None
   system = c.task.system or None
-  encode = lambda p: tok(tasks.format_prompt(p, tok, system=system, instruction=instr, raw=raw),  # noqa: E731
-                         add_special_tokens=False)["input_ids"]
+  fmt = lambda p: tasks.format_prompt(p, tok, system=system, instruction=instr, raw=raw)  # noqa: E731
+  encode = lambda p: tok(fmt(p), add_special_tokens=False)["input_ids"]  # noqa: E731
+  check_prompt_lengths(lambda ps: tok([fmt(p) for p in ps], add_special_tokens=False)["input_ids"],
+                       {"train": train, "test": test, "val": val}, c.rollout.prompt_len)
   reward_fns = {name: rewards.get_reward(name) for name in {p.verifier for p in train + test + val}}
   setup = trainer.RLSetup(
       cfg=cfg, lora_cfg=lcfg, loss_cfg=loss_config(c),
@@ -278,6 +308,24 @@ def build(c, model_dir: str | None = None) -> Experiment:
       b2=c.rl.b2, grad_clip=c.rl.grad_clip or None))
   state = sm.init(setup, ncfg, params, trainer.init_state(trainable, tx, c.seed))
   return Experiment(c, setup, ncfg, params, tok, train, test, val, state)
+
+
+def check_lora_rank(lcfg: policy.LoraConfig, cfg: policy.ModelConfig) -> None:
+  """A LoRA rank above min(in, out) of a target adds nothing a full update lacks, and only costs memory."""
+  name, (n_in, n_out) = min(((t, cfg.module_shape(t)) for t in lcfg.targets), key=lambda x: min(x[1]))
+  _check(lcfg.rank <= min(n_in, n_out), "model.lora_rank", lcfg.rank,
+         f"exceeds min(in, out) = {min(n_in, n_out)} of the {name} projection ({n_in} × {n_out})")
+
+
+def check_prompt_lengths(encode_many, splits: dict[str, tuple], prompt_len: int) -> None:
+  """Every prompt must fit rollout.prompt_len tokens (prompts are left-padded to it, never truncated).
+  encode_many: problems → token lists, one batched tokenizer call per split."""
+  for split, problems in splits.items():
+    lengths = [len(ids) for ids in encode_many(problems)] if problems else []
+    i = int(np.argmax(lengths)) if lengths else 0
+    _check(not lengths or lengths[i] <= prompt_len, "rollout.prompt_len", prompt_len,
+           f"is shorter than {split} problem {i}'s prompt ({lengths[i] if lengths else 0} tokens, the longest "
+           f"of its split); raise it")
 
 
 def accuracy(exp: Experiment, state: sm.NExtState, problems, seed: int = 0) -> float:
@@ -320,15 +368,56 @@ def check_workdir(c) -> bool:
   if has_run and not (c.ckpt.resume or c.ckpt.overwrite):
     raise ConfigError(f"config.workdir={c.workdir!r} already holds a run; pass --config.ckpt.resume=True "
                       "to continue it or --config.ckpt.overwrite=True to replace it")
-  if has_run and c.ckpt.resume and (wd / "config.json").is_file():
-    old, new = _flat(json.loads((wd / "config.json").read_text())), _flat(json.loads(c.to_json()))
-    diff = sorted(k for k in old.keys() | new.keys()
-                  if old.get(k) != new.get(k) and not k.startswith(RESUMABLE))
-    if diff:
-      changes = "; ".join(f"{k}: {old.get(k)!r} → {new.get(k)!r}" for k in diff[:5])
-      raise ConfigError(f"config.ckpt.resume=True but {', '.join(diff[:5])} differ from the run in "
-                        f"{c.workdir!r} ({changes}); resume with the same config or start a new workdir")
+  if has_run and c.ckpt.resume:
+    resume_changes(c)
   return has_run and bool(c.ckpt.resume)
+
+
+def _allowed_changes(c) -> set[str]:
+  fields = {f.strip() for f in c.ckpt.allow_changes.split(",") if f.strip()}
+  known = _flat(json.loads(c.to_json()))
+  _check(fields <= known.keys(), "ckpt.allow_changes", c.ckpt.allow_changes,
+         f"names no config field: {sorted(fields - known.keys())}")
+  return fields
+
+
+def resume_changes(c) -> list[dict[str, Any]]:
+  """The fields a resume changes that ckpt.allow_changes permits ([{field, old, new}], recorded in
+  results.json); any other change (outside RESUMABLE) raises ConfigError naming the fields."""
+  new, allowed = _flat(json.loads(c.to_json())), _allowed_changes(c)
+  allowed_diff: dict[str, dict[str, Any]] = {}
+  for source, old in _saved_configs(Path(c.workdir)):
+    diff = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k) and not k.startswith(RESUMABLE))
+    refused = [k for k in diff if k not in allowed]
+    if refused:
+      changes = "; ".join(f"{k}: {old.get(k)!r} → {new.get(k)!r}" for k in refused[:5])
+      raise ConfigError(f"config.ckpt.resume=True but {', '.join(refused[:5])} differ from the run in "
+                        f"{c.workdir!r} ({changes}; from {source}); resume with the same config, name the "
+                        "fields in ckpt.allow_changes, or start a new workdir")
+    allowed_diff.update({k: {"field": k, "old": old.get(k), "new": new.get(k)} for k in diff})
+  return list(allowed_diff.values())
+
+
+def _saved_configs(wd: Path) -> list[tuple[str, dict[str, Any]]]:
+  """The run's configs to compare a resume with: the latest checkpoint's own copy (it decides) and
+  config.json. A run with neither cannot be checked, and is refused."""
+  out = []
+  ckpt = Checkpointer(wd / "ckpt", read_only=True)
+  step = ckpt.latest_step()
+  if step is not None:
+    saved = ckpt.read_meta(step).get("config")
+    if saved is not None:
+      out.append((f"checkpoint {wd / 'ckpt' / str(step)}", _flat(saved)))
+  ckpt.close()
+  if (wd / "config.json").is_file():
+    try:
+      out.append(("config.json", _flat(json.loads((wd / "config.json").read_text()))))
+    except (json.JSONDecodeError, AttributeError) as e:
+      raise ConfigError(f"config.workdir={str(wd)!r}: config.json is not a JSON object ({e})") from e
+  if not out:
+    raise ConfigError(f"config.ckpt.resume=True but the run in {str(wd)!r} has neither config.json nor a "
+                      "checkpoint that records its config: nothing says what it was trained with")
+  return out
 
 
 def prepare_workdir(c) -> Path:
@@ -353,25 +442,35 @@ def run(c, model_dir: str | None = None) -> dict[str, Any]:
   """Train per the config; returns (and writes to workdir/results.json) backbone and final accuracy,
   the accuracy at each evaluation, ICER, jump diagnostics and timings.
 
-  Order: validate, check the workdir, load model and data (every error so far leaves the disk untouched),
-  then create/wipe the workdir. Each checkpoint's metadata carries the partial results and the number of
-  metric rows written, so a run killed anywhere resumes both exactly as the uninterrupted run has them."""
+  Order: validate, check the workdir, load model and data, restore the checkpoint of a resumed run (every
+  error so far leaves the disk untouched), then create/wipe the workdir. Each checkpoint's metadata carries
+  the partial results, the number of metric rows written and the config, so a run killed anywhere resumes
+  both exactly as the uninterrupted run has them, and only with a config that run allows."""
   validate(c)
-  check_workdir(c)
+  resuming = check_workdir(c)
   exp = build(c, model_dir)
+  state, meta = exp.state, None
+  if resuming:  # restored (and verified) before anything in the workdir is written
+    reader = Checkpointer(Path(c.workdir) / "ckpt", read_only=True)
+    if reader.latest_step() is not None:
+      state, meta = reader.restore(exp.state)
+    reader.close()
   wd = prepare_workdir(c)
   ckpt = Checkpointer(wd / "ckpt", max_to_keep=c.ckpt.max_to_keep)
   writer = MetricWriter(wd, tensorboard=c.log.tensorboard)
-  state, results = exp.state, {"evals": {}, "jumps": [], "nonfinite_steps": 0}
-  if ckpt.latest_step() is not None:
-    state, meta = ckpt.restore(state)
+  results = {"evals": {}, "jumps": [], "nonfinite_steps": 0, "oversized_steps": 0}
+  if meta is not None:
     if "metric_rows" in meta:
       writer.truncate_rows(meta["metric_rows"])
-      results = {"nonfinite_steps": 0, **meta["results"]}
+      results = {"nonfinite_steps": 0, "oversized_steps": 0, **meta["results"]}
     else:  # a checkpoint written before results travelled with it
       writer.truncate_after(meta["step"])
   else:
     writer.truncate_rows(0)  # rows of a run killed before its first checkpoint
+  if resuming and (changes := resume_changes(c)):  # explicit, and logged with the step they took effect
+    results.setdefault("resume_changes", []).append({"step": int(state.rl.step), "changes": changes})
+    log.warning("resuming at step %d with changed %s", int(state.rl.step),
+                ", ".join(f"{x['field']} {x['old']!r} → {x['new']!r}" for x in changes))
   if "backbone" not in results:
     results["backbone"] = accuracy(exp, exp.state, exp.test)
   val_score = (lambda s: accuracy(exp, s, exp.val, seed=1)) if exp.ncfg.alpha == "auto" else None
@@ -384,6 +483,7 @@ def run(c, model_dir: str | None = None) -> dict[str, Any]:
   def on_step(s, m):
     step = int(s.rl.step)
     results["nonfinite_steps"] += int(m.get("nonfinite_updates", 0) > 0)
+    results["oversized_steps"] += int(m.get("oversized_updates", 0) > 0)
     if c.eval.every and step % c.eval.every == 0 and step < exp.ncfg.total_steps:
       results["evals"][str(step)] = accuracy(exp, s, exp.test)
       writer.write(step, {"eval/accuracy": results["evals"][str(step)]})
@@ -391,7 +491,8 @@ def run(c, model_dir: str | None = None) -> dict[str, Any]:
   state = sm.run(exp.setup, exp.ncfg, state, writer=writer, checkpointer=ckpt, checkpoint_every=c.ckpt.every,
                  score=val_score, on_jump=on_jump, on_step=on_step, progress_bar=c.log.progress,
                  max_faults=c.rl.max_faults,
-                 meta=lambda: {"results": results, "metric_rows": writer.num_rows()})
+                 meta=lambda: {"results": results, "metric_rows": writer.num_rows(),
+                               "config": json.loads(c.to_json())})
   final = accuracy(exp, state, exp.test)
   steps = exp.ncfg.total_steps
   results.update({"final": final, "steps": steps, "icer": icer(steps, final, results["backbone"]),

@@ -19,8 +19,10 @@ import optax
 
 from next_jax.policy import LoraConfig, ModelConfig, Params, forward, head_logprobs
 
-AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
-KL_ESTIMATORS = ("k1", "kl", "abs", "k2", "mse", "k3", "low_var_kl")
+# verl 0.9.1 (verl.trainer.ppo.core_algos: agg_loss, kl_penalty); tests/test_verl.py runs verl's own functions
+AGG_MODES = ("token-mean", "token-sum", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
+_KL_BASE = ("k1", "kl", "abs", "k2", "mse", "k3", "low_var_kl")
+KL_ESTIMATORS = _KL_BASE + tuple(f"{k}+" for k in _KL_BASE)  # "+": straight-through k2 gradient
 
 # ------------------------------------------------------------------------------------ advantages
 
@@ -78,14 +80,15 @@ def outcome_token_rewards(rewards: jax.Array, mask: jax.Array) -> jax.Array:
 
 
 def reinforce_pp_advantages(token_rewards: jax.Array, mask: jax.Array, gamma: float = 1.0) -> jax.Array:
-  """REINFORCE++ (Hu 2025, verl): returns G_t = r_t + γ·G_{t+1} (reset outside the mask), then
-  A = masked_whiten(G) over every response token of the batch; zero outside the mask. [N, T] → [N, T]."""
+  """REINFORCE++ (Hu 2025, verl 0.9.1): G_t = r_t + γ·G_{t+1} on response tokens, the running return
+  carried unchanged across masked positions; A = masked_whiten(G) over every response token of the batch,
+  zero outside the mask. [N, T] → [N, T]."""
   m = mask.astype(jnp.float32)
 
   def step(running, xs):
     r_t, m_t = xs
-    running = r_t + gamma * running
-    return running * m_t, running
+    new = r_t + gamma * running
+    return new * m_t + running * (1.0 - m_t), new * m_t
 
   _, returns = jax.lax.scan(step, jnp.zeros(token_rewards.shape[0]), (token_rewards.T, m.T), reverse=True)
   return masked_whiten(returns.T, m) * m
@@ -126,8 +129,13 @@ def kl_estimate(logp: jax.Array, ref_logp: jax.Array, kind: str) -> jax.Array:
   """Per-token KL(π‖π_ref) estimators (verl `kl_penalty`), with x = logp − ref_logp:
 
   k1 ("kl"): x;  abs: |x|;  k2 ("mse"): ½x²;
-  k3 ("low_var_kl", Schulman): d = clamp(−x, ±20); clamp(eᵈ − d − 1, ±10).
+  k3 ("low_var_kl", Schulman): d = clamp(−x, ±20); clamp(eᵈ − d − 1, ±10);
+  "<kind>+" (e.g. k3+): the value of <kind> with the gradient of k2, ½x² − sg(½x²) + sg(<kind>), whose
+  expected gradient is the KL's (k1's and k3's are not).
   """
+  if kind.endswith("+") and kind in KL_ESTIMATORS:
+    k2 = kl_estimate(logp, ref_logp, "k2")
+    return k2 - jax.lax.stop_gradient(k2) + jax.lax.stop_gradient(kl_estimate(logp, ref_logp, kind[:-1]))
   x = logp - ref_logp
   if kind in ("k1", "kl"):
     return x
@@ -160,19 +168,23 @@ def ppo_token_loss(logp, old_logp, advantages, clip_low: float, clip_high: float
   return loss, l2 > l1, clipped_lower, log_ratio
 
 
-def agg_denominator(mask: jax.Array, mode: str, norm_constant: float | None = None) -> jax.Array:
+def agg_denominator(mask: jax.Array, mode: str, loss_scale_factor: float | None = None) -> jax.Array:
   """The fixed denominator of `mode` for a whole (mini-)batch. mask: [N, T].
 
-  token-mean: Σ mask;  seq-mean-*: #sequences with ≥1 token (empty padding rows do not count);
-  seq-mean-token-sum-norm: the explicit constant (verl default: T, the padded response length).
+  token-mean: Σ mask;  token-sum: 1;  seq-mean-*: B = #sequences with ≥1 token (empty padding rows do not
+  count);  seq-mean-token-sum-norm (Dr.GRPO): B·loss_scale_factor, i.e. the mean over sequences of each
+  one's token sum, divided by the response-length budget (verl's default for it: T, the mask's width).
   """
   m = mask.astype(jnp.float32)
   if mode == "token-mean":
     return jnp.maximum(m.sum(), 1.0)
+  if mode == "token-sum":
+    return jnp.ones((), jnp.float32)
+  seqs = jnp.maximum((m.sum(axis=-1) > 0).sum().astype(jnp.float32), 1.0)
   if mode in ("seq-mean-token-mean", "seq-mean-token-sum"):
-    return jnp.maximum((m.sum(axis=-1) > 0).sum().astype(jnp.float32), 1.0)
+    return seqs
   if mode == "seq-mean-token-sum-norm":
-    return jnp.asarray(float(norm_constant or mask.shape[-1]), jnp.float32)
+    return seqs * float(loss_scale_factor or mask.shape[-1])
   raise ValueError(f"loss_agg_mode {mode!r}; choose from {AGG_MODES}")
 
 
@@ -184,9 +196,9 @@ def agg_numerator(loss: jax.Array, mask: jax.Array, mode: str) -> jax.Array:
   return (loss * m).sum()
 
 
-def aggregate(loss: jax.Array, mask: jax.Array, mode: str, norm_constant: float | None = None):
+def aggregate(loss: jax.Array, mask: jax.Array, mode: str, loss_scale_factor: float | None = None):
   """verl `agg_loss` as (sum, denominator): agg = sum / denominator."""
-  return agg_numerator(loss, mask, mode), agg_denominator(mask, mode, norm_constant)
+  return agg_numerator(loss, mask, mode), agg_denominator(mask, mode, loss_scale_factor)
 
 
 # ------------------------------------------------------------------------------------------ update
@@ -203,7 +215,12 @@ class LossConfig:
   kl_estimator: str = "k3"  # kl_loss_type
   entropy_coef: float = 0.0  # entropy bonus: loss −= coef·entropy
   agg_mode: str = "token-mean"  # loss_agg_mode
-  agg_norm: float | None = None  # constant of seq-mean-token-sum-norm (None: response length)
+  # seq-mean-token-sum-norm's divisor (None: the loss mask's width; trainer.train_step sets the response
+  # budget max_new_tokens, as verl's mask is [batch, response_length])
+  loss_scale_factor: int | None = None
+  # an optimiser step whose update is larger than max_update_ratio·‖θ‖ is skipped like a non-finite one
+  # (0: off): lr 1e4 or 1e30 gives finite updates that replace the weights (the policy is destroyed, not NaN)
+  max_update_ratio: float = 10.0
   num_mini_batches: int = 1  # optimiser steps per RL step (ppo_mini_batch)
   micro_batch_size: int | None = None  # rows per gradient-accumulation micro-batch (None: whole mini)
   # only the last `logprob_tail` target positions get logits (0: all). Exact when loss_mask is zero before
@@ -341,9 +358,9 @@ def grpo_update(state: TrainState, base_params: Params, batch: Batch, *, cfg: Mo
   LoRA (LoRA runs — no second copy) or `base_params` as the frozen initial weights (full runs). Returns
   (new state, metrics).
 
-  Fault tolerance: a mini-batch whose loss, gradient or updated parameters hold a NaN/Inf is skipped: the
-  optimiser step is not taken (params, opt_state and step stay bit-identical) and
-  metrics["nonfinite_updates"] counts the skipped steps.
+  Fault tolerance: a mini-batch whose loss, gradient or updated parameters hold a NaN/Inf, or whose update
+  is oversized (‖Δθ‖ > max_update_ratio·‖θ‖), is skipped: the optimiser step is not taken (params,
+  opt_state and step stay bit-identical); metrics["nonfinite_updates"] and ["oversized_updates"] count them.
   """
   lc = loss_cfg
   n = batch.tokens.shape[0]
@@ -367,7 +384,7 @@ def grpo_update(state: TrainState, base_params: Params, batch: Batch, *, cfg: Mo
   def mini_step(carry, mini):
     state = carry
     mb_batch, mb_old, mb_ref = mini
-    denom = agg_denominator(mb_batch.loss_mask, lc.agg_mode, lc.agg_norm)
+    denom = agg_denominator(mb_batch.loss_mask, lc.agg_mode, lc.loss_scale_factor)
     k = mb_batch.tokens.shape[0] // micro
 
     def micro_step(acc, xs):
@@ -382,9 +399,11 @@ def grpo_update(state: TrainState, base_params: Params, batch: Batch, *, cfg: Mo
     new = state.replace(params=optax.apply_updates(state.params, updates), opt_state=opt_state,
                         step=state.step + 1)
     sums["grad_norm"] = optax.tree.norm(grads)
-    ok = _all_finite((grads, sums["pg_loss"], new.params))
-    sums["nonfinite"] = 1.0 - ok.astype(jnp.float32)
-    return keep_if_finite(ok, new, state), sums
+    finite = _all_finite((grads, sums["pg_loss"], new.params))
+    sums["update_ratio"] = optax.tree.norm(updates) / jnp.maximum(optax.tree.norm(state.params), 1e-30)
+    oversized = finite & (lc.max_update_ratio > 0) & (sums["update_ratio"] > lc.max_update_ratio)
+    sums["nonfinite"], sums["oversized"] = 1.0 - finite.astype(jnp.float32), oversized.astype(jnp.float32)
+    return keep_if_finite(finite & ~oversized, new, state), sums
 
   minis = _split((batch, old_logp, ref_logp), lc.num_mini_batches)
   state, sums = jax.lax.scan(mini_step, state, minis)
@@ -396,4 +415,6 @@ def grpo_update(state: TrainState, base_params: Params, batch: Batch, *, cfg: Mo
   metrics["sampler_logp_abs_diff"] = sums["mismatch_abs"].sum() / tokens_all
   metrics["sampler_logp_max_abs_diff"] = sums["mismatch_max"].max()
   metrics["nonfinite_updates"] = sums["nonfinite"].sum()  # skipped optimiser steps (state kept)
+  metrics["oversized_updates"] = sums["oversized"].sum()
+  metrics["update_ratio_max"] = jnp.where(sums["nonfinite"] > 0, 0.0, sums["update_ratio"]).max()
   return state, metrics

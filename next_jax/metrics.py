@@ -31,7 +31,9 @@ def is_primary() -> bool:
 
 class MetricWriter:
   """Append {step, **scalars} to <dir>/metrics.jsonl and, when tensorboardX is installed, to TensorBoard
-  event files in <dir>/tb. `truncate_after(step)` drops rows past a resumed checkpoint.
+  event files in <dir>/tb. `truncate_rows(n)` / `truncate_after(step)` drop rows past a resumed checkpoint;
+  metrics.jsonl is the record, and the event files are rebuilt from it then (a killed run's TensorBoard
+  writer loses its unflushed points and keeps the ones the resumed run writes again).
 
   enabled=None writes only on process 0 of a multi-host run (`is_primary`); a disabled writer touches no
   file and only counts the rows it was given, so `num_rows` agrees on every process."""
@@ -44,21 +46,41 @@ class MetricWriter:
     if not self.enabled:
       return
     self.dir.mkdir(parents=True, exist_ok=True)
-    if tensorboard:
+    self._tensorboard = tensorboard
+    self._open_tensorboard()
+
+  def _open_tensorboard(self) -> None:
+    if self._tensorboard:
       try:
         from tensorboardX import SummaryWriter  # noqa: PLC0415
         self._tb = SummaryWriter(str(self.dir / "tb"))
       except ImportError:
         self._tb = None
 
+  def _add_scalars(self, row: dict[str, Any]) -> None:
+    for k, v in row.items():
+      if k != "step" and isinstance(v, (int, float)):
+        self._tb.add_scalar(k, v, row["step"])
+
+  def _rewrite(self, rows: list[dict[str, Any]]) -> None:
+    """metrics.jsonl := rows (atomically), and the TensorBoard event files rebuilt from them."""
+    tmp = self.path.with_suffix(".tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    os.replace(tmp, self.path)
+    if self._tb is not None:
+      self._tb.close()
+      for f in (self.dir / "tb").glob("events.out.tfevents.*"):
+        f.unlink()
+      self._open_tensorboard()
+      for r in rows:
+        self._add_scalars(r)
+      self._tb.flush()
+
   def truncate_after(self, step: int) -> None:
     """Keep only rows with row['step'] ≤ step (a resumed run rewrites what followed its checkpoint)."""
     if not self.enabled or not self.path.exists():
       return
-    rows = [r for r in self.read() if r["step"] <= step]
-    tmp = self.path.with_suffix(".tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    os.replace(tmp, self.path)
+    self._rewrite([r for r in self.read() if r["step"] <= step])
 
   def num_rows(self) -> int:
     return len(self.read()) if self.enabled else self._rows
@@ -68,9 +90,7 @@ class MetricWriter:
     self._rows = n
     if not self.enabled or not self.path.exists():
       return
-    tmp = self.path.with_suffix(".tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in self.read()[:n]))
-    os.replace(tmp, self.path)
+    self._rewrite(self.read()[:n])
 
   def write(self, step: int, scalars: dict[str, Any]) -> dict[str, Any]:
     row = {"step": int(step), **{k: _scalar(v) for k, v in scalars.items()}}
@@ -80,9 +100,7 @@ class MetricWriter:
     with open(self.path, "a") as f:
       f.write(json.dumps(row) + "\n")
     if self._tb is not None:
-      for k, v in row.items():
-        if k != "step" and isinstance(v, (int, float)):
-          self._tb.add_scalar(k, v, step)
+      self._add_scalars(row)
     return row
 
   def read(self) -> list[dict[str, Any]]:

@@ -89,7 +89,8 @@ def _last_boxed_span(text: str) -> tuple[int, int] | None:
   starts = [m.end() - 1 for m in _BOX_OPEN.finditer(text)]
   if not starts:
     return None
-  codes = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
+  # one code per character, lone surrogates included (model text can hold them; "strict" would raise)
+  codes = np.frombuffer(text.encode("utf-32-le", "surrogatepass"), dtype=np.uint32)
   step = (codes == ord("{")).astype(np.int64) - (codes == ord("}"))
   escaped = np.zeros(len(codes), bool)
   escaped[1:] = codes[:-1] == ord("\\")
@@ -287,12 +288,23 @@ def _numeral(text: str):
   raise ValueError(f"not a numeral: {text[:40]!r}")
 
 
+def _gcd_lcm(self, f: str, args):
+  """latex2sympy's \\gcd / \\lcm without sympy.nsimplify, which turns a float argument into a string
+  (mpmath.identify) and parses it with sympify → eval. Floats become exact rationals (fractions.Fraction of
+  their decimal text); other arguments are passed as they are."""
+  import sympy  # noqa: PLC0415
+
+  exact = tuple(sympy.Rational(str(a)) if isinstance(a, sympy.Float) else a for a in args)
+  return sympy.UnevaluatedExpr(getattr(sympy, f)(exact))
+
+
 def _math_verify():
   import math_verify  # noqa: PLC0415  (imports sympy: ~1 s, only when the math verifier is used)
   from latex2sympy2_extended import latex2sympy2 as l2s  # noqa: PLC0415
 
   l2s._Latex2Sympy.parse_number = lambda self, text: _numeral(text)  # no eval of model text
   l2s.Number = _numeral  # convert_number's "333,333" path
+  l2s._Latex2Sympy.handle_gcd_lcm = _gcd_lcm  # no nsimplify → sympify of a computed string
 
   for name in ("math_verify.parser", "math_verify.grader"):
     log = logging.getLogger(name)
@@ -310,8 +322,10 @@ def math_reward(response: str, ground_truth: str, timeout_s: float | None = MATH
   answer = extract_answer(response) (last \\boxed{}, else "Answer: X"); no answer → 0.0. Only the answer
   (≤ MAX_ANSWER_CHARS, passing `answer_guard`) is parsed, as `\\boxed{answer}`; the gold as
   `\\boxed{ground_truth}`, by math-verify's LaTeX parser only (its plain-expression fallback calls
-  sympy's `parse_expr`, which evaluates text with `eval`); then `math_verify.verify(gold, answer)`. The whole call has one wall-clock
-  budget of timeout_s seconds (main thread; see the module docstring); timeout or any exception → 0.0.
+  sympy's `parse_expr`, which evaluates text with `eval`); then `math_verify.verify(gold, answer)`. The
+  whole call has one wall-clock budget of timeout_s seconds *on the main thread only* (a signal): called
+  from another thread it has no wall-clock bound, only the input guards (see the module docstring).
+  Timeout or any exception → 0.0.
   """
   try:
     answer = extract_answer(response)

@@ -299,17 +299,27 @@ class NumericalFault(RuntimeError):
     self.state = state
 
 
+FIX_HINT = ("lower rl.lr (resume with --config.ckpt.resume=True --config.ckpt.allow_changes=rl.lr "
+            "--config.rl.lr=<lower>) or check the rewards")
+
+
+def _faulty(m: dict) -> bool:
+  """A step any of whose updates was skipped (grpo_update: non-finite, or oversized)."""
+  return bool(m.get("nonfinite_updates", 0) or m.get("oversized_updates", 0))
+
+
 def _give_up(checkpointer, state: NExtState, faults: int) -> NumericalFault:
   """Restore the last checkpoint (none is written while faults persist) and explain what happened."""
   step = int(state.rl.step)
-  msg = (f"{faults} consecutive RL steps (up to step {step}) had a non-finite loss or gradient; their "
-         f"updates were skipped. Stopping (limit: {faults}).")
+  msg = (f"{faults} consecutive RL steps (up to step {step}) had a non-finite loss or gradient, or an update "
+         f"larger than rl.max_update_ratio × the weights; their updates were skipped. Stopping (limit: "
+         f"rl.max_faults = {faults}).")
   if checkpointer is None or checkpointer.latest_step() is None:
-    return NumericalFault(msg + " No checkpoint to restore.")
+    return NumericalFault(msg + f" No checkpoint to restore; {FIX_HINT}.")
   good, meta = checkpointer.restore(state)
   return NumericalFault(msg + f" Restored the last good checkpoint {checkpointer.directory}/"
-                        f"{checkpointer.latest_step()} (RL step {meta['step']}); lower rl.lr or check the "
-                        "rewards, then rerun with ckpt.resume=True.", good)
+                        f"{checkpointer.latest_step()} (RL step {meta['step']}, written before the faults "
+                        f"began); {FIX_HINT}.", good)
 
 
 def run(setup: trainer.RLSetup, ncfg: NExtConfig, state: NExtState, *, writer: MetricWriter | None = None,
@@ -322,9 +332,10 @@ def run(setup: trainer.RLSetup, ncfg: NExtConfig, state: NExtState, *, writer: M
   on_step(state, metrics) runs after each RL step (before its checkpoint), on_jump(state, info) after a jump;
   meta() adds JSON to every checkpoint's metadata.
 
-  A step whose update was skipped as non-finite (metrics["nonfinite_updates"] > 0) is logged and writes no
-  periodic checkpoint; after `max_faults` such steps in a row (0: never) the last checkpoint is restored and
-  NumericalFault is raised."""
+  A step whose update was skipped (non-finite or oversized, `_faulty`) is logged; while such steps follow
+  each other no checkpoint at all is written (no periodic, phase-transition or jump save), so the last
+  checkpoint always predates the streak and a resume replays it from its start. After `max_faults` such
+  steps in a row (0: never) that checkpoint is restored and NumericalFault is raised."""
   def save(tag: str):  # numbered by save index: the jump and the step before it share an RL step
     if checkpointer is not None:
       checkpointer.save((checkpointer.latest_step() or 0) + 1, state,
@@ -340,7 +351,8 @@ def run(setup: trainer.RLSetup, ncfg: NExtConfig, state: NExtState, *, writer: M
         writer.write(int(state.rl.step), {k: v for k, v in info.items() if isinstance(v, (int, float))})
       if on_jump is not None:
         on_jump(state, info)
-      save("jump")
+      if not faults:
+        save("jump")
       continue
     before = int(state.phase)
     state, m = train_step(setup, ncfg, state, timer)
@@ -351,14 +363,14 @@ def run(setup: trainer.RLSetup, ncfg: NExtConfig, state: NExtState, *, writer: M
     bar.set_postfix(phase=PHASES[int(state.phase)], reward=f"{m['reward_mean']:.3f}")
     bar.update(1)
     step = int(state.rl.step)
-    faults = faults + 1 if m.get("nonfinite_updates", 0) else 0
+    faults = faults + 1 if _faulty(m) else 0
     if faults:
-      log.warning("step %d: non-finite loss/gradient, %d update(s) skipped (%d faulty step(s) in a row)",
-                  step, int(m["nonfinite_updates"]), faults)
+      log.warning("step %d: %d non-finite and %d oversized update(s) skipped (%d faulty step(s) in a row)",
+                  step, int(m.get("nonfinite_updates", 0)), int(m.get("oversized_updates", 0)), faults)
       if max_faults and faults >= max_faults:
         bar.close()
         raise _give_up(checkpointer, state, faults)
-    if int(state.phase) != before or (not faults and checkpoint_every and step % checkpoint_every == 0):
+    elif int(state.phase) != before or (checkpoint_every and step % checkpoint_every == 0):
       save(PHASES[int(state.phase)])
   bar.close()
   return state

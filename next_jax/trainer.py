@@ -261,8 +261,11 @@ def train_step(setup: RLSetup, base_params: Params, state: RLState, timer: Timer
                                 setup.rollout.group_size, token_kl=token_kl, kl_coef=setup.kl_in_reward)
   batch = make_batch(setup, arrays, adv)
   with timer("update"), sharding.use_mesh(setup.mesh):
-    # the batch is prompt ++ response: only its last max_new_tokens targets carry loss, so only they get logits
-    loss_cfg = dataclasses.replace(setup.loss_cfg, logprob_tail=setup.rollout.max_new_tokens)
+    # the batch is prompt ++ response: only its last max_new_tokens targets carry loss, so only they get
+    # logits; Dr.GRPO divides by that response budget, as verl (its loss mask is [B, response_length])
+    budget = setup.rollout.max_new_tokens
+    loss_cfg = dataclasses.replace(setup.loss_cfg, logprob_tail=budget,
+                                   loss_scale_factor=setup.loss_cfg.loss_scale_factor or budget)
     train, upd = grpo.grpo_update(state.train, base_params, batch, cfg=setup.cfg, lora_cfg=setup.lora_cfg,
                                   loss_cfg=loss_cfg)
     upd = jax.device_get(upd)

@@ -85,11 +85,11 @@ def main(pid: int, port: str, out: str, workdir: str) -> None:
 
   import numpy as np  # noqa: PLC0415
   from jax.experimental import multihost_utils  # noqa: PLC0415
+  from test_trainer import CFG, LCFG, PROBLEMS, fresh_state, make_setup, run  # noqa: PLC0415
 
   from next_jax import experiment, policy, trainer  # noqa: PLC0415
   from next_jax.checkpoint import Checkpointer  # noqa: PLC0415
   from next_jax.metrics import MetricWriter  # noqa: PLC0415
-  from tests.test_trainer import CFG, LCFG, PROBLEMS, fresh_state, make_setup, run  # noqa: PLC0415
 
   def host(tree):
     """Every leaf's global value as nested lists (host-local, replicated or split over processes)."""

@@ -17,7 +17,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from next_jax import experiment, hf, policy, tasks, toy
+from next_jax import experiment, hf, peft_io, policy, tasks, toy
 from next_jax.checkpoint import Checkpointer, CorruptCheckpoint
 from next_jax.metrics import MetricWriter
 
@@ -111,7 +111,7 @@ def old_run(tmp_path, model_dir):
   c.workdir, c.model.dir = str(tmp_path / "run"), str(model_dir)
   wd = experiment.prepare_workdir(c)
   ck = Checkpointer(wd / "ckpt")
-  ck.save(1, {"x": jnp.arange(3.0)}, {"step": 1})
+  ck.save(1, {"x": jnp.arange(3.0)}, {"step": 1, "config": json.loads(c.to_json())})  # as experiment.run
   ck.close()
   (wd / "metrics.jsonl").write_text('{"step": 1}\n')
   return c, wd, snapshot(wd)
@@ -125,7 +125,9 @@ def _wrong_shapes(model_dir, tmp):
 
 
 CASES = ["missing_model_dir", "hf_wrong_shapes", "hf_pickle_only", "data_missing_column", "data_pickle",
-         "resume_with_changed_config", "no_resume_flag"]
+         "resume_with_changed_config", "no_resume_flag", "prompt_len_too_small", "lora_rank_beyond_the_model",
+         "resume_changed_lr_without_config_json", "resume_changed_rank_without_config_json",
+         "resume_without_any_config", "generation_past_max_positions"]
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -150,10 +152,80 @@ def test_a_bad_input_raises_one_clear_error_and_leaves_the_old_run_untouched(cas
   elif case == "resume_with_changed_config":
     err, match = experiment.ConfigError, rf"rl\.lr: {c.rl.lr} → 0\.5"  # the preset's lr, then the new one
     c.ckpt.overwrite, c.ckpt.resume, c.rl.lr = False, True, 0.5
+  elif case == "prompt_len_too_small":  # the old run must survive ckpt.overwrite=True
+    c.rollout.prompt_len, err = 2, experiment.ConfigError
+    match = r"rollout\.prompt_len=2: is shorter than train problem \d+'s prompt \(\d+ tokens"
+  elif case == "lora_rank_beyond_the_model":  # used to be killed by the OOM killer
+    c.model.lora_rank, err = 10**6, experiment.ConfigError
+    match = r"model\.lora_rank=1000000: exceeds min\(in, out\) = \d+ of the \w+ projection"
+  elif case == "generation_past_max_positions":
+    c.rollout.max_new_tokens, err = 40000, experiment.ConfigError
+    match = r"rollout\.max_new_tokens=40000: prompt_len \+ max_new_tokens = 40008 exceeds the model's max_pos"
+  elif case.startswith("resume_"):  # the checkpoint's own copy of the config decides, not config.json
+    (wd / "config.json").unlink()
+    c.ckpt.overwrite, c.ckpt.resume, err = False, True, experiment.ConfigError
+    if case == "resume_changed_lr_without_config_json":
+      c.rl.lr, match = 0.5, rf"rl\.lr: {c.rl.lr} → 0\.5.*from checkpoint .*ckpt/1"
+    elif case == "resume_changed_rank_without_config_json":
+      c.model.lora_rank, match = 3, rf"model\.lora_rank: {c.model.lora_rank} → 3.*from checkpoint"
+    else:  # a checkpoint that records no config, and no config.json: nothing to check against
+      shutil.rmtree(wd / "ckpt")
+      ck = Checkpointer(wd / "ckpt")
+      ck.save(1, {"x": jnp.arange(3.0)}, {"step": 1})
+      ck.close()
+      match = "neither config.json nor a checkpoint that records its config"
+    before = snapshot(wd)
   else:
     err, match = experiment.ConfigError, "ckpt.resume"
   with pytest.raises(err, match=match):
     experiment.run(c)
+  assert snapshot(wd) == before
+
+
+@pytest.mark.parametrize("case", ["workdir_is_a_file", "workdir_under_a_file", "resume_and_overwrite"])
+def test_workdir_and_resume_flags_that_cannot_work_are_refused_by_validate(case, tmp_path):
+  c = toy_arith.get_config("quick")
+  (tmp_path / "f").write_text("a file")
+  if case == "workdir_is_a_file":
+    c.workdir, match = str(tmp_path / "f"), r"config\.workdir=.*/f': is a file"
+  elif case == "workdir_under_a_file":
+    c.workdir, match = str(tmp_path / "f" / "run"), r"config\.workdir=.*: lies under .*/f, which is a file"
+  else:
+    c.ckpt.resume, c.ckpt.overwrite, match = True, True, r"ckpt\.resume=True: and ckpt\.overwrite=True contradict"
+  with pytest.raises(experiment.ConfigError, match=match):
+    experiment.validate(c)
+
+
+FLAG_CASES = [
+    (["--config.rl.nope=1"], "--config.rl.nope=1: unknown config key 'nope'"),
+    (["--config.nope=1"], "--config.nope=1: unknown config key 'nope'"),
+    (["--config=configs/nope.py"], "--config=configs/nope.py: [Errno 2] No such file or directory"),
+    (["--config=configs/toy_arith.py:algo=nope"], "algo='nope'; choose from"),
+    (["--config=configs/toy_arith.py:bogus=1"], "config arg 'bogus' is not one of"),
+    (["--config=configs/toy_arith.py:seed=x"], "--config=configs/toy_arith.py:seed=x: invalid literal for int()"),
+    (["--config.rl.lr=abc"], "--config.rl.lr=abc: could not convert string to float"),
+]
+
+
+@pytest.mark.parametrize("argv, message", FLAG_CASES, ids=[a[0] for a, _ in FLAG_CASES])
+def test_entry_point_flag_errors_are_one_line_naming_the_flag(argv, message):
+  out = subprocess.run([sys.executable, "-m", "experiments.main", *argv], cwd=ROOT, capture_output=True, text=True,
+                       timeout=120, env={**os.environ, "OPENBLAS_NUM_THREADS": "1"})
+  assert out.returncode != 0 and "Traceback" not in out.stderr, out.stderr[-2000:]
+  assert out.stderr.strip().splitlines() == [f"config error: {out.stderr.split('config error: ')[-1].strip()}"]
+  assert message in out.stderr, out.stderr
+
+
+def test_entry_point_reports_a_corrupt_checkpoint_as_one_message(old_run):
+  """The checkpoint in old_run holds another state's structure: resuming it is one error, no traceback."""
+  c, wd, before = old_run
+  argv = ["--config=configs/toy_arith.py:quick", f"--config.workdir={c.workdir}", f"--config.model.dir={c.model.dir}",
+          "--config.ckpt.resume=True"]
+  out = subprocess.run([sys.executable, "-m", "experiments.main", *argv], cwd=ROOT, capture_output=True, text=True,
+                       timeout=300, env={**os.environ, "OPENBLAS_NUM_THREADS": "1"})
+  assert out.returncode != 0 and "Traceback" not in out.stderr, out.stderr[-3000:]
+  assert "error: " in out.stderr and "ckpt/1: cannot restore the run state" in out.stderr
+  assert "no other checkpoint in this directory is intact" in out.stderr
   assert snapshot(wd) == before
 
 
@@ -203,6 +275,58 @@ def test_damaged_checkpoint_files_give_one_clear_error(saved, damage):
     next((step / "meta").glob("metadata")).write_text("{not json")
   with pytest.raises(CorruptCheckpoint, match=r"/2: cannot restore the run state"):
     Checkpointer(d).restore(state)
+
+
+def test_a_checkpoint_whose_metadata_is_not_an_object_is_refused(saved):
+  d, state = saved
+  (d / "2" / "meta" / "metadata").write_text("[1, 2]")
+  with pytest.raises(CorruptCheckpoint, match=r"/2: its metadata is a JSON list, not an object"):
+    Checkpointer(d).restore(state)
+  reader = Checkpointer(d, read_only=True)
+  with pytest.raises(CorruptCheckpoint, match=r"/2: its metadata is a JSON list"):
+    reader.read_meta()
+  reader.close()
+
+
+def test_a_checkpoint_without_its_fingerprint_is_refused_so_a_flipped_byte_cannot_pass(saved):
+  d, state = saved
+  meta = json.loads((d / "2" / "meta" / "metadata").read_text())
+  del meta["fingerprint"]
+  (d / "2" / "meta" / "metadata").write_text(json.dumps(meta))
+  f = _data_files(d / "2")[0]
+  data = bytearray(f.read_bytes())
+  data[len(data) // 2] ^= 0x10
+  f.write_bytes(bytes(data))
+  with pytest.raises(CorruptCheckpoint, match=r"/2: its metadata has no fingerprint list.*step 1 is intact"):
+    Checkpointer(d).restore(state)
+
+
+def test_the_resume_hint_names_a_step_only_after_checking_it_is_intact(saved):
+  d, state = saved
+  for step in ("1", "2"):
+    f = _data_files(d / step)[0]
+    data = bytearray(f.read_bytes())
+    data[len(data) // 2] ^= 0x10
+    f.write_bytes(bytes(data))
+  with pytest.raises(CorruptCheckpoint, match=r"/2: array data does not match.*no other checkpoint in this "
+                                              r"directory is intact$"):
+    Checkpointer(d).restore(state)
+
+
+def test_opening_a_checkpoint_directory_prunes_what_a_kill_left_beyond_max_to_keep(tmp_path):
+  """Killed after a save's commit and before orbax pruned, a run kept max_to_keep + 1 checkpoints."""
+  ck = Checkpointer(tmp_path / "ckpt", max_to_keep=None)  # stands in for the killed pruning
+  for step in range(1, 5):
+    ck.save(step, {"w": jnp.arange(3.0) + step}, {"step": step})
+  ck.close()
+  reader = Checkpointer(tmp_path / "ckpt", max_to_keep=3, read_only=True)  # reading changes nothing
+  assert reader.all_steps() == [1, 2, 3, 4]
+  reader.close()
+  ck = Checkpointer(tmp_path / "ckpt", max_to_keep=3)
+  assert ck.all_steps() == [2, 3, 4]
+  state, meta = ck.restore({"w": jnp.zeros(3)})
+  assert meta["step"] == 4
+  ck.close()
 
 
 def test_restoring_into_another_structure_is_refused(saved):
@@ -262,7 +386,7 @@ def test_a_pickled_peft_adapter_is_refused_with_a_conversion_hint(tmp_path):
   cfg = policy.ModelConfig(vocab_size=17, hidden_size=32, intermediate_size=64, num_layers=1, num_heads=2,
                            num_kv_heads=2)
   with pytest.raises(hf.CheckpointError, match="adapter_model.bin .*never loaded.*safe_serialization=True"):
-    hf.load_peft_adapter(tmp_path, cfg)
+    peft_io.load_peft_adapter(tmp_path, cfg)
 
 
 def test_entry_point_names_an_unknown_key_in_a_config_file(tmp_path):

@@ -6,9 +6,11 @@ import subprocess
 import sys
 
 import jax
+import jax.numpy as jnp
 import pytest
 
 from next_jax import experiment, policy
+from next_jax.checkpoint import Checkpointer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "configs"))
@@ -107,7 +109,9 @@ def test_a_distributed_config_validates_without_starting_jax():
 def test_resume_accepts_per_host_fields_and_refuses_others(tmp_path):
   c = toy_arith.get_config("quick")
   c.workdir = str(tmp_path)
-  (tmp_path / "ckpt" / "1").mkdir(parents=True)
+  ck = Checkpointer(tmp_path / "ckpt")
+  ck.save(1, {"x": jnp.zeros(2)}, {"step": 1, "config": json.loads(c.to_json())})  # as experiment.run does
+  ck.close()
   (tmp_path / "config.json").write_text(c.to_json())  # what process 0 wrote
   c.ckpt.resume, c.mesh.process_id, c.mesh.coordinator_address = True, 1, "10.0.0.1:1234"
   assert experiment.check_workdir(c)  # host 1 of a relaunch resumes

@@ -2,16 +2,22 @@
 good checkpoint, and a non-finite extrapolation is refused (no jump, weights untouched)."""
 
 import dataclasses
+import json
+import sys
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from test_trainer import CFG, LCFG, fresh_state, low_token_reward, make_setup
 
-from next_jax import policy
+from next_jax import experiment, policy, toy
 from next_jax import state_machine as sm
 from next_jax.checkpoint import Checkpointer
-from tests.test_trainer import CFG, LCFG, fresh_state, low_token_reward, make_setup
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "configs"))
+import toy_arith  # noqa: E402
 
 PLAIN = sm.NExtConfig(method="none", extrapolate_at=2, interval=2, total_steps=5)  # RL only
 LONG = dataclasses.replace(PLAIN, total_steps=8)
@@ -92,3 +98,60 @@ def test_a_non_finite_extrapolation_is_refused_and_leaves_the_weights_alone(mode
   for a, b in zip(before, leaves((after.base_params, after.rl.train)), strict=True):
     np.testing.assert_array_equal(a, b)
   assert sm.PHASES[int(after.phase)] == "CONTINUE"
+
+
+# ------------------------------------------------------------------- a policy destroyed on purpose (issue 17)
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory):
+  d = tmp_path_factory.mktemp("faults") / "model"
+  cfg = policy.ModelConfig(vocab_size=17, hidden_size=32, intermediate_size=64, num_layers=1, num_heads=2,
+                           num_kv_heads=2, rope_theta=10000.0)
+  toy.make_random_model_dir(d, cfg, tokenizer=False)
+  toy.build_char_tokenizer("0123456789+-*=", out_dir=d)
+  return d
+
+
+def _killer_config(model_dir, workdir, lr):
+  """lr warms up from 0 over 2 steps: step 1's update is zero (accepted, checkpointed: ckpt.every 1), and
+  from step 2 on lr = lr/2, whose finite update replaces the weights (lr 1e4) or is ~1e30 (lr 1e30)."""
+  c = toy_arith.get_config("quick")
+  c.model.dir, c.workdir = str(model_dir), str(workdir)
+  c.rl.lr, c.rl.warmup_steps, c.rl.max_faults, c.ckpt.every, c.log.progress = lr, 2, 3, 1, False
+  return c
+
+
+@pytest.mark.parametrize("lr", [1e4, 1e30])
+def test_a_destroyed_policy_stops_at_the_last_good_checkpoint_and_resumes_only_as_advised(lr, tiny_model_dir,
+                                                                                        tmp_path):
+  wd = tmp_path / "run"
+  c = _killer_config(tiny_model_dir, wd, lr)
+  with pytest.raises(sm.NumericalFault, match=r"3 consecutive RL steps \(up to step 4\).*RL step 1, written "
+                                              r"before the faults began.*ckpt\.allow_changes=rl\.lr") as err:
+    experiment.run(c)
+  rows = [json.loads(x) for x in (wd / "metrics.jsonl").read_text().splitlines()]
+  assert [(r["step"], r["oversized_updates"], r["nonfinite_updates"]) for r in rows if "oversized_updates" in r] \
+      == [(1, 0, 0), (2, 1, 0), (3, 1, 0), (4, 1, 0)]
+  assert min(r["update_ratio_max"] for r in rows if r["step"] > 1) > c.rl.max_update_ratio
+  ck = Checkpointer(wd / "ckpt", read_only=True)
+  assert {ck.read_meta(s)["step"] for s in ck.all_steps()} == {1}  # nothing written during the streak
+  ck.close()
+  good = err.value.state  # the restored state: the weights of step 1 (= the initial ones: lr was 0)
+  assert int(good.rl.step) == 1 and all(np.isfinite(x).all() for x in leaves(good))
+  if lr == 1e30:
+    return  # the resume path below is the same for both
+  # the same config again replays the streak from its start: the fault count cannot be reset by a resume
+  c.ckpt.resume = True
+  with pytest.raises(sm.NumericalFault, match=r"3 consecutive RL steps \(up to step 4\)"):
+    experiment.run(c)
+  c.rl.lr = 1e-3  # the advice: a lower lr, allowed explicitly, is recorded
+  with pytest.raises(experiment.ConfigError, match=r"rl\.lr: .* → 0\.001.*ckpt\.allow_changes"):
+    experiment.run(c)
+  c.ckpt.allow_changes = "rl.lr"
+  results = experiment.run(c)
+  assert results["resume_changes"] == [{"step": 1, "changes": [{"field": "rl.lr", "old": lr, "new": 1e-3}]}]
+  assert results["oversized_steps"] == 0 and results["nonfinite_steps"] == 0 and results["steps"] == 12
+  saved = json.loads((wd / "results.json").read_text())
+  assert saved["resume_changes"] == results["resume_changes"]
+  assert json.loads((wd / "config.json").read_text())["rl"]["lr"] == 1e-3

@@ -105,16 +105,18 @@ def test_ppo_loss_clip_higher_and_dual_clip():
 
 
 def _verl_agg(loss, mask, mode, norm=None):
-  """verl agg_loss, written out in numpy."""
+  """verl 0.9.1 agg_loss, written out in numpy (tests/test_verl.py runs verl's own)."""
   loss, mask = np.asarray(loss), np.asarray(mask, np.float32)
   if mode == "token-mean":
     return (loss * mask).sum() / mask.sum()
   seq_sum = (loss * mask).sum(-1)
+  if mode == "token-sum":
+    return seq_sum.sum()
   if mode == "seq-mean-token-sum":
     return seq_sum.mean()
   if mode == "seq-mean-token-mean":
     return (seq_sum / mask.sum(-1)).mean()
-  return seq_sum.sum() / (norm or mask.shape[-1])
+  return seq_sum.mean() / (norm or mask.shape[-1])  # Dr.GRPO: mean of sequence sums / response budget
 
 
 @pytest.mark.parametrize("mode", grpo.AGG_MODES)
@@ -130,14 +132,11 @@ def test_aggregation_sums_over_micro_batches_to_full_batch_value(mode):
   rng = np.random.RandomState(0)
   loss, mask = rng.randn(8, 5), rng.rand(8, 5) > 0.3
   mask[3] = False  # an empty (padding) row never counts as a sequence
-  full_s, full_d = grpo.aggregate(loss, mask, mode, norm_constant=7.0)
+  full_s, full_d = grpo.aggregate(loss, mask, mode, loss_scale_factor=7)
   parts = sum(grpo.agg_numerator(loss[i:i + 2], mask[i:i + 2], mode) for i in range(0, 8, 2))
   close(parts / full_d, full_s / full_d)
-  if mode != "seq-mean-token-sum-norm":
-    keep = mask.any(-1)
-    close(full_s / full_d, _verl_agg(loss[keep], mask[keep], mode))
-  else:
-    close(full_d, 7.0)
+  keep = mask.any(-1)
+  close(full_s / full_d, _verl_agg(loss[keep], mask[keep], mode, norm=7))
 
 
 # ---------------------------------------------------------------------------------------------- update

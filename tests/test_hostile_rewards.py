@@ -130,3 +130,27 @@ def test_one_megabyte_strings(text):
 
 def test_at_least_ten_thousand_strings_were_tried():
   assert sum(COUNTS.values()) >= 10_000, COUNTS
+
+
+@pytest.mark.parametrize("text", ["\\boxed{4\ud800}", "Answer: \udfff 7", "\\boxed{\ud83d}\\boxed{5}"])
+def test_lone_surrogates_neither_raise_nor_hide_the_answer(text):
+  """A lone surrogate (valid in a Python str, not encodable as UTF-32 strictly) used to make the linear-time
+  box scan raise UnicodeEncodeError."""
+  expected = {"\\boxed{4\ud800}": "4\ud800", "Answer: \udfff 7": "\udfff 7", "\\boxed{\ud83d}\\boxed{5}": "5"}
+  assert rewards.extract_answer(text) == expected[text]
+  check_all(text, "surrogate")
+
+
+@pytest.mark.parametrize("text, gold", [("\\boxed{\\gcd(0.5, 1)}", "0.5"), ("\\boxed{\\lcm(4, 6)}", "12"),
+                                        ("\\boxed{\\gcd(12, 18)}", "6"), ("\\boxed{\\lcm(0.25, 2)}", "2")])
+def test_gcd_and_lcm_are_exact_and_evaluate_no_string(text, gold):
+  """latex2sympy's \\gcd/\\lcm called sympy.nsimplify, which sympifies a string built from a float argument
+  (the audit hook saw 'from sympy import *' compiled); rewards._gcd_lcm converts floats exactly instead."""
+  rewards.math_reward("\\boxed{1}", "1")  # warm: imports compile code legitimately
+  NoEval.seen.clear()
+  NoEval.armed = True
+  try:
+    r = rewards.math_reward(text, gold, timeout_s=LIMIT_S + SLACK_S)
+  finally:
+    NoEval.armed = False
+  assert r == 1.0 and not NoEval.seen, NoEval.seen[:3]

@@ -12,8 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-from tests.multiprocess_child import EVAL, STEPS, recording
+from multiprocess_child import EVAL, STEPS, recording
 
 ROOT = Path(__file__).resolve().parents[1]
 CHILD = str(ROOT / "tests" / "multiprocess_child.py")
@@ -29,9 +28,9 @@ def free_port() -> int:
 def one_process_reference(steps: int) -> dict:
   """The same steps and evaluation in this (pytest) process, on one device."""
   import jax  # noqa: PLC0415
+  from test_trainer import CFG, LCFG, PROBLEMS, fresh_state, make_setup, run  # noqa: PLC0415
 
   from next_jax import policy, trainer  # noqa: PLC0415
-  from tests.test_trainer import CFG, LCFG, PROBLEMS, fresh_state, make_setup, run  # noqa: PLC0415
 
   params, lora = policy.init_params(CFG, jax.random.key(0)), policy.init_lora(CFG, LCFG, jax.random.key(1))
   log = {"encoded": [], "verified": 0}
@@ -48,7 +47,7 @@ def halves(problems: list, size: int) -> tuple[list, list]:
 
 
 def test_two_processes_split_the_prompts_match_one_process_and_only_process_0_writes(tmp_path):
-  from tests.test_trainer import PROBLEMS  # noqa: PLC0415
+  from test_trainer import PROBLEMS  # noqa: PLC0415
 
   env = {**os.environ, "JAX_PLATFORMS": "cpu", "OPENBLAS_NUM_THREADS": "1"}
   env.pop("XLA_FLAGS", None)  # one CPU device per process

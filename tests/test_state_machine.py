@@ -3,11 +3,11 @@
 import jax
 import numpy as np
 import pytest
+from test_trainer import CFG, LCFG, fresh_state, make_setup
 
 from next_jax import policy, predictor
 from next_jax import state_machine as sm
 from next_jax.checkpoint import Checkpointer
-from tests.test_trainer import CFG, LCFG, fresh_state, make_setup
 
 NCFG = sm.NExtConfig(method="next", extrapolate_at=8, interval=2, k=2, total_steps=12,
                      predictor=predictor.PredictorConfig(epochs=20, lr=1e-3))

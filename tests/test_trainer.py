@@ -1,5 +1,6 @@
 """The RL loop: learning signal, dynamic sampling, bitwise resume, data parallelism, optimiser, metrics."""
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -155,9 +156,9 @@ def test_a_disabled_metric_writer_touches_no_file_but_counts_rows(tmp_path):
 def test_data_parallel_step_matches_one_device():
   code = textwrap.dedent("""
       import os, sys, json
-      sys.path.insert(0, os.getcwd())
+      sys.path.insert(0, os.path.join(os.getcwd(), "tests"))  # not "tests.": verl installs a package by that name
       import jax, numpy as np
-      from tests.test_trainer import make_setup, fresh_state, CFG, LCFG, run
+      from test_trainer import make_setup, fresh_state, CFG, LCFG, run
       from next_jax import parallel, policy
       import dataclasses
       assert jax.device_count() == 4
@@ -181,3 +182,52 @@ def test_data_parallel_step_matches_one_device():
   res = json.loads(out.stdout.strip().splitlines()[-1])
   assert res["r1"] == res["r4"]  # same samples (sampling is replicated-deterministic)
   assert res["diff"] < 1e-4  # Adam (lr 3e-2) amplifies all-reduce summation-order differences
+
+
+@pytest.mark.parametrize("configured, expected", [(None, 4), (9, 9)])
+def test_drgrpo_divides_by_the_response_budget_not_the_prompt_plus_response(model, monkeypatch, configured,
+                                                                            expected):
+  """verl's seq-mean-token-sum-norm divides by loss_scale_factor, default the response length (its loss mask
+  is [B, response_length]); our batch is prompt ++ response (4 + 4 − 1 = 7 targets), so the trainer must pass
+  max_new_tokens = 4 unless the config sets it."""
+  params, lora = model
+  seen, update = [], grpo.grpo_update
+  monkeypatch.setattr(trainer.grpo, "grpo_update", lambda *a, loss_cfg, **kw: (
+      seen.append(loss_cfg), update(*a, loss_cfg=loss_cfg, **kw))[1])
+  setup = make_setup()
+  setup = dataclasses.replace(setup, loss_cfg=grpo.LossConfig(agg_mode="seq-mean-token-sum-norm",
+                                                              loss_scale_factor=configured))
+  trainer.train_step(setup, params, fresh_state(lora))
+  assert [c.loss_scale_factor for c in seen] == [expected]
+
+
+def _tensorboard_points(log_dir):
+  """(tag, step, value) of every scalar in the event files (TFRecord framing: len, crc, data, crc)."""
+  import struct  # noqa: PLC0415
+
+  from tensorboardX.proto import event_pb2  # noqa: PLC0415
+  points = []
+  for f in sorted((log_dir / "tb").glob("events.out.tfevents.*")):
+    data, i = f.read_bytes(), 0
+    while i < len(data):
+      (n,) = struct.unpack("<Q", data[i:i + 8])
+      event = event_pb2.Event.FromString(data[i + 12:i + 12 + n])
+      points += [(v.tag, event.step, v.simple_value) for v in event.summary.value]
+      i += 12 + n + 4
+  return sorted(points)
+
+
+def test_tensorboard_is_rebuilt_from_metrics_jsonl_on_resume(tmp_path):
+  """A killed run's event files keep points past its checkpoint; the resumed run writes them again. Rebuilt
+  from metrics.jsonl at truncation, TensorBoard has each (tag, step) once, with the resumed run's values."""
+  killed = MetricWriter(tmp_path, tensorboard=True)
+  for s in range(5):
+    killed.write(s, {"x": float(s)})
+  killed._tb.flush()  # on disk when the process died (never closed)
+  resumed = MetricWriter(tmp_path, tensorboard=True)
+  resumed.truncate_rows(3)  # the checkpoint recorded 3 rows
+  for s in (3, 4):
+    resumed.write(s, {"x": 10.0 + s})
+  resumed.close()
+  assert _tensorboard_points(tmp_path) == [("x", 0, 0.0), ("x", 1, 1.0), ("x", 2, 2.0), ("x", 3, 13.0),
+                                           ("x", 4, 14.0)]

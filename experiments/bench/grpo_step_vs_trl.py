@@ -116,13 +116,16 @@ def make_prompts(tok, n: int, max_len: int, seed: int) -> list[str]:
   if len(tok(text="Question: what is 0+0*0?")["input_ids"]) > max_len:
     raise ValueError(f"--prompt-len {max_len}: shorter than any question prompt")
   rng = np.random.default_rng(seed)
-  out: list[str] = []
-  while len(out) < n:
+  out: dict[str, None] = {}
+  for _ in range(100 * n):  # bounded: at some max_len fewer than n distinct questions fit
     a, b, c = rng.integers(0, 100, 3)
     q = f"Question: what is {a}+{b}*{c}?"
     if q not in out and len(tok(text=q)["input_ids"]) <= max_len:
-      out.append(q)
-  return out
+      out[q] = None
+      if len(out) == n:
+        return list(out)
+  raise ValueError(f"--prompt-len {max_len}: only {len(out)} distinct questions of ≤ {max_len} tokens found in "
+                   f"{100 * n} draws, {n} needed; raise --prompt-len or lower the batch")
 
 
 def digit_fraction(text: str) -> float:
