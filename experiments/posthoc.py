@@ -25,6 +25,7 @@ import os
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # see experiments/demo.py
 
 import argparse
+import dataclasses
 import json
 import shlex
 import sys
@@ -117,8 +118,9 @@ def analyse(run: runs.CheckpointRun, args) -> dict:
           "predictor_loss": {int(d): float(c[-1]) for d, c in info["loss_curves"].items()}, "times": times}
 
 
-def write_jumps(out: Path, run: runs.CheckpointRun, jump, alphas, write) -> list[dict]:
-  """jump/alpha_<α>/{merged,adapter} for each α; returns what was written."""
+def write_jumps(out: Path, run: runs.CheckpointRun, jump, alphas, write, last_lora=None) -> list[dict]:
+  """jump/alpha_<α>/{merged,adapter} for each α; returns what was written. last_lora: the last snapshot's
+  factors (LoRA runs; `main` drops the rest of the trajectory before writing)."""
   if not write:
     return []
   base = runs.last_params(run) if run.kind == "merged" else runs.base_params(run)
@@ -128,7 +130,7 @@ def write_jumps(out: Path, run: runs.CheckpointRun, jump, alphas, write) -> list
     d = out / "jump" / f"alpha_{a:g}"
     row = {"alpha": a}
     if run.kind == "lora":
-      lcfg, lora = runs.extend_adapter(runs.last_lora(run), run.lora_cfg, jump, a)
+      lcfg, lora = runs.extend_adapter(last_lora, run.lora_cfg, jump, a)
       if "adapter" in write:
         peft_io.save_peft_adapter(d / "adapter", run.cfg, lora, lcfg, base_model_name_or_path=str(run.base_dir))
         row["adapter"] = f"jump/alpha_{a:g}/adapter (rank {lcfg.rank}, lora_alpha {lcfg.alpha:g})"
@@ -278,10 +280,12 @@ def main(argv=None) -> dict:
   read_s = time.perf_counter() - t0
   res = analyse(run, args)
   res["times"]["read"] = read_s
+  last = runs.last_lora(run) if run.kind == "lora" else None
+  run = dataclasses.replace(run, trajectory=None)  # free it (5 GB at 1.5B) before the base is loaded to write
 
   def write_all(tmp: Path):
     t1 = time.perf_counter()
-    written = write_jumps(tmp, run, res["jump"], alphas, write)
+    written = write_jumps(tmp, run, res["jump"], alphas, write, last)
     res["times"]["write"] = time.perf_counter() - t1
     plots(tmp, run, res)
     (tmp / "report.md").write_text(report(run, res, args, written, argv))
