@@ -112,6 +112,7 @@ def analyse(run: runs.CheckpointRun, args) -> dict:
   t0 = time.perf_counter()
   _, info = ex.next_triplets(traj, args.k, scale, pcfg, jax.random.fold_in(key, len(steps) - 1), args.sign)
   times["next_fit"] = time.perf_counter() - t0
+  times.update({f"next_{k}": v for k, v in info["seconds"].items()})  # next_triplets, next_predictor
   return {"e1": e1, "r2": r2, "r2_horizon": h, "drift": drift_med, "backtest": rows,
           "summary": posthoc.summarise(rows) if rows else {}, "origins": [int(steps[t]) for t in origins],
           "jump": {m: jax.tree.map(lambda x: x[0], t) for m, t in info["predicted"].items()},
@@ -253,7 +254,8 @@ def report(run: runs.CheckpointRun, res: dict, args, written: list[dict], argv: 
     lines += [f"| {w['alpha']:g} | `{w.get('merged', '–')}` | `{w.get('adapter', '–')}` |" for w in written]
   t = res["times"]
   lines += ["", f"Time: read {t['read']:.1f} s, analysis {t['analysis']:.1f} s, back-test {t['backtest']:.1f} s, "
-            f"NExt fit {t['next_fit']:.1f} s, writing {t.get('write', 0.0):.1f} s.", ""]
+            f"NExt fit {t['next_fit']:.1f} s (triplets {t['next_triplets']:.1f} s, predictor "
+            f"{t['next_predictor']:.1f} s), writing {t.get('write', 0.0):.1f} s.", ""]
   return "\n".join(lines)
 
 

@@ -447,6 +447,8 @@ def run(c, model_dir: str | None = None) -> dict[str, Any]:
   the partial results, the number of metric rows written and the config, so a run killed anywhere resumes
   both exactly as the uninterrupted run has them, and only with a config that run allows."""
   validate(c)
+  if c.mesh.distributed and c.ckpt.resume:  # check_workdir reads checkpoint metadata through orbax (JAX)
+    parallel.initialize_distributed(c.mesh.coordinator_address, c.mesh.num_processes, c.mesh.process_id)
   resuming = check_workdir(c)
   exp = build(c, model_dir)
   state, meta = exp.state, None

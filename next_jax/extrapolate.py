@@ -12,6 +12,8 @@ default horizon = k·interval, the same distance NExt predicts.
 
 from __future__ import annotations
 
+import time
+
 import jax
 import jax.numpy as jnp
 
@@ -87,23 +89,28 @@ def next_triplets(traj, k: int, scale: float, pcfg: pred_lib.PredictorConfig, ke
 
   untrained {path: shape} (faithful mode, `untrained_leaves`): also feed the predictor the rows of every
   parameter the run never trains, as the official code does, and return their predicted deltas.
-  Returns ({module: Triplet [1, L]}, info with the loss curves, the triplets and "untrained_deltas")."""
+  Returns ({module: Triplet [1, L]}, info with the loss curves, the triplets, "untrained_deltas" and
+  "seconds" {triplets, predictor}: wall time of each stage, measured after blocking on its result)."""
   num = next(iter(traj.values()))[("a" if is_lora(traj) else "kernel")].shape[0]
   pairs = rank1.delta_pairs(num, k)
   if not pairs["global"]:
     raise ValueError(f"trajectory of {num} snapshots has no training pair for k={k} (needs ≥ k+2)")
   kinds = ("global", "local", "target", "last_global", "last_local")
   flat = [p for kind in kinds for p in pairs[kind]]
-  allt = pair_triplets(traj, flat, scale, sign, devices)
+  t0 = time.perf_counter()
+  allt = jax.block_until_ready(pair_triplets(traj, flat, scale, sign, devices))
+  t1 = time.perf_counter()
   split, start = {}, 0
   for kind in kinds:
     n = len(pairs[kind])
     split[kind] = {m: jax.tree.map(lambda x, s=start, n=n: x[s:s + n], t) for m, t in allt.items()}
     start += n
   rows, layout = untrained_rows(untrained or {})
-  predicted, curves, extra = pred_lib.fit_and_predict(key, split["global"], split["local"], split["target"],
-                                                      split["last_global"], split["last_local"], pcfg, rows)
-  return predicted, {"loss_curves": curves, "triplets": split, "predicted": predicted,
+  predicted, curves, extra = jax.block_until_ready(pred_lib.fit_and_predict(
+      key, split["global"], split["local"], split["target"], split["last_global"], split["last_local"], pcfg,
+      rows))
+  seconds = {"triplets": t1 - t0, "predictor": time.perf_counter() - t1}
+  return predicted, {"loss_curves": curves, "triplets": split, "predicted": predicted, "seconds": seconds,
                      "untrained_deltas": untrained_deltas(extra, layout)}
 
 

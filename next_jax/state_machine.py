@@ -145,7 +145,8 @@ def trajectory_bytes(state: NExtState) -> dict[str, int]:
 
 def train_step(setup: trainer.RLSetup, ncfg: NExtConfig, state: NExtState, timer: Timer | None = None):
   """One RL step; in COLLECT, snapshot every `interval` steps and move to EXTRAPOLATE at the jump point;
-  in CONTINUE, start the next cycle's COLLECT when one is due and stop (DONE) at total_steps."""
+  stop (DONE) at total_steps unless a jump is due there (extrapolate_step then ends the run). The next
+  cycle's COLLECT is entered by extrapolate_step itself, never from CONTINUE."""
   rl, metrics = trainer.train_step(setup, state.base_params, state.rl, timer)
   state = state.replace(rl=rl)
   lora = setup.lora_cfg is not None
@@ -154,7 +155,7 @@ def train_step(setup: trainer.RLSetup, ncfg: NExtConfig, state: NExtState, timer
     state = snapshot(state, lora)
     if in_cycle == ncfg.extrapolate_at:
       state = state.replace(phase=jnp.asarray(EXTRAPOLATE, jnp.int32))
-  if step >= ncfg.total_steps:
+  if step >= ncfg.total_steps and int(state.phase) != EXTRAPOLATE:  # cycles·extrapolate_at == total_steps
     state = state.replace(phase=jnp.asarray(DONE, jnp.int32))
   metrics["phase"] = int(state.phase)
   return state, metrics
@@ -280,7 +281,8 @@ def extrapolate_step(setup: trainer.RLSetup, ncfg: NExtConfig, state: NExtState,
   info.update({"alpha": alpha, "alpha_curve": curve, "time/jump_total": time.perf_counter() - t0})
   cycle = int(state.cycle) + 1
   more = cycle < ncfg.cycles
-  state = state.replace(phase=jnp.asarray(COLLECT if more else CONTINUE, jnp.int32),
+  after = COLLECT if more else CONTINUE if int(state.rl.step) < ncfg.total_steps else DONE
+  state = state.replace(phase=jnp.asarray(after, jnp.int32),
                         cycle=jnp.asarray(cycle, jnp.int32), count=jnp.zeros((), jnp.int32),
                         cycle_start=state.rl.step)
   if more:

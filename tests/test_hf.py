@@ -12,8 +12,8 @@ import pytest
 import safetensors.numpy
 import safetensors.torch
 import torch
-
 from conftest import MAIN, load_torch_model, torch_logits
+
 from next_jax import hf, peft_io, policy, toy
 
 EXPORT_ATOL = 1e-4
@@ -256,6 +256,17 @@ def test_unsupported_model_type_is_reported(hf_model, tmp_path):
 def test_missing_config_field_is_reported(hf_model, tmp_path):
   d = _copy_dir(hf_model(MAIN).path, tmp_path / "m", lambda c: c.pop("hidden_size"))
   with pytest.raises(hf.CheckpointError, match=r"config\.json: required field 'hidden_size' is missing"):
+    hf.load_model(d, tokenizer=False)
+
+
+@pytest.mark.parametrize("edit", [dict(num_attention_heads=8), dict(num_attention_heads=8, head_dim=16),
+                                  dict(num_key_value_heads=4)], ids=["heads", "heads_and_head_dim", "kv_heads"])
+def test_head_counts_that_disagree_with_the_projections_are_reported(edit, hf_model, tmp_path):
+  """heads·head_dim and kv_heads·head_dim are the q/k/v/o widths: a config.json that changes them is caught
+  by the shapes. (One that keeps every width, e.g. heads 4 → 8 with kv heads 2 → 4 and head_dim 16 → 8,
+  cannot be told from the tensors; transformers loads it too.)"""
+  d = _copy_dir(hf_model(MAIN).path, tmp_path / "m", lambda c: c.update(**edit))
+  with pytest.raises(hf.CheckpointError, match=r"self_attn\.[qkvo]_proj\.weight.*shape"):
     hf.load_model(d, tokenizer=False)
 
 

@@ -136,3 +136,18 @@ def test_extrapolate_step_with_precomputed_deltas_equals_computing_them(model):
   b, _ = sm.extrapolate_step(setup, ncfg, state, deltas=deltas)
   for x, y in zip(jax.tree.leaves(a.base_params), jax.tree.leaves(b.base_params)):
     np.testing.assert_array_equal(x, y)
+
+
+@pytest.mark.parametrize("cycles", [1, 2])
+def test_a_jump_due_at_the_last_step_is_made_then_the_run_ends(model, cycles):
+  """cycles·extrapolate_at == total_steps is accepted: the last jump must happen (it used to be skipped:
+  train_step set EXTRAPOLATE, then DONE overwrote it)."""
+  import dataclasses
+  params, lora = model
+  setup = make_setup()
+  ncfg = dataclasses.replace(NCFG, method="rl_extra", extrapolate_at=4, k=1, total_steps=4 * cycles, cycles=cycles)
+  jumps = []
+  state = sm.run(setup, ncfg, sm.init(setup, ncfg, params, fresh_state(lora)), progress_bar=False,
+                 on_jump=lambda s, i: jumps.append(int(s.rl.step)))
+  assert jumps == [4 * (c + 1) for c in range(cycles)]
+  assert sm.PHASES[int(state.phase)] == "DONE" and int(state.rl.step) == 4 * cycles and int(state.cycle) == cycles
