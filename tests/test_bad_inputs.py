@@ -247,12 +247,17 @@ def _data_files(step_dir):
                 key=lambda p: -p.stat().st_size)
 
 
-def test_a_flipped_bit_in_a_checkpoint_is_detected_and_named(saved):
-  d, state = saved
-  f = _data_files(d / "2")[0]
+def _flip_byte(step_dir):
+  """Flip one bit in the middle of the step's largest array data file."""
+  f = _data_files(step_dir)[0]
   data = bytearray(f.read_bytes())
   data[len(data) // 2] ^= 0x10
   f.write_bytes(bytes(data))
+
+
+def test_a_flipped_bit_in_a_checkpoint_is_detected_and_named(saved):
+  d, state = saved
+  _flip_byte(d / "2")
   with pytest.raises(CorruptCheckpoint, match=r"/2: array data does not match .*'w'.*resume from step 1"):
     Checkpointer(d).restore(state)
   restored, meta = Checkpointer(d).restore(state, step=1)  # the previous checkpoint is intact
@@ -293,10 +298,7 @@ def test_a_checkpoint_without_its_fingerprint_is_refused_so_a_flipped_byte_canno
   meta = json.loads((d / "2" / "meta" / "metadata").read_text())
   del meta["fingerprint"]
   (d / "2" / "meta" / "metadata").write_text(json.dumps(meta))
-  f = _data_files(d / "2")[0]
-  data = bytearray(f.read_bytes())
-  data[len(data) // 2] ^= 0x10
-  f.write_bytes(bytes(data))
+  _flip_byte(d / "2")
   with pytest.raises(CorruptCheckpoint, match=r"/2: its metadata has no fingerprint list.*step 1 is intact"):
     Checkpointer(d).restore(state)
 
@@ -304,10 +306,7 @@ def test_a_checkpoint_without_its_fingerprint_is_refused_so_a_flipped_byte_canno
 def test_the_resume_hint_names_a_step_only_after_checking_it_is_intact(saved):
   d, state = saved
   for step in ("1", "2"):
-    f = _data_files(d / step)[0]
-    data = bytearray(f.read_bytes())
-    data[len(data) // 2] ^= 0x10
-    f.write_bytes(bytes(data))
+    _flip_byte(d / step)
   with pytest.raises(CorruptCheckpoint, match=r"/2: array data does not match.*no other checkpoint in this "
                                               r"directory is intact$"):
     Checkpointer(d).restore(state)

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from test_trainer import CFG, LCFG, fresh_state, low_token_reward, make_setup
 
-from next_jax import experiment, policy, toy
+from next_jax import experiment, policy
 from next_jax import state_machine as sm
 from next_jax.checkpoint import Checkpointer
 
@@ -103,16 +103,6 @@ def test_a_non_finite_extrapolation_is_refused_and_leaves_the_weights_alone(mode
 # ------------------------------------------------------------------- a policy destroyed on purpose (issue 17)
 
 
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory):
-  d = tmp_path_factory.mktemp("faults") / "model"
-  cfg = policy.ModelConfig(vocab_size=17, hidden_size=32, intermediate_size=64, num_layers=1, num_heads=2,
-                           num_kv_heads=2, rope_theta=10000.0)
-  toy.make_random_model_dir(d, cfg, tokenizer=False)
-  toy.build_char_tokenizer("0123456789+-*=", out_dir=d)
-  return d
-
-
 def _killer_config(model_dir, workdir, lr):
   """lr warms up from 0 over 2 steps: step 1's update is zero (accepted, checkpointed: ckpt.every 1), and
   from step 2 on lr = lr/2, whose finite update replaces the weights (lr 1e4) or is ~1e30 (lr 1e30)."""
@@ -123,10 +113,10 @@ def _killer_config(model_dir, workdir, lr):
 
 
 @pytest.mark.parametrize("lr", [1e4, 1e30])
-def test_a_destroyed_policy_stops_at_the_last_good_checkpoint_and_resumes_only_as_advised(lr, tiny_model_dir,
+def test_a_destroyed_policy_stops_at_the_last_good_checkpoint_and_resumes_only_as_advised(lr, toy_model_dir,
                                                                                         tmp_path):
   wd = tmp_path / "run"
-  c = _killer_config(tiny_model_dir, wd, lr)
+  c = _killer_config(toy_model_dir, wd, lr)
   with pytest.raises(sm.NumericalFault, match=r"3 consecutive RL steps \(up to step 4\).*RL step 1, written "
                                               r"before the faults began.*ckpt\.allow_changes=rl\.lr") as err:
     experiment.run(c)

@@ -205,7 +205,7 @@ def _tensorboard_points(log_dir):
   """(tag, step, value) of every scalar in the event files (TFRecord framing: len, crc, data, crc)."""
   import struct  # noqa: PLC0415
 
-  from tensorboardX.proto import event_pb2  # noqa: PLC0415
+  from tensorboardX.proto import event_pb2
   points = []
   for f in sorted((log_dir / "tb").glob("events.out.tfevents.*")):
     data, i = f.read_bytes(), 0
