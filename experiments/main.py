@@ -60,8 +60,8 @@ def main(argv):
   absl_logging.set_verbosity(absl_logging.WARNING)  # orbax logs every save at INFO
   from next_jax import experiment, hf  # noqa: PLC0415 (after flag parsing: fast --help)
   from next_jax.checkpoint import CorruptCheckpoint  # noqa: PLC0415
+  from next_jax.driver import NumericalFault  # noqa: PLC0415
   from next_jax.metrics import is_primary  # noqa: PLC0415
-  from next_jax.state_machine import NumericalFault  # noqa: PLC0415
 
   try:
     c = _CONFIG.value

@@ -35,9 +35,8 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from next_jax import drift, hf, peft_io, posthoc, runs
+from next_jax import drift, hf, peft_io, posthoc, runs, trained
 from next_jax import extrapolate as ex
-from next_jax import state_machine as sm
 from next_jax.hf import CheckpointError
 from next_jax.metrics import progress
 from next_jax.policy import merge_lora
@@ -45,7 +44,6 @@ from next_jax.predictor import PredictorConfig
 from next_jax.rank1 import SIGN_MODES
 
 OFFICIAL_ALPHAS = "0.5,1.0,1.5,2.0,2.5,3.0,3.5,4.0"
-NAMES = {"next": "NExt", "rl_extra": "RL-Extra", "alpharl": "AlphaRL", "relex": "RELEX"}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -94,23 +92,25 @@ def check_args(args) -> tuple[list[float], set[str], Path]:
 
 def analyse(run: runs.CheckpointRun, args) -> dict:
   """Every number of the report (no files written)."""
-  steps, traj, scale, times = run.steps, run.trajectory, run.scale, {}
+  traj, times = run.trajectory, {}
+  steps = traj.steps
   t0 = time.perf_counter()
-  e1, trip = posthoc.e1_series(traj, steps, scale)
+  e1, trip = posthoc.e1_series(traj)
   h = posthoc.r2_horizon(len(steps))
-  r2 = posthoc.r2_analysis(traj, steps, scale, h, trip, args.sign) if len(steps) - 1 - h >= 2 else {}
+  r2 = posthoc.r2_analysis(traj, h, trip, args.sign) if len(steps) - 1 - h >= 2 else {}
   spectra = np.concatenate([np.asarray(t.spectrum[-1]).reshape(-1, t.spectrum.shape[-1]) for t in trip.values()])
-  drift_med, _ = drift.trajectory_drift(traj, steps, scale, min(args.k, (len(steps) - 1) // 2), spectra)
+  drift_med, _ = drift.trajectory_drift(traj.snapshots, steps, traj.scale, min(args.k, (len(steps) - 1) // 2),
+                                        spectra)
   times["analysis"] = time.perf_counter() - t0
   # every back-test origin and the jump train on ≤ K−1−k snapshots: padded to that, they compile once
   pcfg = PredictorConfig(epochs=args.epochs, pad_snapshots=len(steps) - 1 - args.k)
   key = jax.random.PRNGKey(args.seed)
   t0 = time.perf_counter()
   origins = posthoc.backtest_origins(len(steps), args.k, args.backtest)
-  rows = posthoc.backtest(traj, steps, scale, args.k, origins, pcfg, key, args.sign)
+  rows = posthoc.backtest(traj, args.k, origins, pcfg, key, args.sign)
   times["backtest"] = time.perf_counter() - t0
   t0 = time.perf_counter()
-  _, info = ex.next_triplets(traj, args.k, scale, pcfg, jax.random.fold_in(key, len(steps) - 1), args.sign)
+  _, info = ex.next_triplets(traj, args.k, pcfg, jax.random.fold_in(key, len(steps) - 1), args.sign)
   times["next_fit"] = time.perf_counter() - t0
   times.update({f"next_{k}": v for k, v in info["seconds"].items()})  # next_triplets, next_predictor
   return {"e1": e1, "r2": r2, "r2_horizon": h, "drift": drift_med, "backtest": rows,
@@ -137,7 +137,7 @@ def write_jumps(out: Path, run: runs.CheckpointRun, jump, alphas, write, last_lo
         row["adapter"] = f"jump/alpha_{a:g}/adapter (rank {lcfg.rank}, lora_alpha {lcfg.alpha:g})"
       params = merge_lora(base, lora, lcfg) if "merged" in write else None
     else:
-      params = sm.add_to_kernels(base, {m: ex.triplet_delta(t) for m, t in jump.items()}, a)
+      params = trained.add_to_kernels(base, {m: ex.triplet_delta(t) for m, t in jump.items()}, a)
     if params is not None and "merged" in write:
       runs.save_like(d / "merged", run.base_dir, run.cfg, params)
       row["merged"] = f"jump/alpha_{a:g}/merged"
@@ -184,7 +184,7 @@ def plots(out: Path, run: runs.CheckpointRun, res: dict) -> None:
     for method in res["summary"]:
       rows = [r for r in res["backtest"] if r["method"] == method]
       for ax, key in zip(axes, ("cos_global", "relerr_global")):
-        ax.plot([r["origin"] for r in rows], [r[key] for r in rows], marker="o", label=NAMES[method])
+        ax.plot([r["origin"] for r in rows], [r[key] for r in rows], marker="o", label=ex.label(method))
     axes[1].axhline(1.0, color="grey", ls=":", label="not jumping")
     axes[0].set(xlabel="origin step", ylabel="cosine with the real future", title="back-test: direction")
     axes[1].set(xlabel="origin step", ylabel="‖Δ̂ − Δ‖/‖Δ‖", title="back-test: relative error (α = 1)")
@@ -234,14 +234,14 @@ def report(run: runs.CheckpointRun, res: dict, args, written: list[dict], argv: 
               "relative error ‖Δ̂ − Δ‖/‖Δ‖ at α = 1 (not jumping scores exactly 1) and the best scale α*.", "",
               "| method | cos | rel. err | α* | verdict |", "|---|---|---|---|---|"]
     for m, s in res["summary"].items():
-      lines.append(f"| {NAMES[m]} | {_f(s['cos'])} | {_f(s['relerr'])} | {_f(s['alpha_star'])} | "
+      lines.append(f"| {ex.label(m)} | {_f(s['cos'])} | {_f(s['relerr'])} | {_f(s['alpha_star'])} | "
                    f"{posthoc.verdict(s)} |")
     mods = list(next(iter(res["summary"].values()))["modules"])
     lines += ["", "Per module type (cos / rel. err):", "", "| method | " + " | ".join(mods) + " |",
               "|---|" + "---|" * len(mods)]
     for m, s in res["summary"].items():
       cells = " | ".join(f"{s['modules'][x]['cos']:.2f} / {s['modules'][x]['relerr']:.2f}" for x in mods)
-      lines.append(f"| {NAMES[m]} | {cells} |")
+      lines.append(f"| {ex.label(m)} | {cells} |")
     lines += ["", "![back-test](backtest.png)", ""]
   else:
     lines += [f"Skipped: {'--backtest none' if args.backtest == 'none' else ''} needs ≥ {2 * k + 2} snapshots "

@@ -28,7 +28,7 @@ import numpy as np
 from experiments import reproduce as rp
 from experiments.make_toy_base import build_toy_base
 from experiments.report import _table, mean_std
-from next_jax import experiment
+from next_jax import driver, experiment
 from next_jax import extrapolate as ex
 from next_jax import state_machine as sm
 
@@ -48,14 +48,14 @@ def run_seed(seed: int, sched: rp.Schedule, quick: bool, lrs, model_dir=None) ->
   exp = experiment.build(rp.make_config(seed, sched, quick), model_dir)
   s_jump, bb, _, _ = rp.collect(exp, sched, f"s{seed} collect")
   h = sched.k * sched.interval
-  _, accs, mats, _ = rp.advance(exp, exp.ncfg, rp.as_continue(rp.fork(s_jump)), sched.short,
+  _, accs, mats, _ = rp.advance(exp, exp.ncfg, driver.skip_jump(driver.fork(s_jump)), sched.short,
                                 evals={sched.short}, snaps={sched.jump + h}, desc=f"s{seed} GRPO-LoRA")
   actual = rp.actual_future(exp, s_jump, mats[sched.jump + h])
-  steps = sched.interval * np.arange(exp.ncfg.num_snapshots)
+  traj = sm.trajectory(exp.setup, exp.ncfg, s_jump)
   rows = []
   for lr in lrs:
     n = dataclasses.replace(exp.ncfg, predictor=dataclasses.replace(exp.ncfg.predictor, lr=lr))
-    d, info = sm.method_deltas(n, s_jump.trajectory, steps, exp.setup.lora_cfg.scale, sm.jump_key(s_jump))
+    d, info = ex.method_deltas(n, traj, sm.jump_key(s_jump))
     acc, _ = rp.jump_and_continue(exp, n, s_jump, sched, d, f"s{seed} lr {lr:g}")
     rows.append({"seed": seed, "lr": lr, "backbone": bb, "grpo": accs[sched.short], "acc": acc,
                  "loss": {int(k): [float(v[0]), float(v[-1])] for k, v in info["loss_curves"].items()},

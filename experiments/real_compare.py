@@ -45,13 +45,13 @@ import toy_arith  # noqa: E402
 
 from experiments import reproduce as rp  # noqa: E402
 from experiments.make_toy_base import build_toy_base  # noqa: E402
-from next_jax import experiment  # noqa: E402
+from next_jax import driver, experiment, trained  # noqa: E402
 from next_jax import extrapolate as ex  # noqa: E402
 from next_jax import state_machine as sm  # noqa: E402
 from next_jax.checkpoint import Checkpointer  # noqa: E402
 
 MODELS = ("toy", "smollm2")
-METHODS = {"next": "NExt", **rp.BASELINES}
+METHODS = {m: ex.label(m) for m in ex.METHODS}
 PAPER = rp.Schedule(jump=150, interval=10, k=5)
 PROBE = rp.Schedule(jump=50, interval=10, k=2)
 QUICK = rp.Schedule(jump=4, interval=1, k=2)
@@ -77,10 +77,7 @@ def make_config(model: str, seed: int, sched: rp.Schedule, quick: bool, prompts:
 
 def drift_so_far(exp, state) -> dict[str, float]:
   """The drift measures (sm.drift_diagnostics) of the snapshots taken so far: 0 … count−1."""
-  n = int(state.count)
-  traj = jax.tree.map(lambda x: x[:n], state.trajectory)
-  steps = exp.ncfg.interval * np.arange(n)
-  return sm.drift_diagnostics(exp.ncfg, traj, steps, exp.setup.lora_cfg.scale)
+  return sm.drift_diagnostics(exp.ncfg, sm.trajectory(exp.setup, exp.ncfg, state).window(int(state.count) - 1))
 
 
 def resumable(exp, state, until: int, ckpt: Checkpointer, tag: str, every: int, progress=None):
@@ -125,22 +122,21 @@ def run_model(model: str, seed: int, sched: rp.Schedule, quick: bool, prompts: i
         f.write(json.dumps({"model": model, "seed": seed, "step": int(state.rl.step), "sec_per_step": sec,
                             **drift_so_far(exp, state)}) + "\n")
 
-  s_jump, sec = resumable(exp, rp.fork(exp.state), sched.jump, with_ckpt, "collect", sched.interval, progress)
+  s_jump, sec = resumable(exp, driver.fork(exp.state), sched.jump, with_ckpt, "collect", sched.interval, progress)
   assert int(s_jump.phase) == sm.EXTRAPOLATE, "COLLECT did not end at the jump point"
   acc[str(sched.jump)] = experiment.accuracy(exp, s_jump, exp.test)
   future_ckpt = Checkpointer(ckdir / "future", max_to_keep=1)
-  s_future, sec2 = resumable(exp, rp.as_continue(rp.fork(s_jump)), sched.jump + h, future_ckpt, "future",
+  s_future, sec2 = resumable(exp, driver.skip_jump(driver.fork(s_jump)), sched.jump + h, future_ckpt, "future",
                              sched.interval)
   acc[str(sched.jump + h)] = experiment.accuracy(exp, s_future, exp.test)
   lora = exp.setup.lora_cfg
-  actual = rp.actual_future(exp, s_jump, sm.trained_matrices(s_future.rl.train.params, True))
+  actual = rp.actual_future(exp, s_jump, trained.matrices(s_future.rl.train.params, exp.setup.lora_cfg))
   analysis = rp.trajectory_analysis(exp, s_jump, sched)
-  steps = sched.interval * np.arange(exp.ncfg.num_snapshots)
+  traj = sm.trajectory(exp.setup, exp.ncfg, s_jump)
   agreement, seconds = {}, {}
   for m, name in METHODS.items():
     t1 = time.perf_counter()
-    d, _ = sm.method_deltas(dataclasses.replace(exp.ncfg, method=m), s_jump.trajectory, steps, lora.scale,
-                            sm.jump_key(s_jump))
+    d, _ = ex.method_deltas(dataclasses.replace(exp.ncfg, method=m), traj, sm.jump_key(s_jump))
     jax.block_until_ready(d)
     seconds[name] = time.perf_counter() - t1
     agreement[name] = ex.delta_agreement(d, actual)

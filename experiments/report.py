@@ -16,8 +16,20 @@ from pathlib import Path
 
 import numpy as np
 
-MAIN_ORDER = ("GRPO-LoRA", "GRPO-full", "RL-Extra", "AlphaRL", "RELEX", "NExt")
-AGREEMENT_ORDER = ("NExt", "RL-Extra", "AlphaRL", "RELEX")
+from next_jax import extrapolate
+
+MARKERS = "*v^sDPX<>"  # one per registered method, in registry order
+
+
+def method_labels() -> tuple[str, ...]:
+  """The registered extrapolation methods' labels (extrapolate.METHODS order: NExt first), read at call
+  time so that a method registered after this import is reported too."""
+  return tuple(m.label for m in extrapolate.METHODS.values())
+
+
+def main_order() -> tuple[str, ...]:
+  labels = method_labels()
+  return ("GRPO-LoRA", "GRPO-full", *labels[1:], labels[0])  # NExt in the last row
 DRIFT_KEYS = ("increment_cos", "local_cos", "growth_exp", "r2_linear", "skill_vs_hold", "E1", "E1_sq")
 
 
@@ -86,7 +98,7 @@ def drift_table(rows, out: Path) -> str:
 def agreement_table(rows, out: Path) -> str:
   an = _pick(rows, table="analysis", family="lora")
   body = []
-  for m in AGREEMENT_ORDER:
+  for m in method_labels():
     vals = [r["agreement"][m] for r in an if m in r.get("agreement", {})]
     if vals:
       body.append([m] + [f"{np.mean([v[k] for v in vals]):.3f} ± {np.std([v[k] for v in vals]):.3f}"
@@ -136,7 +148,7 @@ def plots(rows, out: Path) -> list[str]:
   xs = sorted(curve)
   axes[0].errorbar(xs, [np.mean(curve[x]) for x in xs], [np.std(curve[x]) for x in xs], label="GRPO-LoRA",
                    marker="o")
-  for name, marker in (("NExt", "*"), ("RELEX", "s"), ("AlphaRL", "^"), ("RL-Extra", "v")):
+  for name, marker in zip(method_labels(), MARKERS):
     acc = [100 * r["acc"] for r in _pick(rows, table="main", method=name)]
     if acc:
       axes[0].errorbar([_pick(rows, table="main", method=name)[0]["steps"]], [np.mean(acc)], [np.std(acc)],
@@ -187,7 +199,7 @@ def write(rows: list[dict], out: Path, command: str, schedule: dict | None = Non
   seeds = sorted({r["seed"] for r in done})
   parts = [f"# {heading}\n\ncommand: `{command}`; seeds {seeds}; schedule {schedule}; "
            f"family run times (min): " + ", ".join(f"{r['family']}/s{r['seed']} {r['minutes']:.1f}" for r in done)]
-  sections = [("1. Main table", lambda: accuracy_table(rows, "main", MAIN_ORDER, ref, out, "main")),
+  sections = [("1. Main table", lambda: accuracy_table(rows, "main", main_order(), ref, out, "main")),
               ("2. Ablation (NExt variants at the same step count)", lambda: accuracy_table(
                   rows + [{**r, "table": "ablation"} for r in _pick(rows, table="main", method="NExt")],
                   "ablation", ("NExt", "w/o LoRA (dense SVD)", "w/o global delta", "w/o local delta",

@@ -41,13 +41,13 @@ import toy_arith  # noqa: E402
 
 from experiments import report  # noqa: E402
 from experiments.make_toy_base import build_toy_base  # noqa: E402
-from next_jax import drift, experiment, rank1  # noqa: E402
+from next_jax import drift, driver, experiment, rank1, trained  # noqa: E402
 from next_jax import extrapolate as ex  # noqa: E402
 from next_jax import state_machine as sm  # noqa: E402
 from next_jax.metrics import progress  # noqa: E402
+from next_jax.trajectory import Trajectory  # noqa: E402
 
 FAMILIES = ("lora", "full", "rloo", "reinforce_pp", "cyclic", "alpha")
-BASELINES = {"rl_extra": "RL-Extra", "alpharl": "AlphaRL", "relex": "RELEX"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,29 +81,24 @@ def make_config(seed: int, sched: Schedule, quick: bool, algo: str = "grpo", tra
 # -------------------------------------------------------------------------------------------- running
 
 
-def fork(state):
-  """An independent copy: train_step donates its input, and every branch starts from the same state."""
-  return jax.tree.map(jnp.copy, state)
-
-
 def advance(exp, ncfg, state, until: int, evals=(), snaps=(), desc: str = ""):
-  """train_step to RL step `until` (or the next jump point); accuracy at `evals`, trained matrices at
-  `snaps`; returns (state, accs, mats, median seconds per RL step: evaluation and compilation excluded)."""
-  accs, mats, lora = {}, {}, exp.setup.lora_cfg is not None
-  start, times = int(state.rl.step), []
-  bar = progress(until - start, desc=desc)
-  for _ in range(until - start):
-    t0 = time.perf_counter()
-    state, _ = sm.train_step(exp.setup, ncfg, state)
-    times.append(time.perf_counter() - t0)
+  """`driver.advance` to RL step `until` (or the next jump point); accuracy at `evals`, trained matrices
+  at `snaps`; returns (state, accs, mats, median seconds per RL step: evaluation and compilation excluded)."""
+  accs, mats, times = {}, {}, []
+  bar = progress(until - int(state.rl.step), desc=desc)
+  clock = [time.perf_counter()]
+
+  def on_step(s, _):
+    times.append(time.perf_counter() - clock[0])
     bar.update(1)
-    step = int(state.rl.step)
-    if int(state.phase) == sm.EXTRAPOLATE and step < until:
-      break  # a cyclic run reached its next jump point
+    step = int(s.rl.step)
     if step in snaps:
-      mats[step] = fork(sm.trained_matrices(state.rl.train.params, lora))
+      mats[step] = driver.fork(trained.matrices(s.rl.train.params, exp.setup.lora_cfg))
     if step in evals:
-      accs[step] = experiment.accuracy(exp, state, exp.test)
+      accs[step] = experiment.accuracy(exp, s, exp.test)
+    clock[0] = time.perf_counter()
+
+  state = driver.advance(exp.setup, ncfg, state, until, on_step)
   bar.close()
   return state, accs, mats, float(np.median(times)) if times else 0.0
 
@@ -112,19 +107,15 @@ def collect(exp, sched: Schedule, desc: str):
   """Backbone → the jump point (phase EXTRAPOLATE), evaluating every `jump/3` steps."""
   backbone = experiment.accuracy(exp, exp.state, exp.test)
   marks = {sched.jump * i // 3 for i in (1, 2, 3)}
-  state, accs, _, sec = advance(exp, exp.ncfg, fork(exp.state), sched.jump, evals=marks, desc=desc)
+  state, accs, _, sec = advance(exp, exp.ncfg, driver.fork(exp.state), sched.jump, evals=marks, desc=desc)
   assert int(state.phase) == sm.EXTRAPOLATE, "COLLECT did not end at the jump point"
   return state, backbone, accs, sec
 
 
-def as_continue(state):
-  return state.replace(phase=jnp.asarray(sm.CONTINUE, jnp.int32))
-
-
 def jump_and_continue(exp, ncfg, s_jump, sched, deltas=None, desc="", at_jump: bool = False):
-  """extrapolate_step from a copy of the jump-point state, then `extra` steps → (acc after them, info);
-  with at_jump, info["acc_at_jump"] is the accuracy right after the jump (before any further RL)."""
-  state, info = sm.extrapolate_step(exp.setup, ncfg, fork(s_jump), deltas=deltas)
+  """A jump from a copy of the jump-point state, then `extra` steps → (acc after them, info); with
+  at_jump, info["acc_at_jump"] is the accuracy right after the jump (before any further RL)."""
+  state, info = driver.jump(exp.setup, ncfg, driver.fork(s_jump), deltas=deltas)
   if at_jump:
     info["acc_at_jump"] = experiment.accuracy(exp, state, exp.test)
   state, accs, _, _ = advance(exp, ncfg, state, sched.short, evals={sched.short}, desc=desc)
@@ -132,25 +123,22 @@ def jump_and_continue(exp, ncfg, s_jump, sched, deltas=None, desc="", at_jump: b
 
 
 def actual_future(exp, s_jump, mats_future) -> dict:
-  """Dense W_{t+h} − W_t per module ([L, n, m]) from two sets of trained matrices."""
-  lora = exp.setup.lora_cfg is not None
-  scale = exp.setup.lora_cfg.scale if lora else 1.0
-  now = sm.trained_matrices(s_jump.rl.train.params, lora)
+  """Dense W_{t+h} − W_t per module ([L, n, m]) from the jump-point state and the trained matrices at t+h."""
+  now = trained.matrices(s_jump.rl.train.params, exp.setup.lora_cfg)
   pair = jax.tree.map(lambda a, b: jnp.stack([a, b]), now, mats_future)
-  return {m: ex.snapshot_delta(mod, 1, 0, scale) for m, mod in pair.items()}
+  lcfg = exp.setup.lora_cfg
+  return Trajectory(pair, np.arange(2), trained.scale(lcfg), lcfg is not None).deltas(1, 0)
 
 
 def trajectory_analysis(exp, s_jump, sched: Schedule) -> dict:
   """E₁ of G_i at every snapshot, the drift measures and the per-matrix R² values at the jump point."""
-  lora = exp.setup.lora_cfg is not None
-  scale = exp.setup.lora_cfg.scale if lora else 1.0
-  traj, num = s_jump.trajectory, exp.ncfg.num_snapshots
-  steps = sched.interval * np.arange(num)
-  trip = ex.pair_triplets(traj, [(i, 0) for i in range(1, num)], scale, "none")
+  traj = sm.trajectory(exp.setup, exp.ncfg, s_jump)
+  num = traj.num
+  trip = traj.global_triplets("none")
   spectra = jnp.concatenate([t.spectrum.reshape(num - 1, -1, t.spectrum.shape[-1]) for t in trip.values()], 1)
   e1 = [float(jnp.median(rank1.energy_ratios(spectra[i])[0])) for i in range(num - 1)]
-  med, values = drift.trajectory_drift(traj, steps, scale, sched.k, spectra[-1])
-  return {"E1_steps": steps[1:].tolist(), "E1_by_step": e1, "drift": med,
+  med, values = drift.trajectory_drift(traj.snapshots, traj.steps, traj.scale, sched.k, spectra[-1])
+  return {"E1_steps": traj.steps[1:].tolist(), "E1_by_step": e1, "drift": med,
           "r2_values": values["r2_linear"].tolist()}
 
 
@@ -160,20 +148,18 @@ def row(table, family, seed, method, steps, acc, backbone, **extra):
 
 
 def branch_methods(exp, s_jump, sched, actual, seed, at_jump: bool = False,
-                   methods=("next",) + tuple(BASELINES)) -> tuple[dict, dict, float]:
-  """NExt and every baseline (or the `methods` named) jump from the same jump-point state and continue
+                   methods=tuple(ex.METHODS)) -> tuple[dict, dict, float]:
+  """Every registered method (or the `methods` named) jumps from the same jump-point state and continues
   `extra` steps.
 
-  Returns ({name: acc after the extra steps}, {name: agreement of its Δ with `actual`}, NExt's
-  extrapolation seconds); with at_jump also {name + "@jump": acc right after the jump} in the first."""
-  ncfg, scale = exp.ncfg, exp.setup.lora_cfg.scale
-  steps = sched.interval * np.arange(ncfg.num_snapshots)
+  Returns ({label: acc after the extra steps}, {label: agreement of its Δ with `actual`}, NExt's
+  extrapolation seconds); with at_jump also {label + "@jump": acc right after the jump} in the first."""
+  ncfg, traj = exp.ncfg, sm.trajectory(exp.setup, exp.ncfg, s_jump)
   accs, agreement, t_next = {}, {}, 0.0
-  names = {"next": "NExt", **BASELINES}
-  for m, name in ((m, names[m]) for m in methods):
+  for m, name in ((m, ex.label(m)) for m in methods):
     n = dataclasses.replace(ncfg, method=m)
     t0 = time.perf_counter()
-    d, _ = sm.method_deltas(n, s_jump.trajectory, steps, scale, sm.jump_key(s_jump))
+    d, _ = ex.method_deltas(n, traj, sm.jump_key(s_jump))
     jax.block_until_ready(d)
     t_next = time.perf_counter() - t0 if m == "next" else t_next
     agreement[name] = ex.delta_agreement(d, actual)
@@ -183,7 +169,7 @@ def branch_methods(exp, s_jump, sched, actual, seed, at_jump: bool = False,
   return accs, agreement, t_next
 
 
-def lora_family(exp, sched, seed, methods=("next",) + tuple(BASELINES), ablate: bool = True) -> list[dict]:
+def lora_family(exp, sched, seed, methods=tuple(ex.METHODS), ablate: bool = True) -> list[dict]:
   """GRPO-LoRA to 400, every method (or those in `methods`) from the same step-150 state, Δ agreement,
   drift, and (ablate) NExt's ablations."""
   s_jump, bb, accs, sec = collect(exp, sched, f"s{seed} lora collect")
@@ -191,7 +177,7 @@ def lora_family(exp, sched, seed, methods=("next",) + tuple(BASELINES), ablate: 
   ncfg = exp.ncfg
   rows = [row("curve", "lora", seed, "GRPO-LoRA", s, a, bb) for s, a in accs.items()]
   marks = set(range(sched.jump + h, sched.long + 1, h)) | {sched.short, sched.long}
-  _, accs, mats, sec2 = advance(exp, ncfg, as_continue(fork(s_jump)), sched.long, evals=marks,
+  _, accs, mats, sec2 = advance(exp, ncfg, driver.skip_jump(driver.fork(s_jump)), sched.long, evals=marks,
                                 snaps={sched.jump + h}, desc=f"s{seed} GRPO-LoRA")
   rows += [row("curve", "lora", seed, "GRPO-LoRA", s, a, bb) for s, a in accs.items()]
   rows += [row("main", "lora", seed, "GRPO-LoRA", s, accs[s], bb) for s in (sched.short, sched.long)]
@@ -200,7 +186,7 @@ def lora_family(exp, sched, seed, methods=("next",) + tuple(BASELINES), ablate: 
   accs, agreement, t_next = branch_methods(exp, s_jump, sched, actual, seed, methods=methods)
   for name, acc in accs.items():
     rows.append(row("main", "lora", seed, name, sched.short, acc, bb,
-                    **({"alpha": ncfg.alpha} if name == "NExt" else {})))
+                    **({"alpha": ncfg.alpha} if name == ex.label("next") else {})))
   rows.append({"table": "overhead", "family": "lora", "seed": seed, "extrapolate_s": t_next,
                "sec_per_step": (sec + sec2) / 2, "steps_saved": sched.long - sched.short})
   rows.append({"table": "analysis", "family": "lora", "seed": seed, "agreement": agreement, **analysis})
@@ -212,12 +198,11 @@ def alpha_family(exp, sched, seed) -> list[dict]:
   from the same (deterministic) step-150 state and NExt prediction as the lora family."""
   s_jump, bb, _, _ = collect(exp, sched, f"s{seed} alpha collect")
   ncfg = exp.ncfg
-  steps = sched.interval * np.arange(ncfg.num_snapshots)
-  deltas, _ = sm.method_deltas(ncfg, s_jump.trajectory, steps, exp.setup.lora_cfg.scale, sm.jump_key(s_jump))
+  deltas, _ = ex.method_deltas(ncfg, sm.trajectory(exp.setup, ncfg, s_jump), sm.jump_key(s_jump))
   rows = []
   for a in (0.0,) + ncfg.alpha_grid:
     n = dataclasses.replace(ncfg, alpha=a)
-    state, _ = sm.extrapolate_step(exp.setup, n, fork(s_jump), deltas=deltas)
+    state, _ = driver.jump(exp.setup, n, driver.fork(s_jump), deltas=deltas)
     rows.append(row("alpha", "lora", seed, "NExt", sched.jump, experiment.accuracy(exp, state, exp.test),
                     bb, alpha=a, when="before"))
     _, accs, _, _ = advance(exp, n, state, sched.short, evals={sched.short}, desc=f"s{seed} α={a}")
@@ -240,7 +225,7 @@ def plain_and_next(exp, sched, seed, family, label) -> list[dict]:
   """A family with GRPO(-like) to 250/400 and NExt from its step-150 state (full, rloo, reinforce_pp)."""
   s_jump, bb, accs, sec = collect(exp, sched, f"s{seed} {family} collect")
   rows = [row("curve", family, seed, label, s, a, bb) for s, a in accs.items()]
-  _, accs, _, _ = advance(exp, exp.ncfg, as_continue(fork(s_jump)), sched.long,
+  _, accs, _, _ = advance(exp, exp.ncfg, driver.skip_jump(driver.fork(s_jump)), sched.long,
                           evals={sched.short, sched.long}, desc=f"s{seed} {label}")
   table = "main" if family == "full" else "compat"
   rows += [row(table, family, seed, label, s, accs[s], bb) for s in (sched.short, sched.long)]
@@ -256,19 +241,17 @@ def plain_and_next(exp, sched, seed, family, label) -> list[dict]:
 def cyclic_family(exp, sched, seed) -> list[dict]:
   """NExt jumping every `cyclic_every` steps (up to 3 jumps), evaluated every k·interval steps to 250."""
   bb = experiment.accuracy(exp, exp.state, exp.test)
-  ncfg, state, h = exp.ncfg, fork(exp.state), sched.k * sched.interval
+  h = sched.k * sched.interval
   rows, jumps = [], []
   marks = set(range(h, sched.short + 1, h)) | {sched.short}
-  while int(state.phase) != sm.DONE:
-    if int(state.phase) == sm.EXTRAPOLATE:
-      state, info = sm.extrapolate_step(exp.setup, ncfg, state)
-      jumps.append(int(state.rl.step))
-      continue
-    nxt = min(m for m in marks if m > int(state.rl.step))
-    state, accs, _, _ = advance(exp, ncfg, state, nxt, evals={nxt}, desc=f"s{seed} cyclic")
-    rows += [row("cyclic", "cyclic", seed, "cyclic NExt", s, a, bb, jumps=list(jumps)) for s, a in accs.items()]
-    if int(state.rl.step) >= sched.short:
-      break
+
+  def on_step(s, _):
+    if int(s.rl.step) in marks:
+      acc = experiment.accuracy(exp, s, exp.test)
+      rows.append(row("cyclic", "cyclic", seed, "cyclic NExt", int(s.rl.step), acc, bb, jumps=list(jumps)))
+
+  driver.run(exp.setup, exp.ncfg, driver.fork(exp.state), on_step=on_step, progress_bar=False,
+             on_jump=lambda s, _: jumps.append(int(s.rl.step)))
   return rows
 
 

@@ -16,9 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
-from experiments.report import _table, mean_std
+from experiments.report import MARKERS, _table, mean_std, method_labels
 
-METHODS = ("NExt", "RL-Extra", "AlphaRL", "RELEX")
 DRIFT_KEYS = ("increment_cos", "local_cos", "growth_exp", "r2_linear", "skill_vs_hold", "E1")
 
 
@@ -64,8 +63,8 @@ def drift_table(rows, out: Path) -> str:
 def accuracy_table(rows, out: Path) -> str:
   short, long = _steps(rows)
   head = ["point", "backbone", "GRPO @jump", f"GRPO {short}", f"GRPO {long}"]
-  head += [f"{m} {short}" for m in METHODS] + [f"{m} Δ vs GRPO {short}" for m in METHODS]
-  head += [f"{m} gap closed" for m in METHODS]
+  head += [f"{m} {short}" for m in method_labels()] + [f"{m} Δ vs GRPO {short}" for m in method_labels()]
+  head += [f"{m} gap closed" for m in method_labels()]
   body = []
   for p in _points(rows):
     rs = [r for r in _of(rows, p) if f"GRPO-LoRA@{short}" in r["acc"]]
@@ -75,10 +74,10 @@ def accuracy_table(rows, out: Path) -> str:
     gap = np.mean(acc(f"GRPO-LoRA@{long}")) - np.mean(acc(f"GRPO-LoRA@{short}"))
     line = [p, mean_std([100 * r["backbone"] for r in rs]), mean_std(acc("GRPO-LoRA@jump")),
             mean_std(acc(f"GRPO-LoRA@{short}")), mean_std(acc(f"GRPO-LoRA@{long}"))]
-    line += [mean_std(acc(m)) for m in METHODS]
-    gains = {m: paired_gain(rs, m, short) for m in METHODS}
-    line += [mean_std(gains[m]) for m in METHODS]
-    line += [f"{gains[m].mean() / gap:.2f}" if gap > 0.5 else "– (GRPO gains < 0.5 pt)" for m in METHODS]
+    line += [mean_std(acc(m)) for m in method_labels()]
+    gains = {m: paired_gain(rs, m, short) for m in method_labels()}
+    line += [mean_std(gains[m]) for m in method_labels()]
+    line += [f"{gains[m].mean() / gap:.2f}" if gap > 0.5 else "– (GRPO gains < 0.5 pt)" for m in method_labels()]
     body.append(line)
   return _table(head, body, out / "accuracy.csv")
 
@@ -90,8 +89,8 @@ def jump_table(rows, out: Path) -> str:
     rs = [r for r in _of(rows, p) if "NExt@jump" in r["acc"]]
     if rs:
       body.append([p] + [mean_std([100 * (r["acc"][f"{m}@jump"] - r["acc"]["GRPO-LoRA@jump"]) for r in rs])
-                         for m in METHODS])
-  return _table(["point"] + [f"{m}: jump alone (pt)" for m in METHODS], body, out / "jump.csv")
+                         for m in method_labels()])
+  return _table(["point"] + [f"{m}: jump alone (pt)" for m in method_labels()], body, out / "jump.csv")
 
 
 def agreement_table(rows, out: Path) -> str:
@@ -99,9 +98,9 @@ def agreement_table(rows, out: Path) -> str:
   for p in _points(rows):
     rs = [r for r in _of(rows, p) if "agreement" in r]
     if rs:
-      body.append([p] + [f"{np.mean([r['agreement'][m]['cos_global'] for r in rs]):.3f}" for m in METHODS]
-                  + [f"{np.mean([r['agreement'][m]['relerr_global'] for r in rs]):.2f}" for m in METHODS])
-  head = ["point"] + [f"{m} cos" for m in METHODS] + [f"{m} rel. err" for m in METHODS]
+      body.append([p] + [f"{np.mean([r['agreement'][m]['cos_global'] for r in rs]):.3f}" for m in method_labels()]
+                  + [f"{np.mean([r['agreement'][m]['relerr_global'] for r in rs]):.2f}" for m in method_labels()])
+  head = ["point"] + [f"{m} cos" for m in method_labels()] + [f"{m} rel. err" for m in method_labels()]
   return _table(head, body, out / "agreement.csv")
 
 
@@ -119,7 +118,7 @@ def plots(rows, out: Path) -> list[str]:
   fig, axes = plt.subplots(1, 3, figsize=(15, 4))
   for ax, key, label in ((axes[0], "increment_cos", "increment cosine at the jump (1 = straight drift)"),
                          (axes[1], "skill_vs_hold", "linear fit's skill vs hold-last (> 0: line wins)")):
-    for m, marker in zip(METHODS, ("*", "v", "^", "s"), strict=True):
+    for m, marker in zip(method_labels(), MARKERS):
       xs = [np.mean([r["drift"][key] for r in _of(rows, p)]) for p in pts]
       g = [paired_gain(_of(rows, p), m, short) for p in pts]
       ax.errorbar(xs, [x.mean() for x in g], [x.std(ddof=1) / np.sqrt(len(x)) if len(x) > 1 else 0 for x in g],
@@ -128,7 +127,7 @@ def plots(rows, out: Path) -> list[str]:
     ax.set(xlabel=label, ylabel=f"accuracy gain over GRPO {short} (pt, paired, ± s.e.)")
     ax.legend(fontsize=8)
   xs = np.arange(len(pts))
-  for j, m in enumerate(("GRPO-LoRA", ) + METHODS):
+  for j, m in enumerate(("GRPO-LoRA", ) + method_labels()):
     vals = [np.mean([100 * r["acc"].get(f"GRPO-LoRA@{short}" if m == "GRPO-LoRA" else m, np.nan)
                      for r in _of(rows, p)]) for p in pts]
     axes[2].bar(xs + (j - 2) * 0.16, vals, 0.16, label=f"{m} {short}")

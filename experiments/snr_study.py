@@ -33,7 +33,7 @@ from pathlib import Path
 from experiments import reproduce as rp
 from experiments import snr_report
 from experiments.make_toy_base import build_toy_base
-from next_jax import experiment
+from next_jax import driver, experiment
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,7 +78,7 @@ def run_point(name: str, p: Point, seed: int, sched: rp.Schedule, quick: bool, d
          "drift": rp.trajectory_analysis(exp, s_jump, sched)["drift"]}
   if not drift_only:
     h = sched.k * sched.interval
-    _, g, mats, sec2 = rp.advance(exp, exp.ncfg, rp.as_continue(rp.fork(s_jump)), sched.long,
+    _, g, mats, sec2 = rp.advance(exp, exp.ncfg, driver.skip_jump(driver.fork(s_jump)), sched.long,
                                   evals={sched.short, sched.long}, snaps={sched.jump + h},
                                   desc=f"{name} s{seed} GRPO-LoRA")
     out["acc"].update({f"GRPO-LoRA@{sched.short}": g[sched.short], f"GRPO-LoRA@{sched.long}": g[sched.long]})

@@ -22,7 +22,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from next_jax import grpo, hf, model_files, parallel, policy, rewards, sharding, tasks, trainer
+from next_jax import config, driver, grpo, hf, model_files, policy, rewards, sharding, tasks, trainer
 from next_jax import state_machine as sm
 from next_jax.checkpoint import Checkpointer
 from next_jax.metrics import MetricWriter, is_primary
@@ -81,23 +81,6 @@ def loss_config(c) -> grpo.LossConfig:
     raise ConfigError(f"config.rl: {e}") from e
 
 
-_KINDS = {
-    int: ("seed", "model.lora_rank", "task.n_train", "task.n_test", "task.n_val", "rollout.top_k",
-          "rollout.overlong_cache", "rollout.sample_chunk", "rl.warmup_steps", "rl.num_mini_batches",
-          "rl.micro_batch_size", "rl.logprob_chunk", "rl.loss_scale_factor",
-          "rl.max_faults", "nxt.extrapolate_at", "nxt.interval", "nxt.k", "nxt.total_steps", "nxt.cycles",
-          "nxt.horizon", "nxt.predictor.hidden", "nxt.predictor.epochs", "eval.every", "eval.chunk",
-          "eval.samples", "ckpt.every", "ckpt.max_to_keep", "mesh.data"),
-    float: ("model.lora_alpha", "rollout.temperature", "rollout.top_p", "rl.lr", "rl.weight_decay", "rl.b1",
-            "rl.b2", "rl.grad_clip", "rl.clip_low", "rl.clip_high", "rl.clip_c", "rl.kl_coef",
-            "rl.kl_in_reward", "rl.entropy_coef", "rl.max_update_ratio", "nxt.alpha", "nxt.predictor.lr",
-            "eval.temperature"),
-    str: ("workdir", "model.dir", "model.dtype", "model.trainable", "model.lora_targets", "task.name",
-          "task.system", "task.instruction",
-          "task.path", "task.format", "rl.estimator", "rl.agg_mode", "rl.kl_estimator", "nxt.method",
-          "ckpt.allow_changes",
-          "nxt.sign", "nxt.continue_mode"),
-}
 _POSITIVE = ("rl.num_mini_batches", "nxt.extrapolate_at", "nxt.interval", "nxt.k", "nxt.total_steps",
              "nxt.cycles", "nxt.predictor.epochs", "nxt.predictor.hidden", "model.lora_rank")
 
@@ -114,16 +97,28 @@ def _is(kind: type, v: Any) -> bool:
   return isinstance(v, kind) and not (kind is int and isinstance(v, bool))
 
 
+def schema_kinds(schema=None) -> dict[str, type]:
+  """{"rl.lr": float, …}: the declared type of every field of the schema (next_jax.config.base())."""
+  schema = schema if schema is not None else config.base()
+  out = {}
+  for key in schema.keys():
+    if isinstance(schema[key], type(schema)):
+      out.update({f"{key}.{k}": t for k, t in schema_kinds(schema[key]).items()})
+    else:
+      out[key] = schema.get_ref(key).get_type()
+  return out
+
+
 def _check_kinds(c) -> None:
-  """Types first, so the value checks below never meet a None, a string or a list where a number goes."""
-  names = {int: "an integer", float: "a finite number", str: "a string"}
-  for kind, fields in _KINDS.items():
-    for f in fields:
-      try:
-        v = _get(c, f)
-      except (KeyError, AttributeError) as e:
-        raise ConfigError(f"config.{f}: missing") from e
-      _check(_is(kind, v), f, v, f"must be {names[kind]}")
+  """Types first, against the schema (a hand-built ConfigDict too), so the value checks below never meet
+  a None, a string or a list where a number goes."""
+  names = {int: "an integer", float: "a finite number", str: "a string", bool: "True or False"}
+  for f, kind in schema_kinds().items():
+    try:
+      v = _get(c, f)
+    except (KeyError, AttributeError) as e:
+      raise ConfigError(f"config.{f}: missing") from e
+    _check(_is(kind, v), f, v, f"must be {names[kind]}")
   for f in _POSITIVE:
     _check(_get(c, f) >= 1, f, _get(c, f), "must be ≥ 1")
 
@@ -244,10 +239,9 @@ def load_problems(c):
 
 
 def run_mesh(c):
-  """None (one device), a 1-D data mesh (parallel), or a (data, fsdp, tensor) mesh when fsdp·tensor > 1."""
-  if c.mesh.fsdp * c.mesh.tensor > 1:
-    return sharding.make_mesh(c.mesh.data, c.mesh.fsdp, c.mesh.tensor)
-  return parallel.make_mesh(c.mesh.data or None) if (c.mesh.data or jax.device_count()) > 1 else None
+  """`sharding.make_mesh` of config.mesh, or None when the run uses one device."""
+  size = (c.mesh.data or jax.device_count() // (c.mesh.fsdp * c.mesh.tensor)) * c.mesh.fsdp * c.mesh.tensor
+  return sharding.make_mesh(c.mesh.data, c.mesh.fsdp, c.mesh.tensor) if size > 1 else None
 
 
 def place(tree, mesh):
@@ -258,12 +252,12 @@ def place(tree, mesh):
     tree = jax.tree.map(np.asarray, tree)
   if sharding.FSDP in mesh.axis_names:
     return sharding.shard(tree, mesh)
-  return jax.device_put(tree, parallel.replicated(mesh))
+  return jax.device_put(tree, sharding.replicated(mesh))
 
 
 def build(c, model_dir: str | None = None) -> Experiment:
   if c.mesh.distributed:  # must precede any JAX computation, including validate's device count
-    parallel.initialize_distributed(c.mesh.coordinator_address, c.mesh.num_processes, c.mesh.process_id)
+    sharding.initialize_distributed(c.mesh.coordinator_address, c.mesh.num_processes, c.mesh.process_id)
   validate(c)
   try:
     model_dir = model_files.resolve(model_dir or c.model.dir)  # a .gguf or packaged model: converted once
@@ -448,7 +442,7 @@ def run(c, model_dir: str | None = None) -> dict[str, Any]:
   both exactly as the uninterrupted run has them, and only with a config that run allows."""
   validate(c)
   if c.mesh.distributed and c.ckpt.resume:  # check_workdir reads checkpoint metadata through orbax (JAX)
-    parallel.initialize_distributed(c.mesh.coordinator_address, c.mesh.num_processes, c.mesh.process_id)
+    sharding.initialize_distributed(c.mesh.coordinator_address, c.mesh.num_processes, c.mesh.process_id)
   resuming = check_workdir(c)
   exp = build(c, model_dir)
   state, meta = exp.state, None
@@ -490,7 +484,7 @@ def run(c, model_dir: str | None = None) -> dict[str, Any]:
       results["evals"][str(step)] = accuracy(exp, s, exp.test)
       writer.write(step, {"eval/accuracy": results["evals"][str(step)]})
 
-  state = sm.run(exp.setup, exp.ncfg, state, writer=writer, checkpointer=ckpt, checkpoint_every=c.ckpt.every,
+  state = driver.run(exp.setup, exp.ncfg, state, writer=writer, checkpointer=ckpt, checkpoint_every=c.ckpt.every,
                  score=val_score, on_jump=on_jump, on_step=on_step, progress_bar=c.log.progress,
                  max_faults=c.rl.max_faults,
                  meta=lambda: {"results": results, "metric_rows": writer.num_rows(),

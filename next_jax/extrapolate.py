@@ -1,18 +1,21 @@
-"""Jumps along a weight trajectory: NExt's predict-extend and the baselines it must beat.
+"""Jumps along a weight trajectory: NExt's predict-extend and the baselines it must beat, in one registry.
 
-A trajectory holds K snapshots (index 0 = W₀, the start of the observation window) of every trained matrix,
-stacked per module: LoRA runs keep the factors {"a": [K, L, r, n], "b": [K, L, m, r]} (never merged
-matrices), full-parameter runs the kernels {"kernel": [K, L, n, m]} (our [in, out] layout). `steps` gives
-each snapshot's RL step. Every method returns, per module, a dense Δ [L, n, m] (our layout) to add to the
-*current* weights W_t (t = the last snapshot); the caller applies W_t + α·Δ for NExt, W_t + Δ for baselines.
+Every method reads a `Trajectory` (next_jax.trajectory: K snapshots, index 0 = W₀, with their RL steps)
+and returns, per module, a dense Δ [L, n, m] (our layout) to add to the *current* weights W_t (t = the last
+snapshot); the jump is W_t + α·Δ for methods registered with `alpha=True` (NExt), W_t + Δ otherwise.
 
 Horizon: NExt's target is k snapshots ahead; baselines extrapolate to t_target = t + horizon steps, by
-default horizon = k·interval, the same distance NExt predicts.
+default horizon = k·interval, the same distance NExt predicts (`target_step`).
+
+Adding a method: write its function, then one `register(name, label, fn)` line at the bottom; the state
+machine (`nxt.method=<name>`), the reproduction, post-hoc back-test and every report pick it up.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import time
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -20,42 +23,9 @@ import jax.numpy as jnp
 from next_jax import drift, rank1
 from next_jax import predictor as pred_lib
 from next_jax.rank1 import Triplet
+from next_jax.trajectory import Trajectory
 
-METHODS = ("next", "rl_extra", "alpharl", "relex")
-
-
-def is_lora(traj) -> bool:
-  return "a" in next(iter(traj.values()))
-
-
-# ----------------------------------------------------------------------------------------- triplets
-
-
-def pair_triplets(traj, pairs, scale: float, sign: str, devices: str = "pmap",
-                  max_batch: int = 256) -> dict[str, Triplet]:
-  """Top triplets of W_i − W_j for each (i, j) in pairs → {module: Triplet [len(pairs), L, ...]}.
-
-  LoRA: exact from the factors (rank ≤ 2r); dense: SVD of (W_i − W_j)ᵀ ([out, in]). Pairs are processed
-  in chunks of ≤ max_batch matrices, which bounds memory at paper scale."""
-  out = {}
-  for name, mod in traj.items():
-    layers = (mod["a"] if "a" in mod else mod["kernel"]).shape[1]
-    step = max(1, max_batch // layers)
-    parts = [_chunk_triplets(mod, pairs[s:s + step], scale, sign, devices)
-             for s in range(0, len(pairs), step)]
-    t = jax.tree.map(lambda *xs: jnp.concatenate(xs), *parts)
-    out[name] = jax.tree.map(lambda x, n=len(pairs): x.reshape(n, -1, *x.shape[1:]), t)
-  return out
-
-
-def _chunk_triplets(mod, pairs, scale, sign, devices) -> Triplet:
-  """Triplets of one module for a few pairs, flattened to [len(pairs)·L, ...]."""
-  if "a" in mod:
-    i, j = (jnp.asarray(x, jnp.int32) for x in zip(*pairs))
-    p, q = rank1.pair_factors(mod["a"], mod["b"], i, j)  # [n_pairs·L, m, 2r], [n_pairs·L, 2r, n]
-    return rank1.batched_factored_triplets(p, q, scale, sign, devices)
-  d = jnp.stack([jnp.swapaxes(mod["kernel"][i] - mod["kernel"][j], -1, -2) for i, j in pairs])
-  return rank1.batched_dense_triplets(d.reshape(-1, *d.shape[2:]), sign, devices)
+# ------------------------------------------------------------------------------------ triplet → Δ
 
 
 def normalised(t: Triplet) -> Triplet:
@@ -71,41 +41,32 @@ def triplet_delta(t: Triplet, normalise: bool = True) -> jax.Array:
   return t.sigma[..., None, None] * t.v[..., :, None] * t.u[..., None, :]
 
 
-def snapshot_delta(mod, i: int, j: int, scale: float) -> jax.Array:
-  """Dense W_i − W_j of one module in our layout [L, n, m]."""
-  if "a" in mod:
-    return scale * (jnp.einsum("lri,lor->lio", mod["a"][i], mod["b"][i])
-                    - jnp.einsum("lri,lor->lio", mod["a"][j], mod["b"][j]))
-  return mod["kernel"][i] - mod["kernel"][j]
-
-
 # --------------------------------------------------------------------------------------------- NExt
 
 
-def next_triplets(traj, k: int, scale: float, pcfg: pred_lib.PredictorConfig, key: jax.Array,
-                  sign: str = "max_abs_u", devices: str = "pmap", untrained: dict | None = None):
+def next_triplets(traj: Trajectory, k: int, pcfg: pred_lib.PredictorConfig, key: jax.Array,
+                  sign: str = "max_abs_u", devices: str = "pmap", faithful: bool = False):
   """NExt up to the prediction: rank-1 triplets of G_i, L_i, T_i → train one predictor per shape group →
   the target triplet predicted from the last (G, L), with no dense matrix formed (post-hoc use at full size).
 
-  untrained {path: shape} (faithful mode, `untrained_leaves`): also feed the predictor the rows of every
-  parameter the run never trains, as the official code does, and return their predicted deltas.
+  faithful: also feed the predictor the rows of every parameter the run never trains (traj.untrained), as
+  the official code does, and return their predicted deltas.
   Returns ({module: Triplet [1, L]}, info with the loss curves, the triplets, "untrained_deltas" and
   "seconds" {triplets, predictor}: wall time of each stage, measured after blocking on its result)."""
-  num = next(iter(traj.values()))[("a" if is_lora(traj) else "kernel")].shape[0]
-  pairs = rank1.delta_pairs(num, k)
+  pairs = rank1.delta_pairs(traj.num, k)
   if not pairs["global"]:
-    raise ValueError(f"trajectory of {num} snapshots has no training pair for k={k} (needs ≥ k+2)")
+    raise ValueError(f"trajectory of {traj.num} snapshots has no training pair for k={k} (needs ≥ k+2)")
   kinds = ("global", "local", "target", "last_global", "last_local")
   flat = [p for kind in kinds for p in pairs[kind]]
   t0 = time.perf_counter()
-  allt = jax.block_until_ready(pair_triplets(traj, flat, scale, sign, devices))
+  allt = jax.block_until_ready(traj.triplets(flat, sign, devices))
   t1 = time.perf_counter()
   split, start = {}, 0
   for kind in kinds:
     n = len(pairs[kind])
     split[kind] = {m: jax.tree.map(lambda x, s=start, n=n: x[s:s + n], t) for m, t in allt.items()}
     start += n
-  rows, layout = untrained_rows(untrained or {})
+  rows, layout = untrained_rows(traj.untrained if faithful else {})
   predicted, curves, extra = jax.block_until_ready(pred_lib.fit_and_predict(
       key, split["global"], split["local"], split["target"], split["last_global"], split["last_local"], pcfg,
       rows))
@@ -114,26 +75,15 @@ def next_triplets(traj, k: int, scale: float, pcfg: pred_lib.PredictorConfig, ke
                      "untrained_deltas": untrained_deltas(extra, layout)}
 
 
-def next_predict(traj, k: int, scale: float, pcfg: pred_lib.PredictorConfig, key: jax.Array,
-                 sign: str = "max_abs_u", devices: str = "pmap", untrained: dict | None = None):
+def next_predict(traj: Trajectory, k: int, pcfg: pred_lib.PredictorConfig, key: jax.Array,
+                 sign: str = "max_abs_u", devices: str = "pmap", faithful: bool = False):
   """NExt: `next_triplets`, then ΔŴ = σ̂·û·v̂ᵀ (û, v̂ normalised).
   Returns ({module: ΔŴ [L, n, m]}, next_triplets' info)."""
-  predicted, info = next_triplets(traj, k, scale, pcfg, key, sign, devices, untrained)
+  predicted, info = next_triplets(traj, k, pcfg, key, sign, devices, faithful)
   return {m: triplet_delta(t)[0] for m, t in predicted.items()}, info
 
 
 # ------------------------------------------------------------------------- faithful: untrained params
-
-
-def untrained_leaves(params, trained: set[str]) -> dict[str, tuple[int, ...]]:
-  """{"a/b/c": shape} of every leaf of `params` whose path is not in `trained` (e.g. "layers/q/kernel")."""
-  flat = jax.tree_util.tree_flatten_with_path(params)[0]
-  out = {}
-  for path, leaf in flat:
-    name = "/".join(str(getattr(k, "key", k)) for k in path)
-    if name not in trained:
-      out[name] = tuple(leaf.shape)
-  return out
 
 
 def _torch_shape(name: str, shape: tuple[int, ...]) -> tuple[tuple[int, ...], bool]:
@@ -190,12 +140,16 @@ def untrained_deltas(preds: dict[int, jax.Array], layout) -> dict[str, jax.Array
 # ---------------------------------------------------------------------------------------- baselines
 
 
-def rl_extra(traj, steps: jax.Array, t_target: float, scale: float) -> dict[str, jax.Array]:
+def _steps(traj: Trajectory) -> jax.Array:
+  return jnp.asarray(traj.steps, jnp.float32)
+
+
+def rl_extra(traj: Trajectory, t_target: float) -> dict[str, jax.Array]:
   """RL-Extra (arXiv 2601.04537): W = W₀ + β(W_t − W₀), β = (t_target − t₀)/(t − t₀), element-wise.
   Δ = (β − 1)(W_t − W₀). (Norms are untrained here, so "copied" is automatic.)"""
+  steps = _steps(traj)
   beta = (t_target - steps[0]) / (steps[-1] - steps[0])
-  last = len(steps) - 1
-  return {m: (beta - 1.0) * snapshot_delta(mod, last, 0, scale) for m, mod in traj.items()}
+  return {m: (beta - 1.0) * d for m, d in traj.deltas(traj.num - 1, 0).items()}
 
 
 def _line_fit(x: jax.Array, y: jax.Array, x_new: float) -> jax.Array:
@@ -215,42 +169,40 @@ def _align_signs(u: jax.Array, v: jax.Array, sigma: jax.Array):
   return jax.lax.scan(align, u[0], (u, v, sigma))[1]
 
 
-def alpharl(traj, steps: jax.Array, t_target: float, scale: float, devices: str = "pmap"):
+def alpharl(traj: Trajectory, t_target: float, devices: str = "pmap") -> dict[str, jax.Array]:
   """AlphaRL (arXiv 2510.00553), linear-in-step stand-in for its PLS-on-accuracy fit.
 
   Per matrix: rank-1 of ΔW_t = W_t − W₀ at every snapshot, a_t = σ₁u₁ with signs aligned to the previous
   snapshot (flip (u, v) when ⟨u_t, u_{t−1}⟩ < 0); least-squares line a(t) per coordinate; the jump target is
   Ŵ = W₀ + â(t_target)·v_lastᵀ, so Δ = Ŵ − W_t."""
-  num = len(steps)
-  trip = pair_triplets(traj, [(i, 0) for i in range(1, num)], scale, "none", devices)
-  last = num - 1
+  steps = _steps(traj)
+  trip = traj.triplets([(i, 0) for i in range(1, traj.num)], "none", devices)
   out = {}
   for m, t in trip.items():
     u, v, s = _align_signs(t.u, t.v, t.sigma)
     a_hat = _line_fit(steps[1:], s[..., None] * u, t_target)  # [L, m]
     target = triplet_delta(Triplet(sigma=jnp.ones(a_hat.shape[:-1]), u=a_hat, v=v[-1], spectrum=s[-1]),
                            normalise=False)
-    out[m] = target - snapshot_delta(traj[m], last, 0, scale)
+    out[m] = target - traj.delta(m, traj.num - 1, 0)
   return out
 
 
-def relex(traj, steps: jax.Array, t_target: float, scale: float) -> dict[str, jax.Array]:
+def relex(traj: Trajectory, t_target: float) -> dict[str, jax.Array]:
   """RELEX (arXiv 2605.21468): per matrix, M = [vec(ΔW_t)]_t (T×d); top right-singular direction
   v = Mᵀe/√λ from the T×T Gram matrix's top eigenpair (λ, e); c_t = M v = √λ·e; least-squares line
   c(t) = a·t + b; θ̂ = θ₀ + c(t_target)·v = θ₀ + (c(t_target)/√λ)·Σ_t e_t ΔW_t; Δ = θ̂ − θ_t."""
-  num = len(steps)
-  last = num - 1
+  steps, num = _steps(traj), traj.num
   out = {}
-  for m, mod in traj.items():
-    gram = drift.delta_gram(mod, scale)[:, 1:, 1:]  # [L, T, T], T = num − 1
+  for m, mod in traj.snapshots.items():
+    gram = drift.delta_gram(mod, traj.scale)[:, 1:, 1:]  # [L, T, T], T = num − 1
     lam, vecs = jnp.linalg.eigh(gram)
     lam1, e = jnp.maximum(lam[:, -1], 1e-30), vecs[:, :, -1]  # [L], [L, T]
     e = e * jnp.where(e.sum(-1, keepdims=True) < 0, -1.0, 1.0)
     c = jnp.sqrt(lam1)[:, None] * e  # [L, T]
     c_hat = _line_fit(steps[1:], c.T, t_target)  # [L]
     w = (c_hat / jnp.sqrt(lam1))[:, None] * e  # weights of ΔW_t, [L, T]
-    combo = sum(w[:, t - 1, None, None] * snapshot_delta(mod, t, 0, scale) for t in range(1, num))
-    out[m] = combo - snapshot_delta(mod, last, 0, scale)
+    combo = sum(w[:, t - 1, None, None] * traj.delta(m, t, 0) for t in range(1, num))
+    out[m] = combo - traj.delta(m, num - 1, 0)
   return out
 
 
@@ -274,3 +226,45 @@ def delta_agreement(pred: dict[str, jax.Array], actual: dict[str, jax.Array]) ->
           "cos_global": float(dot / jnp.maximum(jnp.sqrt(n_p * n_a), 1e-30)),
           "relerr_global": float(jnp.sqrt(n_d / jnp.maximum(n_a, 1e-30))),
           "alpha_star": float(dot / jnp.maximum(n_p, 1e-30))}
+
+
+# ---------------------------------------------------------------------------------------- registry
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+  """label: the name tables print; deltas(traj, ncfg, key) → ({module: Δ}, info), ncfg the run's
+  NExtConfig (unpacked here, at the boundary); alpha: whether the jump is scaled by nxt.alpha."""
+
+  label: str
+  deltas: Callable
+  alpha: bool = False
+
+
+METHODS: dict[str, Method] = {}
+
+
+def register(name: str, label: str, deltas: Callable, alpha: bool = False) -> None:
+  METHODS[name] = Method(label, deltas, alpha)
+
+
+def label(name: str) -> str:
+  return METHODS[name].label
+
+
+def target_step(traj: Trajectory, ncfg) -> float:
+  """t_target = step of the last snapshot + horizon (nxt.horizon, default k·interval)."""
+  horizon = ncfg.horizon if ncfg.horizon is not None else ncfg.k * ncfg.interval
+  return float(_steps(traj)[-1]) + horizon
+
+
+def method_deltas(ncfg, traj: Trajectory, key: jax.Array):
+  """Δ per module for the configured method (ncfg.method) → (deltas, info)."""
+  return METHODS[ncfg.method].deltas(traj, ncfg, key)
+
+
+register("next", "NExt", lambda traj, n, key: next_predict(traj, n.k, n.predictor, key, n.sign,
+                                                           faithful=n.faithful), alpha=True)
+register("rl_extra", "RL-Extra", lambda traj, n, key: (rl_extra(traj, target_step(traj, n)), {}))
+register("alpharl", "AlphaRL", lambda traj, n, key: (alpharl(traj, target_step(traj, n)), {}))
+register("relex", "RELEX", lambda traj, n, key: (relex(traj, target_step(traj, n)), {}))

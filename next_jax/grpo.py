@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from next_jax import trained
 from next_jax.policy import LoraConfig, ModelConfig, Params, forward, head_logprobs
 
 # verl 0.9.1 (verl.trainer.ppo.core_algos: agg_loss, kl_penalty); tests/test_verl.py runs verl's own functions
@@ -95,18 +96,19 @@ def reinforce_pp_advantages(token_rewards: jax.Array, mask: jax.Array, gamma: fl
 
 
 def compute_advantages(estimator: str, rewards: jax.Array, mask: jax.Array, group_size: int, *,
-                       token_kl: jax.Array | None = None, kl_coef: float = 0.0, gamma: float = 1.0,
+                       token_kl: jax.Array | None = None, kl_in_reward: float = 0.0, gamma: float = 1.0,
                        eps: float = 1e-6) -> jax.Array:
   """Token-level advantages [N, T] for `estimator` ∈ {grpo, drgrpo, rloo, reinforce_pp}.
 
   Outcome estimators broadcast A_i over sequence i's response tokens. reinforce_pp scores
-  r_tok = outcome-on-last-token − kl_coef·token_kl (verl's KL-in-reward) before computing returns.
+  r_tok = outcome-on-last-token − kl_in_reward·token_kl (verl's KL-in-reward, rl.kl_in_reward; the KL
+  *loss* coefficient is LossConfig.kl_coef) before computing returns.
   """
   m = mask.astype(jnp.float32)
   if estimator == "reinforce_pp":
     token_rewards = outcome_token_rewards(rewards, mask)
-    if token_kl is not None and kl_coef:
-      token_rewards = token_rewards - kl_coef * token_kl * m
+    if token_kl is not None and kl_in_reward:
+      token_rewards = token_rewards - kl_in_reward * token_kl * m
     return reinforce_pp_advantages(token_rewards, mask, gamma)
   outcome = {"grpo": functools.partial(grpo_advantages, eps=eps), "drgrpo": drgrpo_advantages,
              "rloo": rloo_advantages}
@@ -283,10 +285,8 @@ def sequence_logprobs(params: Params, tokens: jax.Array, mask: jax.Array, cfg: M
 
 def _policy_logprobs(trainable, base_params, tokens, mask, cfg, lora_cfg, lc: LossConfig):
   """The trained policy: base + LoRA(trainable) when lora_cfg is set, else the full params `trainable`."""
-  kw = dict(tail=lc.logprob_tail, chunk=lc.logprob_chunk)
-  if lora_cfg is None:
-    return sequence_logprobs(trainable, tokens, mask, cfg, **kw)
-  return sequence_logprobs(base_params, tokens, mask, cfg, lora=trainable, lora_cfg=lora_cfg, **kw)
+  params, lora_kw = trained.policy_args(base_params, trainable, lora_cfg)
+  return sequence_logprobs(params, tokens, mask, cfg, **lora_kw, tail=lc.logprob_tail, chunk=lc.logprob_chunk)
 
 
 def _split(tree, n: int):
@@ -367,17 +367,16 @@ def grpo_update(state: TrainState, base_params: Params, batch: Batch, *, cfg: Mo
   micro = lc.micro_batch_size or n // lc.num_mini_batches
   n_micro = n // micro
 
-  def no_grad_logprobs(p, lcfg):
+  def no_grad_logprobs(p, lora_kw):
     chunks = _split((batch.tokens, batch.mask), n_micro)
-    f = lambda c: sequence_logprobs(p, c[0], c[1], cfg, *lcfg, tail=lc.logprob_tail,  # noqa: E731
+    f = lambda c: sequence_logprobs(p, c[0], c[1], cfg, **lora_kw, tail=lc.logprob_tail,  # noqa: E731
                                     chunk=lc.logprob_chunk)[0]
     return jax.lax.map(f, chunks).reshape(n, -1)
 
   on_policy = lc.num_mini_batches == 1
-  lora_args = (state.params, lora_cfg) if lora_cfg is not None else ()
   old_logp = None if on_policy else jax.lax.stop_gradient(
-      no_grad_logprobs(base_params if lora_cfg is not None else state.params, lora_args))
-  ref_logp = no_grad_logprobs(base_params, ()) if lc.kl_coef else batch.sampler_logprobs
+      no_grad_logprobs(*trained.policy_args(base_params, state.params, lora_cfg)))
+  ref_logp = no_grad_logprobs(base_params, {}) if lc.kl_coef else batch.sampler_logprobs
   tokens_all = jnp.maximum(batch.loss_mask.sum(), 1)
   grad_fn = jax.grad(_micro_loss, has_aux=True)
 

@@ -31,7 +31,7 @@ from collections.abc import Mapping
 import jax
 import numpy as np
 
-from next_jax import policy, sharding, state_machine
+from next_jax import policy, sharding, trained
 from next_jax.policy import LoraConfig, ModelConfig
 
 GB = 1e9
@@ -73,7 +73,7 @@ def abstract_state(cfg: ModelConfig, lcfg: LoraConfig | None, tx, snapshots: int
   key = jax.random.key(0)
   params = jax.eval_shape(lambda: policy.init_params(cfg, key))
   trainable = params if lcfg is None else jax.eval_shape(lambda: policy.init_lora(cfg, lcfg, key))
-  mats = state_machine.trained_matrices(trainable, lcfg is not None)
+  mats = trained.matrices(trainable, lcfg)
   traj = jax.tree.map(lambda x: jax.ShapeDtypeStruct((snapshots, *x.shape), x.dtype), mats)
   return {"params": params, "trainable": trainable, "optimizer": jax.eval_shape(tx.init, trainable),
           "trajectory": traj}

@@ -5,7 +5,7 @@
     the predictor's training loss per shape group                 plot_predictor_loss
     all three side by side                                        diagnostics_figure
 
-The plot functions take an Axes and plain numbers (metric rows as `state_machine.run`'s on_step sees them,
+The plot functions take an Axes and plain numbers (metric rows as `driver.run`'s on_step sees them,
 or as metrics.jsonl stores them), so they work on a finished run's files as well as on a live run.
 """
 
@@ -16,22 +16,19 @@ from typing import Any
 
 import numpy as np
 
-from next_jax import extrapolate, rank1
+from next_jax import rank1
+from next_jax.trajectory import Trajectory
 
 MODULE_COLOURS = {"q": "C0", "k": "C1", "v": "C2", "o": "C3", "gate": "C4", "up": "C5", "down": "C6"}
 
 
-def e1_over_snapshots(trajectory, scale: float, sign: str = "max_abs_u") -> dict[str, np.ndarray]:
-  """E₁ = σ₁/Σσᵢ (rank1.energy_ratios) of the global deltas G_i = W_i − W₀, i = 1 … K−1, per matrix.
-
-  trajectory: a state's stacked snapshots, {module: {"a": [K, L, r, n], "b": [K, L, m, r]}} (LoRA,
-  scale = alpha/r) or {module: {"kernel": [K, L, n, m]}} (full) → {"<module>/<layer>": float[K−1]}.
+def e1_over_snapshots(traj: Trajectory, sign: str = "max_abs_u") -> dict[str, np.ndarray]:
+  """E₁ = σ₁/Σσᵢ (rank1.energy_ratios) of the global deltas G_i = W_i − W₀, i = 1 … K−1, per matrix
+  → {"<module>/<layer>": float[K−1]} (e.g. of `state_machine.trajectory(setup, ncfg, state)`).
   E₁ = 1: the drift so far is exactly rank 1; E₁ = 1/rank: it is spread evenly over its spectrum."""
-  first = next(iter(trajectory.values()))
-  num = (first["a"] if "a" in first else first["kernel"]).shape[0]
-  if num < 2:
-    raise ValueError(f"trajectory has {num} snapshot(s); E₁ needs ≥ 2")
-  triplets = extrapolate.pair_triplets(trajectory, [(i, 0) for i in range(1, num)], scale, sign)
+  if traj.num < 2:
+    raise ValueError(f"trajectory has {traj.num} snapshot(s); E₁ needs ≥ 2")
+  triplets = traj.global_triplets(sign)
   out = {}
   for name, t in triplets.items():
     e1 = np.asarray(rank1.energy_ratios(t.spectrum)[0])  # [K−1, L]

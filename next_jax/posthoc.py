@@ -1,5 +1,5 @@
 """Would extrapolation pay on this run? The analyses of a finished trajectory (one of ours, or one read by
-`next_jax.runs` from verl / TRL checkpoints), each a function of (trajectory, steps, scale):
+`next_jax.runs` from verl / TRL checkpoints), each a function of its `Trajectory`:
 
     e1_series       E₁ = σ₁/Σσᵢ and σ₁²/Σσᵢ² of every global delta G_i = W_i − W₀, per matrix
     r2_analysis     the paper's linearity test: a line fitted on the first snapshots predicts the last h,
@@ -20,11 +20,12 @@ from next_jax import drift, extrapolate, rank1
 from next_jax import state_machine as sm
 from next_jax.metrics import progress
 from next_jax.predictor import PredictorConfig
+from next_jax.trajectory import Trajectory
 
 
-def e1_series(traj, steps: np.ndarray, scale: float):
+def e1_series(traj: Trajectory):
   """({"E1"|"E1_sq": {module: [K−1, L]}} for G_1 … G_{K−1}, those G's triplets with sign "none")."""
-  trip = extrapolate.pair_triplets(traj, [(i, 0) for i in range(1, len(steps))], scale, "none")
+  trip = traj.global_triplets("none")
   ratios = {m: rank1.energy_ratios(t.spectrum) for m, t in trip.items()}
   return {key: {m: np.asarray(r[i]) for m, r in ratios.items()} for i, key in enumerate(("E1", "E1_sq"))}, trip
 
@@ -34,19 +35,18 @@ def r2_horizon(num_snapshots: int) -> int:
   return max(1, round((num_snapshots - 1) / 3))
 
 
-def r2_analysis(traj, steps: np.ndarray, scale: float, horizon: int, triplets_none=None,
-                sign: str = "max_abs_u") -> dict[str, np.ndarray]:
+def r2_analysis(traj: Trajectory, horizon: int, triplets_none=None, sign: str = "max_abs_u") -> dict[str, np.ndarray]:
   """Per-matrix R² of the line fit (drift.line_r2 / drift.linear_fit_scores) → {row label: [N]}.
 
   Rows: "ΔW element-wise" (sign-free), "u"/"v" of G_t's top triplet with the SVD's own sign ("none", as
   the official code keeps it) and canonicalised (`sign`), and "σ". triplets_none: G_t's triplets with
   sign "none" if already computed (e1_series returns them)."""
   if triplets_none is None:
-    triplets_none = extrapolate.pair_triplets(traj, [(i, 0) for i in range(1, len(steps))], scale, "none")
+    triplets_none = traj.global_triplets("none")
   canon = {m: rank1.canonical_sign(t, sign) for m, t in triplets_none.items()}  # same SVDs, signs fixed
-  x = steps[1:]
+  x = traj.steps[1:]
   out = {"ΔW element-wise": np.concatenate([np.asarray(drift.linear_fit_scores(
-      drift.delta_gram(mod, scale), steps, horizon)[0]) for mod in traj.values()])}
+      drift.delta_gram(mod, traj.scale), traj.steps, horizon)[0]) for mod in traj.snapshots.values()])}
   for field in ("u", "v"):
     for label, trip in ((f"{field} (sign none)", triplets_none), (f"{field} (sign {sign})", canon)):
       out[label] = np.concatenate([drift.line_r2(x, np.asarray(getattr(t, field)), horizon)
@@ -65,21 +65,20 @@ def backtest_origins(num_snapshots: int, k: int, which: str = "all") -> list[int
   return {"all": ts, "last": ts[-1:], "none": []}[which]
 
 
-def backtest(traj, steps: np.ndarray, scale: float, k: int, origins: list[int], pcfg: PredictorConfig,
-             key: jax.Array, sign: str = "max_abs_u", methods=extrapolate.METHODS) -> list[dict]:
+def backtest(traj: Trajectory, k: int, origins: list[int], pcfg: PredictorConfig, key: jax.Array,
+             sign: str = "max_abs_u", methods=tuple(extrapolate.METHODS)) -> list[dict]:
   """One row per (origin t, method): the method sees snapshots 0..t only and predicts W_{t+k} − W_t
   (NExt: its predicted target at α = 1; baselines: t_target = step_t + k·interval); scored against the
   real checkpoint overall and per module. Deterministic: NExt's key is fold_in(key, t)."""
-  interval = int(steps[1] - steps[0])
+  interval, steps = traj.interval, traj.steps
   rows = []
   bar = progress(len(origins) * len(methods), desc="back-test")
   for t in origins:
-    sub = jax.tree.map(lambda x, t=t: x[:t + 1], traj)
-    actual = {m: extrapolate.snapshot_delta(mod, t + k, t, scale) for m, mod in traj.items()}
+    sub, actual = traj.window(t), traj.deltas(t + k, t)
     for method in methods:
       ncfg = sm.NExtConfig(method=method, extrapolate_at=t * interval, interval=interval, k=k,
                            total_steps=t * interval, sign=sign, predictor=pcfg)
-      deltas, _ = sm.method_deltas(ncfg, sub, steps[:t + 1], scale, jax.random.fold_in(key, t))
+      deltas, _ = extrapolate.method_deltas(ncfg, sub, jax.random.fold_in(key, t))
       agree = extrapolate.delta_agreement
       row = {"origin": int(steps[t]), "target": int(steps[t + k]), "method": method, **agree(deltas, actual)}
       row["modules"] = {m: agree({m: deltas[m]}, {m: actual[m]}) for m in deltas}

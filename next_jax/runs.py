@@ -28,11 +28,12 @@ from pathlib import Path
 import jax.numpy as jnp
 import numpy as np
 
-from next_jax import hf, peft_io
+from next_jax import hf, peft_io, trained
 from next_jax.extrapolate import normalised
 from next_jax.hf import CheckpointError
 from next_jax.policy import ALL_MODULES, LoraConfig, ModelConfig, Params, merge_lora
 from next_jax.rank1 import Triplet
+from next_jax.trajectory import Trajectory
 
 STEP_RE = re.compile(r"^(?:global_step|checkpoint|step)[_-]?(\d+)$")
 SEARCH = (".", "lora_adapter", "actor/lora_adapter", "huggingface", "actor/huggingface", "hf_model")
@@ -41,20 +42,20 @@ _WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json")
 
 @dataclasses.dataclass(frozen=True)
 class CheckpointRun:
-  """A checkpoint sequence as a trajectory: steps [K] (steps[0] = 0 is the base), paths [K−1] (the
-  checkpoint directory of snapshots 1 … K−1), kind "lora" | "merged", lora_cfg (LoRA runs)."""
+  """A checkpoint sequence: steps [K] (steps[0] = 0 is the base), paths [K−1] (the checkpoint directory of
+  snapshots 1 … K−1), kind "lora" | "merged", its trajectory (None once released), lora_cfg (LoRA runs)."""
 
   base_dir: Path
   cfg: ModelConfig
   kind: str
   steps: np.ndarray
   paths: tuple[Path, ...]
-  trajectory: dict
+  trajectory: Trajectory | None
   lora_cfg: LoraConfig | None = None
 
   @property
   def scale(self) -> float:
-    return self.lora_cfg.scale if self.lora_cfg is not None else 1.0
+    return trained.scale(self.lora_cfg)
 
   @property
   def interval(self) -> int:
@@ -174,7 +175,8 @@ def read(base_dir: str | Path, pattern: str, interval: int | None = None,
   else:
     lcfg = None
     traj = _stack_kernels(cfg, [base_dir, *dirs])
-  return CheckpointRun(base_dir, cfg, kind, steps, tuple(dirs), traj, lcfg)
+  return CheckpointRun(base_dir, cfg, kind, steps, tuple(dirs),
+                       Trajectory(traj, steps, trained.scale(lcfg), kind == "lora"), lcfg)
 
 
 def _stack_lora(cfg: ModelConfig, lcfg: LoraConfig, dirs: list[Path]) -> dict:
@@ -212,7 +214,7 @@ def last_params(run: CheckpointRun) -> Params:
 
 
 def last_lora(run: CheckpointRun) -> Params:
-  return {m: {k: v[-1] for k, v in mod.items()} for m, mod in run.trajectory.items()}
+  return run.trajectory.at(-1)
 
 
 # ------------------------------------------------------------------------------------------ writing

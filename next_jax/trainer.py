@@ -19,18 +19,20 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from next_jax import grpo, parallel, sharding
-from next_jax.metrics import MetricWriter, Timer, progress
+from next_jax import grpo, sharding, trained
+from next_jax.metrics import Timer
 from next_jax.policy import LoraConfig, ModelConfig, Params
 from next_jax.sampler import generate, pad_prompts
 
 
 @dataclasses.dataclass(frozen=True)
 class RolloutConfig:
-  prompts_per_step: int = 8
+  """config.rollout (configs/common.py holds the defaults; the batch shape has none here)."""
+
+  prompts_per_step: int
+  prompt_len: int  # fixed (left-padded) prompt length: one compiled program
+  max_new_tokens: int
   group_size: int = 8  # G responses per prompt
-  prompt_len: int = 32  # fixed (left-padded) prompt length: one compiled program
-  max_new_tokens: int = 16
   temperature: float = 1.0
   top_p: float = 1.0
   top_k: int = 0
@@ -42,16 +44,17 @@ class RolloutConfig:
 
 @dataclasses.dataclass(frozen=True)
 class OptimConfig:
-  """AdamW with linear warmup then constant or cosine decay, after global-norm clipping."""
+  """AdamW with linear warmup then constant or cosine decay, after global-norm clipping. Defaults are
+  config.rl's (configs/common.py); the learning rate has none."""
 
-  lr: float = 1e-5
+  lr: float
   warmup_steps: int = 0
   schedule: str = "constant"  # "constant" | "cosine"
   decay_steps: int = 1000  # optimiser steps of the cosine (RL steps × num_mini_batches)
   min_lr_ratio: float = 0.0
   weight_decay: float = 0.01
   b1: float = 0.9
-  b2: float = 0.999
+  b2: float = 0.99
   eps: float = 1e-8
   grad_clip: float | None = 1.0
 
@@ -96,7 +99,7 @@ class RLSetup:
   next_problems: Callable[[int, int], tuple[Sequence[Any], int]]
   pad_id: int
   stop_ids: tuple[int, ...]
-  mesh: Any = None  # parallel.make_mesh (data) or sharding.make_mesh (data, fsdp, tensor); None: one device
+  mesh: Any = None  # sharding.make_mesh: (data,) or (data, fsdp, tensor); None: one device
   kl_in_reward: float = 0.0  # REINFORCE++ token-level KL-in-reward coefficient
 
 
@@ -112,23 +115,22 @@ def _sample(setup: RLSetup, base_params, trainable, problems, key, group_size, t
   """`group_size` responses to each of `problems` (the round's global list, P of them), `prompt_chunk`
   prompts per prefill + decode (0: all; `sampler.generate`).
 
-  This process encodes only its prompts (`parallel.process_rows`) and the global batch is assembled from
+  This process encodes only its prompts (`sharding.process_rows`) and the global batch is assembled from
   every process's rows; the mesh then samples each row on the device that holds it.
   → (prompts int32[P, T], pmask bool[P, T], SampleOutput with P·G rows): global arrays, rows split over
   the mesh's batch axes (numpy/one device without a mesh)."""
-  lora, lora_cfg = (trainable, setup.lora_cfg) if setup.lora_cfg is not None else (None, None)
-  params = base_params if setup.lora_cfg is not None else trainable
+  params, lora_kw = trained.policy_args(base_params, trainable, setup.lora_cfg)
   ro, mesh = setup.rollout, setup.mesh
-  mine = parallel.process_rows(mesh, len(problems))
+  mine = sharding.process_rows(mesh, len(problems))
   prompts, pmask = pad_prompts([setup.encode(problems[i]) for i in mine], setup.pad_id, ro.prompt_len)
-  prompts, pmask = parallel.from_process_rows((prompts, pmask), mesh, len(problems))
+  prompts, pmask = sharding.from_process_rows((prompts, pmask), mesh, len(problems))
   with sharding.use_mesh(mesh):  # activates the KV-cache / layer-boundary constraints
-    out = generate(params, prompts, pmask, key, cfg=setup.cfg, lora=lora, lora_cfg=lora_cfg,
+    out = generate(params, prompts, pmask, key, cfg=setup.cfg, **lora_kw,
                    max_new_tokens=ro.max_new_tokens, num_samples=group_size, temperature=temperature,
                    top_k=ro.top_k, top_p=ro.top_p, stop_ids=setup.stop_ids, pad_id=setup.pad_id,
                    prompt_chunk=prompt_chunk)
   if mesh is not None:  # rows of every output on the devices that sampled them (row r ↔ prompt r // G)
-    out = _constrain_rows(out, parallel.batch_sharding(mesh))
+    out = _constrain_rows(out, sharding.batch_sharding(mesh))
   return prompts, pmask, out
 
 
@@ -143,14 +145,14 @@ _constrain_rows = jax.jit(_constrain, static_argnames=("sharding",))
 
 
 def _rows_sharding(setup: RLSetup):
-  return parallel.batch_sharding(setup.mesh) if setup.mesh is not None else None
+  return sharding.batch_sharding(setup.mesh) if setup.mesh is not None else None
 
 
 def _score(setup: RLSetup, problems, group_size, out) -> np.ndarray:
   """Verify this process's rows of `out` (row r answers problems[r // G]); only its own shards are read,
   no tokens cross hosts. → fp32[rows of this process] (all rows on one process)."""
-  rows = parallel.process_rows(setup.mesh, out.tokens.shape[0])
-  tokens, mask = parallel.local_rows(out.tokens), parallel.local_rows(out.mask)
+  rows = sharding.process_rows(setup.mesh, out.tokens.shape[0])
+  tokens, mask = sharding.local_rows(out.tokens), sharding.local_rows(out.mask)
   texts = (setup.decode(t[m].tolist()) for t, m in zip(tokens, mask))
   return np.asarray([setup.reward(x, problems[r // group_size]) for x, r in zip(texts, rows)], np.float32)
 
@@ -170,7 +172,7 @@ def collect(setup: RLSetup, base_params: Params, state: RLState):
   """Sample and verify one RL batch of prompts_per_step × G responses.
 
   Every process draws the same global prompts from the cursor; each encodes, and verifies, only its own
-  rows (`parallel.process_rows`): rewards are the only per-row data shared between hosts.
+  rows (`sharding.process_rows`): rewards are the only per-row data shared between hosts.
   With dynamic sampling (DAPO), groups whose rewards are all equal are dropped and fresh prompts are
   sampled until the buffer holds prompts_per_step groups or max_sampling_rounds is reached; unfilled
   slots keep the last groups sampled with their loss masked out, so shapes never change.
@@ -186,10 +188,10 @@ def collect(setup: RLSetup, base_params: Params, state: RLState):
                                   jax.random.fold_in(key, rnd), g, ro.temperature, ro.sample_chunk)
     rewards = _score(setup, problems, g, out)
     if ro.overlong_cache:
-      rewards = rewards + np.asarray(grpo.overlong_penalty(parallel.local_rows(out.lengths),
+      rewards = rewards + np.asarray(grpo.overlong_penalty(sharding.local_rows(out.lengths),
                                                            ro.max_new_tokens, ro.overlong_cache))
-    rewards = parallel.from_process_rows(rewards, setup.mesh, p * g)
-    spread = parallel.host_array(rewards).reshape(p, g).std(axis=1) > 0  # [p] on every host
+    rewards = sharding.from_process_rows(rewards, setup.mesh, p * g)
+    spread = sharding.host_array(rewards).reshape(p, g).std(axis=1) > 0  # [p] on every host
     seen_groups, zero_spread = seen_groups + p, zero_spread + int((~spread).sum())
     rounds.append({"prompts": prompts, "pmask": pmask, "tokens": out.tokens, "rmask": out.mask,
                    "logprobs": out.logprobs, "rewards": rewards})
@@ -233,11 +235,8 @@ def make_batch(setup: RLSetup, arrays: dict, advantages: jax.Array) -> grpo.Batc
 @functools.partial(jax.jit, static_argnames=("cfg", "lora_cfg", "chunk"))
 def _token_kl(base_params, trainable, tokens, mask, *, cfg, lora_cfg, chunk=0):
   """k1 KL of the current policy to the reference per target token: log π − log π_ref."""
-  if lora_cfg is None:
-    logp, _ = grpo.sequence_logprobs(trainable, tokens, mask, cfg, chunk=chunk)
-  else:
-    logp, _ = grpo.sequence_logprobs(base_params, tokens, mask, cfg, lora=trainable, lora_cfg=lora_cfg,
-                                     chunk=chunk)
+  params, lora_kw = trained.policy_args(base_params, trainable, lora_cfg)
+  logp, _ = grpo.sequence_logprobs(params, tokens, mask, cfg, **lora_kw, chunk=chunk)
   ref, _ = grpo.sequence_logprobs(base_params, tokens, mask, cfg, chunk=chunk)
   return logp - ref
 
@@ -258,7 +257,7 @@ def train_step(setup: RLSetup, base_params: Params, state: RLState, timer: Timer
                      chunk=setup.loss_cfg.logprob_chunk)
       token_kl = kl[:, arrays["prompts"].shape[1] - 1:]
   adv = grpo.compute_advantages(setup.estimator, jnp.asarray(arrays["rewards"]), jnp.asarray(resp_mask),
-                                setup.rollout.group_size, token_kl=token_kl, kl_coef=setup.kl_in_reward)
+                                setup.rollout.group_size, token_kl=token_kl, kl_in_reward=setup.kl_in_reward)
   batch = make_batch(setup, arrays, adv)
   with timer("update"), sharding.use_mesh(setup.mesh):
     # the batch is prompt ++ response: only its last max_new_tokens targets carry loss, so only they get
@@ -269,8 +268,8 @@ def train_step(setup: RLSetup, base_params: Params, state: RLState, timer: Timer
     train, upd = grpo.grpo_update(state.train, base_params, batch, cfg=setup.cfg, lora_cfg=setup.lora_cfg,
                                   loss_cfg=loss_cfg)
     upd = jax.device_get(upd)
-  rewards = parallel.host_array(arrays["rewards"])  # [N] on every host: per-row numbers, not tokens
-  lengths = parallel.host_array(arrays["rmask"].sum(1))
+  rewards = sharding.host_array(arrays["rewards"])  # [N] on every host: per-row numbers, not tokens
+  lengths = sharding.host_array(arrays["rmask"].sum(1))
   rewards = rewards[live] if live.any() else rewards
   times = timer.pop()
   n_tokens = int(lengths.sum())
@@ -298,30 +297,9 @@ def evaluate(setup: RLSetup, base_params: Params, trainable: Params, problems: S
     part += [part[-1]] * (chunk - n_real)
     _, _, out = _sample(setup, base_params, trainable, part, jax.random.PRNGKey(seed + start), samples,
                         temperature)
-    rewards = parallel.from_process_rows(_score(setup, part, samples, out), setup.mesh, chunk * samples)
-    scores.append(parallel.host_array(rewards)[:n_real * samples])
+    rewards = sharding.from_process_rows(_score(setup, part, samples, out), setup.mesh, chunk * samples)
+    scores.append(sharding.host_array(rewards)[:n_real * samples])
   r = np.concatenate(scores)
   solved = (r > 0.5).reshape(-1, samples)
   return {"accuracy": float(solved.mean()), "reward_mean": float(r.mean()), "n": int(r.size),
           f"pass@{samples}": float(solved.any(axis=1).mean())}
-
-
-def train(setup: RLSetup, base_params: Params, state: RLState, num_steps: int, *,
-          writer: MetricWriter | None = None, checkpointer=None, checkpoint_every: int = 0,
-          desc: str = "grpo") -> RLState:
-  """Run RL steps until state.step == num_steps, logging every step and checkpointing every
-  `checkpoint_every` steps (and at the end)."""
-  start = int(state.step)
-  bar = progress(num_steps, initial=start, desc=desc)
-  timer = Timer()
-  for _ in range(start, num_steps):
-    state, m = train_step(setup, base_params, state, timer)
-    step = int(state.step)
-    if writer is not None:
-      writer.write(step, m)
-    bar.set_postfix(reward=f"{m['reward_mean']:.3f}", step_s=f"{m.get('time/sample', 0) + m['time/update']:.2f}")
-    bar.update(1)
-    if checkpointer is not None and checkpoint_every and (step % checkpoint_every == 0 or step == num_steps):
-      checkpointer.save(step, state, {"step": step})
-  bar.close()
-  return state

@@ -1,5 +1,7 @@
-"""Shared, session-scoped fixtures: tiny random HF checkpoints written by transformers itself, and jitted
-forwards reused across tests (so each shape compiles once per session).
+"""Shared fixtures: tiny random HF checkpoints written by transformers itself, jitted forwards reused across
+tests (so each shape compiles once per session), the RL loop's tiny model (`model`, from tiny_rl) and the
+toy / chat model directories. Plain helpers that subprocess children also import live in tiny_rl.py
+(the tiny RL setup) and figures.py (checks of saved plots).
 
 torch/transformers are imported lazily inside the fixtures that need them, so test modules that never ask
 for a torch reference do not pay for the import.
@@ -193,6 +195,14 @@ def random_lora():
   return make_random_lora
 
 
+@pytest.fixture(scope="module")
+def model():
+  """(base params, LoRA) of tiny_rl's one-layer model (tiny_rl.init_model): the RL loop's test model."""
+  import tiny_rl
+
+  return tiny_rl.init_model()
+
+
 @pytest.fixture(scope="session")
 def toy_model_dir(tmp_path_factory):
   """A tiny random Qwen2 with the arithmetic task's character tokenizer (toy configs run on it in seconds)."""
@@ -204,6 +214,22 @@ def toy_model_dir(tmp_path_factory):
   toy.make_random_model_dir(d, cfg, tokenizer=False)
   toy.build_char_tokenizer("0123456789+-*=", out_dir=d)
   return d
+
+
+@pytest.fixture(scope="module")
+def first_char_reward():
+  """For the module: every verifier `experiment.build` looks up scores 1 when the response starts with the
+  answer's first character, else 0. With exact match the random toy model never scores, so its advantages,
+  its LoRA's motion, every Δ, drift measure and agreement of a quick experiment are exactly 0, and checks
+  on them hold whatever the code computes; this reward gives it ~5% accuracy and real gradients."""
+  from next_jax import rewards
+
+  def first_char(response: str, answer: str) -> float:
+    return float(response[:1] == str(answer)[:1])
+
+  with pytest.MonkeyPatch.context() as mp:
+    mp.setattr(rewards, "get_reward", lambda name: first_char)
+    yield first_char
 
 
 @pytest.fixture(scope="module")

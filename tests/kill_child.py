@@ -40,8 +40,8 @@ def install(kill: str) -> None:
   """Arrange the self-kill described by KILL (see the module docstring)."""
   kind, *arg = kill.split(":")
   if kind == "extrapolate":
-    deltas = sm.method_deltas
-    sm.method_deltas = lambda *a, **k: (deltas(*a, **k), die())[0]
+    deltas = sm.extrapolate.method_deltas
+    sm.extrapolate.method_deltas = lambda *a, **k: (deltas(*a, **k), die())[0]
   elif kind in ("finalize", "save"):
     from orbax.checkpoint._src.path import atomicity  # noqa: PLC0415
     saves, save = [0], checkpoint.Checkpointer.save

@@ -1,5 +1,5 @@
 """Child of test_multiprocess: two JAX processes joined by `jax.distributed.initialize` on localhost (the
-TPU-pod mechanism; CPU collectives via gloo), one CPU device each, on tests/test_trainer's tiny setup.
+TPU-pod mechanism; CPU collectives via gloo), one CPU device each, on tests/tiny_rl's tiny setup.
 
 1. RL steps, then an evaluation, data-parallel over both processes, recording which problems this process
    encoded and how many responses it verified.
@@ -79,15 +79,15 @@ def record_writes(root: str, written: list) -> None:
 
 def main(pid: int, port: str, out: str, workdir: str) -> None:
   jax.config.update("jax_cpu_collectives_implementation", "gloo")
-  from next_jax import parallel  # noqa: PLC0415
-  parallel.initialize_distributed(f"localhost:{port}", 2, pid)
+  from next_jax import sharding  # noqa: PLC0415
+  sharding.initialize_distributed(f"localhost:{port}", 2, pid)
   import dataclasses  # noqa: PLC0415
 
   import numpy as np  # noqa: PLC0415
   from jax.experimental import multihost_utils  # noqa: PLC0415
-  from test_trainer import CFG, LCFG, PROBLEMS, fresh_state, make_setup, run  # noqa: PLC0415
+  from tiny_rl import PROBLEMS, fresh_state, init_model, make_setup, run  # noqa: PLC0415
 
-  from next_jax import experiment, policy, trainer  # noqa: PLC0415
+  from next_jax import experiment, trainer  # noqa: PLC0415
   from next_jax.checkpoint import Checkpointer  # noqa: PLC0415
   from next_jax.metrics import MetricWriter  # noqa: PLC0415
 
@@ -100,9 +100,9 @@ def main(pid: int, port: str, out: str, workdir: str) -> None:
     return [value(x).tolist() for x in jax.tree.leaves(tree)]
 
   t0 = time.perf_counter()
-  params, lora = policy.init_params(CFG, jax.random.key(0)), policy.init_lora(CFG, LCFG, jax.random.key(1))
+  params, lora = init_model()
   log, eval_log = {"encoded": [], "verified": 0}, {"encoded": [], "verified": 0}
-  mesh = parallel.make_mesh()
+  mesh = sharding.make_mesh()
   params, lora = experiment.place((params, lora), mesh)
   setup = dataclasses.replace(recording(make_setup(), log), mesh=mesh)
   state, rows = run(setup, params, fresh_state(lora), STEPS)
@@ -130,8 +130,11 @@ def main(pid: int, port: str, out: str, workdir: str) -> None:
       errors[field] = str(e)
   wd = experiment.prepare_workdir(c)
   ckpt = Checkpointer(wd / "ckpt")
-  state = trainer.train(setup, params, state, STEPS + 1, writer=MetricWriter(wd), checkpointer=ckpt,
-                        checkpoint_every=1)
+  state, m = trainer.train_step(setup, params, state)  # one more step, its metrics and checkpoint on disk
+  writer = MetricWriter(wd)
+  writer.write(int(state.step), m)
+  writer.close()
+  ckpt.save(int(state.step), state, {"step": int(state.step)})
   experiment.write_results(wd, {"steps": STEPS + 1})
   restored, meta = Checkpointer(wd / "ckpt").restore(fresh_state(lora, seed=123))
   Checkpointer(wd / "params").save(0, params)

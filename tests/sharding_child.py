@@ -12,7 +12,7 @@ import numpy as np
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
-from next_jax import grpo, parallel, policy, rank1, sampler, sharding, trainer  # noqa: E402
+from next_jax import grpo, policy, rank1, sampler, sharding, trainer  # noqa: E402
 from next_jax.checkpoint import Checkpointer  # noqa: E402
 
 CFG = policy.ModelConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
@@ -50,10 +50,10 @@ def run(params, lora, tokens, mask, mesh):
   tx = trainer.make_optimizer(trainer.OptimConfig(lr=1e-2, eps=1e-4))  # eps ≫ |grad noise|: stable steps
   put = (lambda t: sharding.shard(t, mesh)) if mesh is not None else (lambda t: jax.tree.map(jnp.asarray, t))
   batch = rl_batch(tokens, mask)
-  batch = parallel.shard_batch(batch, mesh) if mesh is not None else batch
+  batch = sharding.shard_batch(batch, mesh) if mesh is not None else batch
   params, lora = put(params), put(lora)
-  toks = parallel.shard_batch(tokens, mesh) if mesh is not None else tokens
-  msk = parallel.shard_batch(mask, mesh) if mesh is not None else mask
+  toks = sharding.shard_batch(tokens, mesh) if mesh is not None else tokens
+  msk = sharding.shard_batch(mask, mesh) if mesh is not None else mask
   out = {}
   with sharding.use_mesh(mesh):
     out["logits"] = np.asarray(logits_fn(params, lora, toks, msk))

@@ -7,7 +7,9 @@ import sys
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
+from figures import assert_png_of, lines, recorded_figures
 
 from next_jax import experiment, policy
 from next_jax.checkpoint import Checkpointer
@@ -89,9 +91,16 @@ def test_entry_point_runs_quick_end_to_end(char_model_dir, tmp_path):
   assert out.returncode == 0, out.stderr[-3000:]
   res = json.loads((wd / "results.json").read_text())
   assert res["steps"] == 12 and res["method"] == "next" and len(res["jumps"]) == 1
-  assert 0.0 <= res["backbone"] <= 1.0 and 0.0 <= res["final"] <= 1.0
+  quick = toy_arith.get_config("quick")
+  n_eval = quick.task.n_test * quick.eval.samples  # responses, each right or wrong: accuracy = k / n_eval
+  for acc in (res["backbone"], res["final"]):
+    assert acc * n_eval == pytest.approx(round(acc * n_eval), abs=1e-9), acc
   rows = [json.loads(x) for x in (wd / "metrics.jsonl").read_text().splitlines()]
   assert max(r["step"] for r in rows) == 12 and any("alpha" in r for r in rows)
+  # one final evaluation, reported alike in results.json, its evals and metrics.jsonl, and ICER from it
+  assert [(r["step"], r["eval/accuracy"]) for r in rows if "eval/accuracy" in r] == [(12, res["final"])]
+  assert res["evals"] == {"12": res["final"]}
+  assert res["icer"] == experiment.icer(12, res["final"], res["backbone"])
   again = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=300)
   assert again.returncode != 0 and "ckpt.resume" in again.stderr  # never mixes two runs silently
 
@@ -129,11 +138,13 @@ def test_common_algos_cover_the_grpo_family():
   assert set(common.ALGOS) == {"grpo", "drgrpo", "dapo", "rloo", "reinforce_pp"}
 
 
-def test_demo_quick_prints_backbone_grpo_and_next(char_model_dir, tmp_path, capsys):
+def test_demo_quick_prints_backbone_grpo_and_next(char_model_dir, tmp_path, capsys, first_char_reward):
+  """(first_char_reward: the random model scores, so the plotted accuracies are not all 0.)"""
   from experiments import demo  # noqa: PLC0415
 
   wd = tmp_path / "demo"
-  demo.main(["--quick", "--workdir", str(wd), "--model-dir", str(char_model_dir)])
+  with recorded_figures() as figs:
+    demo.main(["--quick", "--workdir", str(wd), "--model-dir", str(char_model_dir)])
   table = (wd / "summary.md").read_text()
   assert table in capsys.readouterr().out
   rows = {line.split(" | ")[0].strip("| "): line.split(" | ")[1:] for line in table.splitlines()[2:]}
@@ -141,4 +152,15 @@ def test_demo_quick_prints_backbone_grpo_and_next(char_model_dir, tmp_path, caps
   assert rows["GRPO-LoRA"][0] == rows["NExt"][0] == "12"
   res = json.loads((wd / "next_12" / "results.json").read_text())
   assert len(res["jumps"]) == 1 and f"{100 * res['final']:.1f}" == rows["NExt"][1]
-  assert (wd / "accuracy.png").stat().st_size > 0
+  # the plot: each run's accuracy from the backbone (step 0) to step 12, and the jump's step
+  fig, dpi = figs["accuracy.png"]
+  assert_png_of(wd / "accuracy.png", fig, dpi)
+  (ax,) = fig.axes
+  grpo = json.loads((wd / "none_12" / "results.json").read_text())
+  drawn = lines(ax)
+  assert set(drawn) == {"GRPO-LoRA", "NExt"}
+  for name, r in (("GRPO-LoRA", grpo), ("NExt", res)):
+    assert r["backbone"] > 0  # first_char_reward: not 0 = 0
+    np.testing.assert_array_equal(drawn[name][0], [0, 12])
+    np.testing.assert_array_equal(drawn[name][1], [r["backbone"], r["final"]])
+  assert ax.get_lines()[-1].get_xdata()[0] == res["jumps"][0]["step"] == 8

@@ -14,6 +14,7 @@ import pytest
 from next_jax import extrapolate as ex
 from next_jax import policy, rank1
 from next_jax import predictor as pred_lib
+from next_jax.trajectory import Trajectory
 
 # A predictor config that trains in well under a second; test_predictor.py uses the same config and the same
 # row shapes ([5, 4, 1] and [5, 8, 16]), so the ~10 s compile of `train_predictor` happens once per session.
@@ -32,6 +33,14 @@ def random_lora_traj(seed, k=6, layers=2, r=2, m=5, n=4):
   rng = np.random.default_rng(seed)
   return {"w": {"a": jnp.asarray(rng.normal(size=(k, layers, r, n)), jnp.float32),
                 "b": jnp.asarray(rng.normal(size=(k, layers, m, r)), jnp.float32)}}
+
+
+def T(snapshots, scale=1.0, steps=None) -> Trajectory:
+  """A Trajectory of hand-made snapshots (LoRA when the modules hold "a"; steps default to 0, 1, …)."""
+  mod = next(iter(snapshots.values()))
+  lora = "a" in mod
+  num = mod["a" if lora else "kernel"].shape[0]
+  return Trajectory(snapshots, np.asarray(steps if steps is not None else np.arange(num)), scale, lora)
 
 
 def assert_close(x, y, rtol=1e-5):
@@ -61,8 +70,8 @@ def test_triplet_delta_normalises_u_and_v_of_predictions():
 def test_pair_triplets_of_lora_and_dense_trajectories_are_equal():
   traj = random_lora_traj(1)
   pairs = [(3, 0), (4, 3), (5, 1), (2, 1), (5, 4)]
-  tl = ex.pair_triplets(traj, pairs, 2.0, "max_abs_u", "vmap")["w"]
-  td = ex.pair_triplets(dense_of(traj, 2.0), pairs, 2.0, "max_abs_u", "vmap")["w"]
+  tl = T(traj, 2.0).triplets(pairs, "max_abs_u", "vmap")["w"]
+  td = T(dense_of(traj, 2.0), 2.0).triplets(pairs, "max_abs_u", "vmap")["w"]
   assert tl.u.shape == (5, 2, 5) and tl.v.shape == (5, 2, 4) and tl.sigma.shape == (5, 2)
   for x, y in ((tl.sigma, td.sigma), (tl.u, td.u), (tl.v, td.v)):
     np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=1e-5)
@@ -71,8 +80,8 @@ def test_pair_triplets_of_lora_and_dense_trajectories_are_equal():
 def test_pair_triplets_in_chunks_equal_one_batch():
   traj = random_lora_traj(1)
   pairs = [(3, 0), (4, 3), (5, 1), (2, 1), (5, 4)]
-  whole = ex.pair_triplets(traj, pairs, 2.0, "max_abs_u", "vmap")["w"]
-  chunked = ex.pair_triplets(traj, pairs, 2.0, "max_abs_u", "vmap", max_batch=4)["w"]  # 2 pairs × 2 layers
+  whole = T(traj, 2.0).triplets(pairs, "max_abs_u", "vmap")["w"]
+  chunked = T(traj, 2.0).triplets(pairs, "max_abs_u", "vmap", max_batch=4)["w"]  # 2 pairs × 2 layers
   for x, y in zip(jax.tree.leaves(chunked), jax.tree.leaves(whole)):
     np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=1e-6)
 
@@ -80,7 +89,7 @@ def test_pair_triplets_in_chunks_equal_one_batch():
 def test_snapshot_delta_is_the_difference_of_merged_kernels():
   traj = random_lora_traj(2)
   dense = dense_of(traj, 0.5)["w"]["kernel"]
-  assert_close(ex.snapshot_delta(traj["w"], 4, 1, 0.5), dense[4] - dense[1])
+  assert_close(T({"w": traj["w"]}, 0.5).delta("w", 4, 1), dense[4] - dense[1])
 
 
 # --------------------------------------------------------------------------------------- RL-Extra
@@ -94,21 +103,21 @@ def _hand_dense():
 
 
 def test_rl_extra_by_hand_from_step_zero():
-  d = ex.rl_extra(_hand_dense(), jnp.asarray([0.0, 10.0, 20.0]), 30.0, 1.0)["w"]
+  d = ex.rl_extra(T(_hand_dense(), 1.0, jnp.asarray([0.0, 10.0, 20.0])), 30.0)["w"]
   # β = 30/20 = 1.5, Δ = 0.5·(W₂ − W₀) = 0.5·[[2, 1], [0, 0]]
   np.testing.assert_allclose(np.asarray(d), [[[1.0, 0.5], [0.0, 0.0]]], rtol=1e-6)
 
 
 def test_rl_extra_by_hand_from_a_later_start_step():
-  d = ex.rl_extra(_hand_dense(), jnp.asarray([10.0, 20.0, 30.0]), 50.0, 1.0)["w"]
+  d = ex.rl_extra(T(_hand_dense(), 1.0, jnp.asarray([10.0, 20.0, 30.0])), 50.0)["w"]
   # β = (50 − 10)/(30 − 10) = 2, Δ = W₂ − W₀
   np.testing.assert_allclose(np.asarray(d), [[[2.0, 1.0], [0.0, 0.0]]], rtol=1e-6)
 
 
 def test_rl_extra_of_lora_and_dense_trajectories_are_equal():
   traj, steps = random_lora_traj(3), STEPS
-  d = ex.rl_extra(traj, steps, 80.0, 2.0)["w"]
-  dd = ex.rl_extra(dense_of(traj, 2.0), steps, 80.0, 2.0)["w"]
+  d = ex.rl_extra(T(traj, 2.0, steps), 80.0)["w"]
+  dd = ex.rl_extra(T(dense_of(traj, 2.0), 2.0, steps), 80.0)["w"]
   assert_close(d, dd)
   k = dense_of(traj, 2.0)["w"]["kernel"]
   assert_close(d, (80.0 / 50.0 - 1.0) * (k[5] - k[0]))
@@ -141,17 +150,17 @@ def test_relex_on_a_linear_single_direction_trajectory_is_exact():
   rng = np.random.default_rng(4)
   w0, d = rng.normal(size=(2, 4, 5)), rng.normal(size=(2, 4, 5))  # [L, n, m]
   traj = {"w": {"kernel": jnp.asarray(np.stack([w0 + c * d for c in COEF]), jnp.float32)}}
-  assert_close(ex.relex(traj, STEPS, TARGET, 1.0)["w"], 2.0 * d)
+  assert_close(ex.relex(T(traj, 1.0, STEPS), TARGET)["w"], 2.0 * d)
 
 
 def test_relex_on_a_linear_lora_trajectory_with_nonzero_start_is_exact():
   traj, d = _line_lora(5)
-  assert_close(ex.relex(traj, STEPS, TARGET, 2.0)["w"], 2.0 * d)
+  assert_close(ex.relex(T(traj, 2.0, STEPS), TARGET)["w"], 2.0 * d)
 
 
 def test_relex_of_lora_and_dense_trajectories_are_equal():
   traj, steps = random_lora_traj(6), STEPS
-  assert_close(ex.relex(traj, steps, 80.0, 2.0)["w"], ex.relex(dense_of(traj, 2.0), steps, 80.0, 2.0)["w"])
+  assert_close(ex.relex(T(traj, 2.0, steps), 80.0)["w"], ex.relex(T(dense_of(traj, 2.0), 2.0, steps), 80.0)["w"])
 
 
 # ---------------------------------------------------------------------------------------- AlphaRL
@@ -172,12 +181,12 @@ def _rank1_line_lora(seed, scale=2.0):
 
 def test_alpharl_on_a_linear_rank1_trajectory_is_exact():
   traj, uv = _rank1_line_lora(7)
-  assert_close(ex.alpharl(traj, STEPS, TARGET, 2.0, devices="vmap")["w"], 2.0 * uv, rtol=1e-4)
+  assert_close(ex.alpharl(T(traj, 2.0, STEPS), TARGET, devices="vmap")["w"], 2.0 * uv, rtol=1e-4)
 
 
 def test_alpharl_on_the_dense_rank1_trajectory_is_exact():
   traj, uv = _rank1_line_lora(7)
-  assert_close(ex.alpharl(dense_of(traj, 2.0), STEPS, TARGET, 2.0, devices="vmap")["w"], 2.0 * uv, rtol=1e-4)
+  assert_close(ex.alpharl(T(dense_of(traj, 2.0), 2.0, STEPS), TARGET, devices="vmap")["w"], 2.0 * uv, rtol=1e-4)
 
 
 def test_alpharl_ignores_flipping_b_and_a_of_a_middle_snapshot():
@@ -185,25 +194,25 @@ def test_alpharl_ignores_flipping_b_and_a_of_a_middle_snapshot():
   a, b = np.array(traj["w"]["a"]), np.array(traj["w"]["b"])
   a[2], b[2] = -a[2], -b[2]  # the same ΔW₂
   flipped = {"w": {"a": jnp.asarray(a), "b": jnp.asarray(b)}}
-  assert_close(ex.alpharl(flipped, STEPS, TARGET, 2.0, devices="vmap")["w"],
-               ex.alpharl(traj, STEPS, TARGET, 2.0, devices="vmap")["w"])
+  assert_close(ex.alpharl(T(flipped, 2.0, STEPS), TARGET, devices="vmap")["w"],
+               ex.alpharl(T(traj, 2.0, STEPS), TARGET, devices="vmap")["w"])
 
 
 def test_alpharl_aligns_a_sign_flipped_middle_triplet(monkeypatch):
   """SVD signs are arbitrary: flip (u, v) of snapshot 2's triplet; AlphaRL's neighbour alignment undoes it."""
   traj, uv = _rank1_line_lora(9)
-  real = ex.pair_triplets
+  real = Trajectory.triplets
   seen = {}
 
-  def flipping(*args, **kwargs):
-    out = real(*args, **kwargs)
+  def flipping(self, *args, **kwargs):
+    out = real(self, *args, **kwargs)
     sign = jnp.asarray([1.0, -1.0, 1.0, 1.0, 1.0])[:, None, None]  # pairs (1,0) (2,0) … (5,0)
     out = {m: t.replace(u=t.u * sign, v=t.v * sign) for m, t in out.items()}
     seen["u"] = out["w"].u
     return out
 
-  monkeypatch.setattr(ex, "pair_triplets", flipping)
-  d = ex.alpharl(traj, STEPS, TARGET, 2.0, devices="vmap")["w"]
+  monkeypatch.setattr(Trajectory, "triplets", flipping)
+  d = ex.alpharl(T(traj, 2.0, STEPS), TARGET, devices="vmap")["w"]
   u = np.asarray(seen["u"])
   assert np.all(np.sum(u[1] * u[0], -1) < 0) and np.all(np.sum(u[2] * u[1], -1) < 0)  # really misaligned
   assert_close(d, 2.0 * uv, rtol=1e-4)
@@ -211,8 +220,8 @@ def test_alpharl_aligns_a_sign_flipped_middle_triplet(monkeypatch):
 
 def test_alpharl_of_lora_and_dense_trajectories_are_equal():
   traj, steps = random_lora_traj(10), STEPS
-  assert_close(ex.alpharl(traj, steps, 80.0, 2.0, devices="vmap")["w"],
-               ex.alpharl(dense_of(traj, 2.0), steps, 80.0, 2.0, devices="vmap")["w"], rtol=1e-4)
+  assert_close(ex.alpharl(T(traj, 2.0, steps), 80.0, devices="vmap")["w"],
+               ex.alpharl(T(dense_of(traj, 2.0), 2.0, steps), 80.0, devices="vmap")["w"], rtol=1e-4)
 
 
 # ------------------------------------------------------------------------------------ agreement
@@ -250,7 +259,7 @@ def test_delta_agreement_by_hand():
 
 def test_next_predict_rejects_a_trajectory_without_training_pairs():
   with pytest.raises(ValueError, match="no training pair"):
-    ex.next_predict(random_lora_traj(13, k=6), 5, 2.0, FAST, jax.random.key(0), devices="vmap")
+    ex.next_predict(T(random_lora_traj(13, k=6), 2.0), 5, FAST, jax.random.key(0), devices="vmap")
 
 
 # Rotation trajectory. Every layer's snapshot i is W_i = u(θ_i)·vᵀ with u(θ) = cos θ·f₁ + sin θ·f₂ on one
@@ -300,10 +309,10 @@ def rotation_baselines():
   """Baseline agreements with the actual W₁₅ − W₁₀ (the geometry, hence these, is the same for every seed)."""
   traj = rotation_trajectory(0)
   obs, steps = _observed(traj), jnp.arange(11.0) * 10
-  actual = {"w": ex.snapshot_delta(traj["w"], 15, 10, ROT_SCALE)}
-  return {"rl_extra": ex.delta_agreement(ex.rl_extra(obs, steps, 150.0, ROT_SCALE), actual),
-          "alpharl": ex.delta_agreement(ex.alpharl(obs, steps, 150.0, ROT_SCALE, devices="vmap"), actual),
-          "relex": ex.delta_agreement(ex.relex(obs, steps, 150.0, ROT_SCALE), actual)}
+  actual = {"w": T({"w": traj["w"]}, ROT_SCALE).delta("w", 15, 10)}
+  return {"rl_extra": ex.delta_agreement(ex.rl_extra(T(obs, ROT_SCALE, steps), 150.0), actual),
+          "alpharl": ex.delta_agreement(ex.alpharl(T(obs, ROT_SCALE, steps), 150.0, devices="vmap"), actual),
+          "relex": ex.delta_agreement(ex.relex(T(obs, ROT_SCALE, steps), 150.0), actual)}
 
 
 def test_rl_extra_on_the_rotation_misses_by_the_chord_angle(rotation_baselines):
@@ -315,13 +324,14 @@ def test_rl_extra_on_the_rotation_misses_by_the_chord_angle(rotation_baselines):
 def test_next_beats_linear_baselines_on_a_rotating_rank1_trajectory(seed, rotation_baselines):
   traj = rotation_trajectory(seed)
   obs = _observed(traj)  # snapshots 0..10 = steps 0..100: training pairs i = 1..5, jump from snapshot 10
-  deltas, info = ex.next_predict(obs, ROT_HORIZON, ROT_SCALE, FAST, jax.random.key(seed), devices="vmap")
+  deltas, info = ex.next_predict(T(obs, ROT_SCALE, 10 * np.arange(11)), ROT_HORIZON, FAST, jax.random.key(seed),
+                                 devices="vmap")
   for kind, trip in info["triplets"].items():  # the canonical sign is stable along the path (see above)
     u = np.asarray(trip["w"].u)
     assert np.all(np.argmax(np.abs(u), -1) == 0) and u[..., 0].min() > 0.6, kind
   assert {d: c.shape for d, c in info["loss_curves"].items()} == {1: (FAST.epochs,), ROT_DIM: (FAST.epochs,)}
   assert deltas["w"].shape == (ROT_LAYERS, ROT_DIM, ROT_DIM)
-  nxt = ex.delta_agreement(deltas, {"w": ex.snapshot_delta(traj["w"], 15, 10, ROT_SCALE)})
+  nxt = ex.delta_agreement(deltas, {"w": T({"w": traj["w"]}, ROT_SCALE).delta("w", 15, 10)})
   best = max(r["cos_global"] for r in rotation_baselines.values())
   assert nxt["cos_global"] > best + NEXT_MARGIN, (nxt, rotation_baselines)
   assert nxt["cos_global"] > 0.9
@@ -349,19 +359,30 @@ def test_untrained_deltas_have_each_leafs_shape_and_orientation():
   out = ex.untrained_deltas(preds, layout)
   assert {k: v.shape for k, v in out.items()} == {"layers/q/bias": (2, 6), "layers/o/kernel": (2, 6, 4),
                                                   "embed": (9, 4), "final_norm": (4,)}
-  (_, _, _, off_u, _), = [x for x in layout if x[:2] == ("embed", "u")]
-  u = np.asarray(preds[9][off_u])
-  col = np.asarray(out["embed"])[:, 0]  # σ̂·û·v̂₀: the embed's columns are multiples of û (length V = 9)
-  assert abs(abs(np.dot(col, u)) / (np.linalg.norm(col) * np.linalg.norm(u)) - 1) < 1e-5
-  assert float(np.abs(out["embed"]).max()) > 0 and np.isfinite(np.asarray(out["embed"])).all()
+  rows_of = {(n, f): np.asarray(preds[d][off:off + layers]) for n, f, d, off, layers in layout}
+  unit = lambda x: x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+  def by_hand(name):  # σ̂·û·v̂ᵀ per layer, û / v̂ the torch layout's (out / in) directions
+    sigma, u, v = (rows_of[name, f] for f in ("sigma", "u", "v"))
+    return sigma[:, :, None] * unit(u)[:, :, None] * unit(v)[:, None, :]  # [L, torch out, torch in]
+
+  np.testing.assert_allclose(out["embed"], by_hand("embed")[0], rtol=1e-5, atol=1e-7)  # embed [V, D] as torch's
+  np.testing.assert_allclose(out["layers/o/kernel"], np.swapaxes(by_hand("layers/o/kernel"), 1, 2), rtol=1e-5,
+                             atol=1e-7)  # a kernel: ours is [in, out], torch's transpose
+  np.testing.assert_array_equal(out["layers/q/bias"], rows_of["layers/q/bias", "raw"])
+  np.testing.assert_array_equal(out["final_norm"], rows_of["final_norm", "raw"][0])
 
 
 def test_next_predict_faithful_moves_untrained_leaves_and_keeps_shapes():
-  traj = random_lora_traj(5, k=6)
   untrained = {"layers/w/bias": (2, 5), "embed": (7, 4)}
-  plain, info0 = ex.next_predict(traj, 2, 1.0, FAST, jax.random.key(0), devices="vmap")
-  faith, info1 = ex.next_predict(traj, 2, 1.0, FAST, jax.random.key(0), devices="vmap", untrained=untrained)
+  traj = Trajectory(random_lora_traj(5, k=6), np.arange(6), 1.0, True, untrained)
+  plain, info0 = ex.next_predict(traj, 2, FAST, jax.random.key(0), devices="vmap")
+  faith, info1 = ex.next_predict(traj, 2, FAST, jax.random.key(0), devices="vmap", faithful=True)
   assert info0["untrained_deltas"] == {}
   assert {k: v.shape for k, v in info1["untrained_deltas"].items()} == {"layers/w/bias": (2, 5), "embed": (7, 4)}
-  assert plain["w"].shape == faith["w"].shape
-  assert float(jnp.abs(info1["untrained_deltas"]["layers/w/bias"]).max()) > 0  # the official code's noise
+  # the zero rows join the trained rows of the same width (the bias's 5 = w's out) in one predictor's
+  # training set, as in the official code: the same key gives another prediction for w
+  assert np.abs(np.asarray(faith["w"]) - np.asarray(plain["w"])).max() > 1e-3
+  bias = np.asarray(info1["untrained_deltas"]["layers/w/bias"])  # the official code's noise: the predictor's
+  np.testing.assert_array_equal(bias[0], bias[1])  # output for a zero row, so the same for both layers
+  assert np.abs(bias).max() > 0

@@ -16,7 +16,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MESH = {"data": 1, "fsdp": 8, "tensor": 4}
 PAPER = memory.Workload(prompts=128, group_size=8, prompt_len=1024, max_new_tokens=4096, micro_batch=8,
                         snapshots=16)
-TX = trainer.make_optimizer(trainer.OptimConfig())
+TX = trainer.make_optimizer(trainer.OptimConfig(lr=1e-3))
 
 
 @pytest.fixture(scope="module")

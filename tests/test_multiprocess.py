@@ -28,11 +28,11 @@ def free_port() -> int:
 def one_process_reference(steps: int) -> dict:
   """The same steps and evaluation in this (pytest) process, on one device."""
   import jax  # noqa: PLC0415
-  from test_trainer import CFG, LCFG, PROBLEMS, fresh_state, make_setup, run  # noqa: PLC0415
+  from tiny_rl import PROBLEMS, fresh_state, init_model, make_setup, run  # noqa: PLC0415
 
-  from next_jax import policy, trainer  # noqa: PLC0415
+  from next_jax import trainer  # noqa: PLC0415
 
-  params, lora = policy.init_params(CFG, jax.random.key(0)), policy.init_lora(CFG, LCFG, jax.random.key(1))
+  params, lora = init_model()
   log = {"encoded": [], "verified": 0}
   state, rows = run(recording(make_setup(), log), params, fresh_state(lora), steps)
   evaluation = trainer.evaluate(make_setup(), params, state.train.params, PROBLEMS[:6], **EVAL)
@@ -47,7 +47,7 @@ def halves(problems: list, size: int) -> tuple[list, list]:
 
 
 def test_two_processes_split_the_prompts_match_one_process_and_only_process_0_writes(tmp_path):
-  from test_trainer import PROBLEMS  # noqa: PLC0415
+  from tiny_rl import PROBLEMS  # noqa: PLC0415
 
   env = {**os.environ, "JAX_PLATFORMS": "cpu", "OPENBLAS_NUM_THREADS": "1"}
   env.pop("XLA_FLAGS", None)  # one CPU device per process

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from next_jax import plots
+from next_jax.trajectory import Trajectory
 
 K, L, R, N_IN, N_OUT = 4, 2, 3, 6, 5
 
@@ -19,8 +20,13 @@ def lora_trajectory(rng, rank1_drift: bool):
   return {"q": {"a": a.astype(np.float32), "b": b.astype(np.float32)}}
 
 
+def traj_of(snapshots, scale, lora=True):
+  num = next(iter(snapshots.values()))["a" if lora else "kernel"].shape[0]
+  return Trajectory(snapshots, np.arange(num), scale, lora)
+
+
 def test_e1_is_one_for_a_rank1_drift():
-  e1 = plots.e1_over_snapshots(lora_trajectory(np.random.default_rng(0), True), scale=2.0)
+  e1 = plots.e1_over_snapshots(traj_of(lora_trajectory(np.random.default_rng(0), True), 2.0))
   assert sorted(e1) == ["q/0", "q/1"]
   for values in e1.values():
     assert values.shape == (K - 1,)
@@ -29,7 +35,7 @@ def test_e1_is_one_for_a_rank1_drift():
 
 def test_e1_matches_the_dense_singular_values_of_w_i_minus_w0():
   traj = lora_trajectory(np.random.default_rng(1), False)
-  e1 = plots.e1_over_snapshots(traj, scale=0.5)
+  e1 = plots.e1_over_snapshots(traj_of(traj, 0.5))
   a, b = traj["q"]["a"], traj["q"]["b"]
   for i in range(1, K):
     for layer in range(L):
@@ -41,7 +47,7 @@ def test_e1_matches_the_dense_singular_values_of_w_i_minus_w0():
 def test_e1_of_a_full_parameter_trajectory():
   rng = np.random.default_rng(2)
   kernel = rng.normal(size=(K, L, N_IN, N_OUT)).astype(np.float32)
-  e1 = plots.e1_over_snapshots({"down": {"kernel": kernel}}, scale=1.0)
+  e1 = plots.e1_over_snapshots(traj_of({"down": {"kernel": kernel}}, 1.0, lora=False))
   s = np.linalg.svd(kernel[2, 1] - kernel[0, 1], compute_uv=False)
   assert e1["down/1"][1] == pytest.approx(s[0] / s.sum(), rel=1e-4)
 
@@ -49,7 +55,7 @@ def test_e1_of_a_full_parameter_trajectory():
 def test_e1_needs_two_snapshots():
   traj = lora_trajectory(np.random.default_rng(0), True)
   with pytest.raises(ValueError, match="snapshot"):
-    plots.e1_over_snapshots({"q": {k: v[:1] for k, v in traj["q"].items()}}, scale=1.0)
+    plots.e1_over_snapshots(traj_of({"q": {k: v[:1] for k, v in traj["q"].items()}}, 1.0))
 
 
 def test_figure_has_one_panel_per_diagnostic_and_marks_the_jump():

@@ -15,8 +15,7 @@ import pytest
 from conftest import load_torch_model, torch_logits
 
 from experiments import posthoc as cli
-from next_jax import drift, extrapolate, hf, peft_io, policy, runs, toy
-from next_jax import state_machine as sm
+from next_jax import drift, extrapolate, hf, peft_io, policy, runs, toy, trained
 from next_jax.rank1 import Triplet, delta_pairs
 
 K = 2  # NExt's k in snapshots; TRL saves every 2 steps for 12 steps → 6 checkpoints + the base
@@ -115,7 +114,7 @@ def _dense_top_triplet(delta: np.ndarray):
 def _check_against_dense(run, weights: list[dict], sigma_rtol: float, cos_tol: float) -> None:
   """Every G, L, T pair's (σ, u, v) against the dense SVD of the same delta of the merged weights."""
   pairs = sorted({p for ps in delta_pairs(len(run.steps), K).values() for p in ps})
-  ours = extrapolate.pair_triplets(run.trajectory, pairs, run.scale, "none", devices="vmap")
+  ours = run.trajectory.triplets(pairs, "none", devices="vmap")
   names = {m: hf.HF_MODULE[m].split(".")[1] for m in ours}
   checked = 0
   for pi, (i, j) in enumerate(pairs):
@@ -138,7 +137,7 @@ def test_trl_run_reads_as_a_lora_trajectory_that_moved(trl_run):
   assert trl_run.kind == "lora" and list(trl_run.steps) == [0, 2, 4, 6, 8, 10, 12]
   assert (trl_run.lora_cfg.rank, trl_run.lora_cfg.alpha, trl_run.scale) == (4, 8.0, 2.0)
   assert set(trl_run.lora_cfg.targets) == set(policy.ALL_MODULES)
-  b = np.asarray(trl_run.trajectory["q"]["b"])
+  b = np.asarray(trl_run.trajectory.snapshots["q"]["b"])
   assert np.all(b[0] == 0) and np.all(np.abs(b[1:]).max(axis=(1, 2, 3)) > 1e-3)  # GRPO moved every snapshot
 
 
@@ -153,7 +152,7 @@ def test_verl_layout_reads_the_same_trajectory(runs_dir, trl_run, pattern):
   run = runs.read(runs_dir["base"], str(runs_dir["verl"] / pattern))
   assert list(run.steps) == list(trl_run.steps) and run.lora_cfg == trl_run.lora_cfg
   assert all(p.name == "lora_adapter" for p in run.paths)
-  jax.tree.map(np.testing.assert_array_equal, run.trajectory, trl_run.trajectory)
+  jax.tree.map(np.testing.assert_array_equal, run.trajectory.snapshots, trl_run.trajectory.snapshots)
 
 
 def test_merged_checkpoints_give_dense_deltas_equal_to_the_dense_svd(runs_dir, trl_run, tmp_path):
@@ -166,7 +165,7 @@ def test_merged_checkpoints_give_dense_deltas_equal_to_the_dense_svd(runs_dir, t
     merged = peft.PeftModel.from_pretrained(model, str(p)).merge_and_unload()
     merged.save_pretrained(str(tmp_path / f"global_step_{runs.step_of(p)}" / "actor" / "huggingface"))
   run = runs.read(runs_dir["base"], str(tmp_path / "global_step_*"))
-  assert run.kind == "merged" and set(run.trajectory) == set(policy.ALL_MODULES)
+  assert run.kind == "merged" and set(run.trajectory.snapshots) == set(policy.ALL_MODULES)
   stored = [hf.read_weights(d) for d in (runs_dir["base"], *run.paths)]  # the fp32 values as stored
   weights = [{f"{i}.{p}": np.asarray(w[f"model.layers.{i}.{'self_attn' if p in HF_TARGETS[:4] else 'mlp'}.{p}.weight"],
                                       np.float64) for i in range(run.cfg.num_layers) for p in HF_TARGETS}
@@ -225,7 +224,7 @@ def test_jump_adapter_and_merged_model_load_with_our_logits(runs_dir, trl_run, r
   assert acfg["r"] == 5 and acfg["lora_alpha"] / acfg["r"] == pytest.approx(trl_run.scale, rel=1e-12)
   cfg, base, _ = hf.load_model(runs_dir["base"], tokenizer=False)
   want = policy.merge_lora(base, runs.last_lora(trl_run), trl_run.lora_cfg)
-  want = sm.add_to_kernels(want, {m: extrapolate.triplet_delta(t) for m, t in res["jump"].items()}, alpha)
+  want = trained.add_to_kernels(want, {m: extrapolate.triplet_delta(t) for m, t in res["jump"].items()}, alpha)
   tokens = np.random.default_rng(0).integers(3, 300, size=(2, 9)).astype(np.int32)
   ours = np.asarray(fwd(want, tokens, cfg)[0])
   with_adapter = peft.PeftModel.from_pretrained(load_torch_model(runs_dir["base"]), str(d / "adapter")).eval()
@@ -253,8 +252,8 @@ def test_extend_adapter_is_exact_for_any_sign_and_rslora():
 
 
 def test_line_r2_on_flattened_deltas_equals_the_element_wise_gram_statistic(trl_run):
-  mod = trl_run.trajectory["up"]
-  d = np.stack([np.asarray(extrapolate.snapshot_delta(mod, i, 0, trl_run.scale)) for i in range(1, 7)])
+  mod = trl_run.trajectory.snapshots["up"]
+  d = np.stack([np.asarray(trl_run.trajectory.delta("up", i, 0)) for i in range(1, 7)])
   ours = drift.line_r2(trl_run.steps[1:], d.reshape(6, 2, -1), horizon=2)
   gram = drift.linear_fit_scores(drift.delta_gram(mod, trl_run.scale), trl_run.steps, 2)[0]
   np.testing.assert_allclose(ours, np.asarray(gram), rtol=1e-4)

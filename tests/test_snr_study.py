@@ -1,24 +1,31 @@
-"""experiments.snr_study --quick end to end on a tiny random model (one point, one seed): every method's
-accuracy, its jump-alone accuracy and its agreement with the true future are recorded with the drift
-measures; a rerun resumes; --drift-only stops at the jump point; and experiments.snr_report's aggregation
-on hand-made rows (paired gain, gap closed)."""
+"""experiments.snr_study --quick end to end on a tiny random model (one point, one seed; conftest's
+first_char_reward, so the policy moves): every method's accuracy, its jump-alone accuracy and its agreement
+with the true future are recorded with the drift measures; the plot draws them; a rerun resumes;
+--drift-only stops at the jump point; and experiments.snr_report's aggregation on hand-made rows (paired
+gain, gap closed)."""
 
 from __future__ import annotations
 
 import csv
 import json
 
+import numpy as np
 import pytest
+from figures import assert_png_of, bar_heights, lines, recorded_figures
 
 from experiments import reproduce, snr_report, snr_study
 
 METHODS = ("NExt", "RL-Extra", "AlphaRL", "RELEX")
+FIGURES = {}  # file name → (Figure, dpi) of the quick study's plots
 
 
 @pytest.fixture(scope="module")
-def quick_study(tmp_path_factory, toy_model_dir):
+def quick_study(tmp_path_factory, toy_model_dir, first_char_reward):
   out = tmp_path_factory.mktemp("snr")
-  snr_study.main(["--quick", "--points", "q8", "--seeds", "0", "--out", str(out), "--model-dir", str(toy_model_dir)])
+  with recorded_figures() as figs:
+    snr_study.main(["--quick", "--points", "q8", "--seeds", "0", "--out", str(out), "--model-dir",
+                    str(toy_model_dir)])
+  FIGURES.update(figs)
   return out, [json.loads(x) for x in (out / "rows.jsonl").read_text().splitlines()]
 
 
@@ -29,10 +36,20 @@ def test_a_run_records_drift_every_method_and_its_agreement(quick_study):
   assert (r["point"], r["seed"], r["samples"], r["mini_batches"]) == ("q8", 0, 8, 1)
   expected = {"GRPO-LoRA@jump", f"GRPO-LoRA@{s.short}", f"GRPO-LoRA@{s.long}"}
   expected |= set(METHODS) | {m + "@jump" for m in METHODS}
-  assert set(r["acc"]) == expected and all(0.0 <= a <= 1.0 for a in r["acc"].values())
+  assert set(r["acc"]) == expected
+  c = reproduce.make_config(0, s, True)
+  n_eval = c.task.n_test * c.eval.samples  # responses per evaluation, each right or wrong
+  accs = [r["backbone"], *r["acc"].values()]
+  assert all(a * n_eval == pytest.approx(round(a * n_eval), abs=1e-9) for a in accs), accs
+  assert min(accs) > 0  # first_char_reward: the random model scores, so these counts are not all 0
   assert set(r["agreement"]) == set(METHODS)
   assert {"increment_cos", "growth_exp", "r2_linear", "skill_vs_hold", "E1"} <= set(r["drift"])
-  assert r["sec_per_step"] > 0 and r["extrapolate_s"] > 0
+  assert 0 < r["drift"]["E1"] <= 1  # the LoRA moved (E₁ of a zero delta is 0)
+  # timings (seconds) lie inside the row's wall time: sec_per_step is the mean of two medians over the
+  # jump COLLECT steps and the long − jump GRPO steps (each ≥ half its steps took as long), and NExt's
+  # extrapolation comes after both
+  n = min(s.jump, s.long - s.jump)
+  assert 0 < n * r["sec_per_step"] + r["extrapolate_s"] <= 60 * r["minutes"]
 
 
 def test_report_tables_and_columns(quick_study):
@@ -45,7 +62,18 @@ def test_report_tables_and_columns(quick_study):
     head = next(csv.reader(f))
   assert head[:5] == ["point", "backbone", "GRPO @jump", "GRPO 12", "GRPO 16"]
   assert "NExt Δ vs GRPO 12" in head and "RELEX gap closed" in head
-  assert (out / "snr_study.png").stat().st_size > 0
+
+
+def test_the_plot_draws_each_methods_accuracy(quick_study):
+  out, (r,) = quick_study
+  s = reproduce.QUICK
+  fig, dpi = FIGURES["snr_study.png"]
+  assert_png_of(out / "snr_study.png", fig, dpi)
+  per_point = fig.axes[2]  # one point: one bar per method, and the long GRPO run as a tick
+  expected = {f"GRPO-LoRA {s.short}": 100 * r["acc"][f"GRPO-LoRA@{s.short}"]}
+  expected |= {f"{m} {s.short}": 100 * r["acc"][m] for m in METHODS}
+  assert {k: v[0] for k, v in bar_heights(per_point).items()} == pytest.approx(expected)
+  np.testing.assert_allclose(lines(per_point)[f"GRPO {s.long}"][1], [100 * r["acc"][f"GRPO-LoRA@{s.long}"]])
 
 
 def test_a_rerun_resumes_and_drift_only_stops_at_the_jump(quick_study, toy_model_dir, tmp_path):
@@ -57,6 +85,7 @@ def test_a_rerun_resumes_and_drift_only_stops_at_the_jump(quick_study, toy_model
   (r,) = [json.loads(x) for x in (tmp_path / "rows.jsonl").read_text().splitlines()]
   assert set(r["acc"]) == {"GRPO-LoRA@jump"} and "agreement" not in r
   assert r["drift"] == rows[0]["drift"]  # the same seed reaches the same jump-point trajectory
+  assert r["acc"] == {"GRPO-LoRA@jump": rows[0]["acc"]["GRPO-LoRA@jump"]} and r["backbone"] == rows[0]["backbone"]
 
 
 def test_unknown_point_is_refused():

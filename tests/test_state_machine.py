@@ -3,19 +3,15 @@
 import jax
 import numpy as np
 import pytest
-from test_trainer import CFG, LCFG, fresh_state, make_setup
+from tiny_rl import LCFG, fresh_state, make_setup
 
-from next_jax import policy, predictor
+from next_jax import driver, predictor
+from next_jax import extrapolate as ex
 from next_jax import state_machine as sm
 from next_jax.checkpoint import Checkpointer
 
 NCFG = sm.NExtConfig(method="next", extrapolate_at=8, interval=2, k=2, total_steps=12,
                      predictor=predictor.PredictorConfig(epochs=20, lr=1e-3))
-
-
-@pytest.fixture(scope="module")
-def model():
-  return policy.init_params(CFG, jax.random.key(0)), policy.init_lora(CFG, LCFG, jax.random.key(1))
 
 
 def strip(rows):
@@ -32,8 +28,8 @@ class Recorder:
 
 def run_from(setup, state, ckpt=None):
   rec, jumps = Recorder(), []
-  state = sm.run(setup, NCFG, state, writer=rec, checkpointer=ckpt, checkpoint_every=3,
-                 on_jump=lambda s, i: jumps.append(i))
+  state = driver.run(setup, NCFG, state, writer=rec, checkpointer=ckpt, checkpoint_every=3,
+                     on_jump=lambda s, i: jumps.append(i))
   return state, strip(rec.rows), jumps
 
 
@@ -57,7 +53,15 @@ def test_run_goes_collect_extrapolate_continue_done(full_run):
   drift = {k: v for k, v in jumps[0].items() if k.startswith("drift/")}
   assert {"drift/increment_cos", "drift/growth_exp", "drift/r2_linear", "drift/skill_vs_hold",
           "drift/E1"} <= set(drift) and all(np.isfinite(v) for v in drift.values())
-  assert 1 / LCFG.rank <= drift["drift/E1"] <= 1.0
+  # E₁ = σ₁/Σσ of the window's last global delta s·(B₄A₄ − B₀A₀), median over matrices, by numpy (the
+  # trajectory is not touched after the last jump)
+  e1 = []
+  for mod in state.trajectory.values():
+    a, b = np.asarray(mod["a"], np.float64), np.asarray(mod["b"], np.float64)
+    for layer in range(a.shape[1]):
+      sv = np.linalg.svd(LCFG.scale * (b[-1, layer] @ a[-1, layer] - b[0, layer] @ a[0, layer]), compute_uv=False)
+      e1.append(sv[0] / sv.sum())
+  assert drift["drift/E1"] == pytest.approx(np.median(e1), abs=1e-6)
   tags = {m["tag"] for m in (ckpt.restore(sm.init(full_run[0], NCFG, *_model_for(full_run)), s)[1]
                              for s in ckpt.all_steps())}
   assert {"EXTRAPOLATE", "jump", "DONE"} <= tags
@@ -114,11 +118,25 @@ def test_baselines_jump_through_the_same_state_machine(model, method):
   setup = make_setup()
   ncfg = dataclasses.replace(NCFG, method=method, total_steps=9)
   state = sm.init(setup, ncfg, params, fresh_state(lora))
-  jumps = []
-  state = sm.run(setup, ncfg, state, on_jump=lambda s, i: jumps.append(i))
+  jumps, at_jump = [], {}
+
+  def on_step(s, _):  # the jump point: the method's Δ of this trajectory, and the trajectory
+    if int(s.phase) == sm.EXTRAPOLATE:
+      deltas, _ = ex.method_deltas(ncfg, sm.trajectory(setup, ncfg, s), sm.jump_key(s))
+      at_jump.update(deltas=jax.tree.map(np.asarray, deltas), traj=jax.tree.map(np.asarray, s.trajectory))
+
+  state = driver.run(setup, ncfg, state, on_step=on_step, on_jump=lambda s, i: jumps.append(i))
   assert jumps[0]["method"] == method and jumps[0]["finite"] and int(state.rl.step) == 9
-  moved = np.abs(np.asarray(state.base_params["layers"]["q"]["kernel"] - params["layers"]["q"]["kernel"]))
-  assert moved.max() > 0  # the jump landed in the base weights ("keep" mode)
+  # "keep" mode: the base weights moved by exactly Δ (α = 1 for a baseline), in every module
+  moved = {m: np.asarray(state.base_params["layers"][m]["kernel"]) - np.asarray(params["layers"][m]["kernel"])
+           for m in LCFG.targets}
+  for m in LCFG.targets:
+    np.testing.assert_allclose(moved[m], at_jump["deltas"][m], rtol=0, atol=1e-6, err_msg=m)
+  if method == "rl_extra":  # by hand: (β − 1)·(W₈ − W₀), β = (t + k·interval)/t = 12/8, W = s·(BA)ᵀ
+    a, b = at_jump["traj"]["q"]["a"], at_jump["traj"]["q"]["b"]
+    w = lambda i: LCFG.scale * np.einsum("lri,lor->lio", a[i], b[i])
+    np.testing.assert_allclose(moved["q"], 0.5 * (w(-1) - w(0)), rtol=0, atol=1e-6)
+  assert np.abs(moved["q"]).max() > 0.05  # the Δ is not (near) zero, so the checks above have teeth
 
 
 def test_extrapolate_step_with_precomputed_deltas_equals_computing_them(model):
@@ -130,8 +148,7 @@ def test_extrapolate_step_with_precomputed_deltas_equals_computing_them(model):
   state = sm.init(setup, ncfg, params, fresh_state(lora))
   while int(state.phase) != sm.EXTRAPOLATE:
     state, _ = sm.train_step(setup, ncfg, state)
-  steps = ncfg.interval * np.arange(ncfg.num_snapshots)
-  deltas, _ = sm.method_deltas(ncfg, state.trajectory, steps, LCFG.scale, sm.jump_key(state))
+  deltas, _ = ex.method_deltas(ncfg, sm.trajectory(setup, ncfg, state), sm.jump_key(state))
   a, _ = sm.extrapolate_step(setup, ncfg, state)
   b, _ = sm.extrapolate_step(setup, ncfg, state, deltas=deltas)
   for x, y in zip(jax.tree.leaves(a.base_params), jax.tree.leaves(b.base_params)):
@@ -147,7 +164,7 @@ def test_a_jump_due_at_the_last_step_is_made_then_the_run_ends(model, cycles):
   setup = make_setup()
   ncfg = dataclasses.replace(NCFG, method="rl_extra", extrapolate_at=4, k=1, total_steps=4 * cycles, cycles=cycles)
   jumps = []
-  state = sm.run(setup, ncfg, sm.init(setup, ncfg, params, fresh_state(lora)), progress_bar=False,
-                 on_jump=lambda s, i: jumps.append(int(s.rl.step)))
+  state = driver.run(setup, ncfg, sm.init(setup, ncfg, params, fresh_state(lora)), progress_bar=False,
+                     on_jump=lambda s, i: jumps.append(int(s.rl.step)))
   assert jumps == [4 * (c + 1) for c in range(cycles)]
   assert sm.PHASES[int(state.phase)] == "DONE" and int(state.rl.step) == 4 * cycles and int(state.cycle) == cycles

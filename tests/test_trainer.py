@@ -10,53 +10,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from tiny_rl import PROBLEMS, SETUP_FLAGS, fresh_state, low_token_reward, make_setup, run
 
-from next_jax import grpo, policy, trainer
+from next_jax import grpo, trainer
 from next_jax.checkpoint import Checkpointer
 from next_jax.metrics import MetricWriter
-
-CFG = policy.ModelConfig(vocab_size=16, hidden_size=32, intermediate_size=64, num_layers=1, num_heads=2,
-                         num_kv_heads=1)
-LCFG = policy.LoraConfig(rank=4, alpha=8)
-PROBLEMS = [[1 + a, 1 + b] for b in range(10) for a in range(10)]  # first ids alternate in parity
-
-
-def low_token_reward(text, problem):
-  """Fraction of response tokens with id < 4; prompts starting with an even id always score 1."""
-  ids = [int(x) for x in text.split()]
-  if problem[0] % 2 == 0 and SETUP_FLAGS["constant_even"]:
-    return 1.0
-  return float(np.mean([i < 4 for i in ids])) if ids else 0.0
-
-
-SETUP_FLAGS = {"constant_even": False}
-
-
-def make_setup(**rollout_kw):
-  ro = {"prompts_per_step": 4, "group_size": 8, "prompt_len": 4, "max_new_tokens": 4}
-  ro.update(rollout_kw)
-  return trainer.RLSetup(
-      cfg=CFG, lora_cfg=LCFG, loss_cfg=grpo.LossConfig(), rollout=trainer.RolloutConfig(**ro),
-      estimator="grpo", encode=lambda q: q, decode=lambda ids: " ".join(map(str, ids)),
-      reward=low_token_reward, pad_id=0, stop_ids=(),
-      next_problems=lambda c, n: ([PROBLEMS[(c + i) % len(PROBLEMS)] for i in range(n)], c + n))
-
-
-@pytest.fixture(scope="module")
-def model():
-  return policy.init_params(CFG, jax.random.key(0)), policy.init_lora(CFG, LCFG, jax.random.key(1))
-
-
-def fresh_state(lora, lr=3e-2, seed=0):
-  return trainer.init_state(lora, trainer.make_optimizer(trainer.OptimConfig(lr=lr)), seed)
-
-
-def run(setup, params, state, steps):
-  rows = []
-  for _ in range(steps):
-    state, m = trainer.train_step(setup, params, state)
-    rows.append({k: v for k, v in m.items() if not k.startswith("time/") and k != "tokens_per_s"})
-  return state, rows
 
 
 def test_grpo_raises_a_learnable_reward(model):
@@ -105,14 +63,29 @@ def test_dynamic_sampling_fills_the_batch_with_groups_that_have_reward_spread(mo
 
 
 def test_evaluate_ignores_padding_of_the_last_chunk(model):
+  """5 problems × 2 samples in chunks of 4 problems: the second chunk is problem 4 and 3 repeats of it, whose
+  6 responses are verified (rows go in order) but must not count. accuracy = share of the 10 real responses
+  with reward > ½, reward_mean = their mean reward."""
   params, lora = model
-  out = trainer.evaluate(make_setup(), params, lora, PROBLEMS[:5], chunk=4, samples=2, temperature=1.0)
-  assert out["n"] == 10 and 0.0 <= out["accuracy"] <= 1.0
+  verified = []
+
+  def reward(text, problem):
+    verified.append((tuple(problem), low_token_reward(text, problem)))
+    return verified[-1][1]
+
+  setup = dataclasses.replace(make_setup(), reward=reward)
+  out = trainer.evaluate(setup, params, lora, PROBLEMS[:5], chunk=4, samples=2, temperature=1.0)
+  problems = [p for p, _ in verified]
+  assert problems == [tuple(p) for p in PROBLEMS[:5] for _ in range(2)] + [tuple(PROBLEMS[4])] * 6
+  real, pad = np.array([r for _, r in verified[:10]]), np.array([r for _, r in verified[10:]])
+  assert out["n"] == 10
+  assert out["reward_mean"] == pytest.approx(real.mean(), abs=1e-6)
+  assert out["accuracy"] == pytest.approx((real > 0.5).mean(), abs=1e-12)
+  assert np.concatenate([real, pad]).mean() != pytest.approx(real.mean(), abs=1e-3)  # padding would show
 
 
 def test_evaluate_reports_pass_at_samples_per_problem(model):
   """Sample 0 of every problem right, sample 1 wrong (rows are verified in order): pass@1 ½, pass@2 1."""
-  import dataclasses
   import itertools
   params, lora = model
   calls = itertools.count()
@@ -158,14 +131,14 @@ def test_data_parallel_step_matches_one_device():
       import os, sys, json
       sys.path.insert(0, os.path.join(os.getcwd(), "tests"))  # not "tests.": verl installs a package by that name
       import jax, numpy as np
-      from test_trainer import make_setup, fresh_state, CFG, LCFG, run
-      from next_jax import parallel, policy
+      from tiny_rl import make_setup, fresh_state, init_model, run
+      from next_jax import sharding
       import dataclasses
       assert jax.device_count() == 4
-      params, lora = policy.init_params(CFG, jax.random.key(0)), policy.init_lora(CFG, LCFG, jax.random.key(1))
+      params, lora = init_model()
       setup = make_setup()
-      mesh = parallel.make_mesh(4)
-      rep = jax.tree.map(lambda x: jax.device_put(x, parallel.replicated(mesh)), (params, lora))
+      mesh = sharding.make_mesh(4)
+      rep = jax.tree.map(lambda x: jax.device_put(x, sharding.replicated(mesh)), (params, lora))
       s1, rows1 = run(setup, params, fresh_state(lora), 2)
       s4, rows4 = run(dataclasses.replace(setup, mesh=mesh), rep[0], fresh_state(rep[1]), 2)
       diff = max(float(np.abs(np.asarray(a) - np.asarray(b)).max())

@@ -21,12 +21,11 @@ import datetime
 from pathlib import Path
 
 import jax
-import numpy as np
 
 from experiments import reproduce as rp
 from experiments.bench.common import first_and_median
 from experiments.make_toy_base import build_toy_base
-from next_jax import experiment, extrapolate, rank1
+from next_jax import driver, experiment, extrapolate, rank1
 from next_jax import state_machine as sm
 
 
@@ -47,20 +46,19 @@ def main():
   build_toy_base("artifacts/toy_base")
   exp = experiment.build(rp.make_config(0, sched, quick=False))
   ncfg, setup = exp.ncfg, exp.setup
-  scale = setup.lora_cfg.scale
 
-  state, _, _, rl_step = rp.advance(exp, ncfg, rp.fork(exp.state), 12, desc="RL steps")  # median s/step
+  state, _, _, rl_step = rp.advance(exp, ncfg, driver.fork(exp.state), 12, desc="RL steps")  # median s/step
 
   state = random_trajectory(state, jax.random.key(0))
-  steps = sched.interval * np.arange(ncfg.num_snapshots)
+  traj = sm.trajectory(setup, ncfg, state)
   pairs = rank1.delta_pairs(ncfg.num_snapshots, ncfg.k)
   flat = [p for kind in ("global", "local", "target", "last_global", "last_local") for p in pairs[kind]]
   key = sm.jump_key(state)
   rows = {
       f"rank-1 triplets ({len(flat)} deltas × {len(state.trajectory)} modules)":
-          lambda: extrapolate.pair_triplets(state.trajectory, flat, scale, ncfg.sign),
+          lambda: traj.triplets(flat, ncfg.sign),
       "NExt Δ: rank-1 + predictors (one per shape group) + ΔŴ":
-          lambda: sm.method_deltas(ncfg, state.trajectory, steps, scale, key)[0],
+          lambda: extrapolate.method_deltas(ncfg, traj, key)[0],
       "whole extrapolate_step (+ drift measures, the jump)":
           lambda: sm.extrapolate_step(setup, ncfg, state.replace(phase=sm.EXTRAPOLATE))[0].base_params,
   }

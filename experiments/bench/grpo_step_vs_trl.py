@@ -182,7 +182,7 @@ class Ours:
         reward=lambda text, _problem: digit_fraction(text),
         next_problems=lambda c, n: ([prompts[(c + i) % len(prompts)] for i in range(n)], c + n),
         pad_id=tok.pad_token_id, stop_ids=())
-    tx = trainer.make_optimizer(trainer.OptimConfig(lr=args.lr))
+    tx = trainer.make_optimizer(trainer.OptimConfig(lr=args.lr, b2=0.999))  # TRL's AdamW betas
     self.state = trainer.init_state(init_lora(cfg, lcfg, jax.random.key(args.seed + 1)), tx, args.seed)
     self.rows: list[dict] = []
 

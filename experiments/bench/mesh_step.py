@@ -21,7 +21,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 
-from next_jax import grpo, parallel, policy, sampler, sharding, trainer  # noqa: E402
+from next_jax import grpo, policy, sampler, sharding, trainer  # noqa: E402
 
 flags.DEFINE_integer("devices", 2, "forced host devices")
 flags.DEFINE_string("meshes", "2x1x1,1x2x1,1x1x2", "comma-separated data×fsdp×tensor")
@@ -46,7 +46,7 @@ def one_mesh(d: int, f: int, t: int) -> float:
   for step in range(FLAGS.steps + 1):
     t0 = time.perf_counter()
     with sharding.use_mesh(mesh):
-      p, m = parallel.shard_batch((prompts, pmask), mesh)
+      p, m = sharding.shard_batch((prompts, pmask), mesh)
       out = sampler.generate(params, p, m, jax.random.key(step), cfg=CFG, lora=state.params, lora_cfg=LCFG,
                              max_new_tokens=NEW, num_samples=G)
       n = PROMPTS * G
@@ -56,7 +56,7 @@ def one_mesh(d: int, f: int, t: int) -> float:
       batch = grpo.Batch(tokens=tokens, mask=mask, loss_mask=loss_mask,
                          advantages=rng.normal(size=loss_mask.shape).astype(np.float32) * loss_mask,
                          sampler_logprobs=np.zeros(loss_mask.shape, np.float32))
-      state, metrics = grpo.grpo_update(state, params, parallel.shard_batch(batch, mesh), cfg=CFG,
+      state, metrics = grpo.grpo_update(state, params, sharding.shard_batch(batch, mesh), cfg=CFG,
                                         lora_cfg=LCFG, loss_cfg=grpo.LossConfig())
       jax.block_until_ready(metrics)
     if step:

@@ -35,7 +35,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from next_jax import extrapolate, policy, rank1
+from next_jax import policy, rank1
+from next_jax.trajectory import Trajectory
 
 SHAPES = {m: policy.QWEN25["1.5B"].module_shape(m) for m in policy.ALL_MODULES}  # (in, out)
 
@@ -52,7 +53,8 @@ def make_trajectory(layers: int, rank: int, snapshots: int, seed: int = 0):
 
 def ours(traj, pairs, scale):
   t0 = time.perf_counter()
-  out = jax.block_until_ready(extrapolate.pair_triplets(traj, pairs, scale, "max_abs_u"))
+  t = Trajectory(traj, np.arange(next(iter(traj.values()))["a"].shape[0]), scale)
+  out = jax.block_until_ready(t.triplets(pairs, "max_abs_u"))
   return out, time.perf_counter() - t0
 
 

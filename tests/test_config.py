@@ -1,0 +1,84 @@
+"""One config schema: next_jax/config.base() holds every default and type; the library's dataclasses restate
+no default differently, and validation takes its types from the schema."""
+
+import dataclasses
+import re
+
+import ml_collections
+import pytest
+
+from next_jax import config, experiment, grpo, policy, trainer
+from next_jax.predictor import PredictorConfig
+from next_jax.state_machine import NExtConfig
+
+# dataclass → (schema section, {dataclass field: schema field} where the names differ). The schema writes
+# "off" as 0 where the dataclass writes None (clip_c, loss_scale_factor, micro_batch_size, horizon, grad_clip).
+MIRRORS = [
+    (trainer.RolloutConfig, "rollout", {}),
+    (trainer.OptimConfig, "rl", {}),
+    (grpo.LossConfig, "rl", {}),
+    (NExtConfig, "nxt", {}),
+    (PredictorConfig, "nxt.predictor", {}),
+    (policy.LoraConfig, "model", {"rank": "lora_rank", "alpha": "lora_alpha"}),
+]
+
+
+def _section(c, path):
+  for part in path.split("."):
+    c = c[part]
+  return c
+
+
+@pytest.mark.parametrize("cls, section, renamed", MIRRORS, ids=[m[0].__name__ for m in MIRRORS])
+def test_library_defaults_equal_the_schema(cls, section, renamed):
+  sec, compared = _section(config.base(), section), 0
+  for f in dataclasses.fields(cls):
+    if f.default is dataclasses.MISSING:
+      continue
+    name = renamed.get(f.name, f.name)
+    if name not in sec:
+      continue  # a library-only knob (e.g. LossConfig.logprob_tail, set by the trainer)
+    want = sec[name]
+    if isinstance(want, ml_collections.ConfigDict):
+      continue  # a nested section (nxt.predictor) has its own row
+    got = f.default if f.default is not None else 0
+    if isinstance(want, str) and isinstance(got, tuple):  # lora targets: "q,k,…" vs ("q", "k", …)
+      want = tuple(want.split(","))
+    assert got == want, f"{cls.__name__}.{f.name} = {f.default!r} but config.{section}.{name} = {want!r}"
+    compared += 1
+  assert compared >= 3
+
+
+def test_the_batch_shape_and_learning_rate_have_no_library_default():
+  required = lambda cls: {f.name for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING}  # noqa: E731
+  assert {"prompts_per_step", "prompt_len", "max_new_tokens"} <= required(trainer.RolloutConfig)
+  assert "lr" in required(trainer.OptimConfig)
+
+
+def test_validation_takes_every_type_from_the_schema():
+  kinds = experiment.schema_kinds()
+  assert kinds["rl.lr"] is float and kinds["nxt.k"] is int and kinds["log.tensorboard"] is bool
+  assert kinds["model.dir"] is str and len(kinds) == sum(1 for _ in _leaves(config.base().to_dict()))
+
+
+def _leaves(d):
+  for v in d.values():
+    yield from _leaves(v) if isinstance(v, dict) else [v]
+
+
+@pytest.mark.parametrize("field, value, why", [("log.tensorboard", "yes", "True or False"),
+                                               ("mesh.process_id", 1.5, "an integer"),
+                                               ("nxt.predictor.lr", float("inf"), "a finite number")])
+def test_a_hand_built_config_is_checked_against_the_schema_types(field, value, why):
+  c = ml_collections.ConfigDict(config.base().to_dict(), type_safe=False)  # no types of its own
+  *path, key = field.split(".")
+  _section(c, ".".join(path))[key] = value
+  with pytest.raises(experiment.ConfigError, match=re.escape(f"config.{field}=") + f".*must be {why}"):
+    experiment.validate(c)
+
+
+def test_a_config_missing_a_field_names_it():
+  c = ml_collections.ConfigDict(config.base().to_dict(), type_safe=False)
+  del c.rl["max_faults"]
+  with pytest.raises(experiment.ConfigError, match=r"config\.rl\.max_faults: missing"):
+    experiment.validate(c)
