@@ -99,8 +99,7 @@ def analyse(run: runs.CheckpointRun, args) -> dict:
   h = posthoc.r2_horizon(len(steps))
   r2 = posthoc.r2_analysis(traj, h, trip, args.sign) if len(steps) - 1 - h >= 2 else {}
   spectra = np.concatenate([np.asarray(t.spectrum[-1]).reshape(-1, t.spectrum.shape[-1]) for t in trip.values()])
-  drift_med, _ = drift.trajectory_drift(traj.snapshots, steps, traj.scale, min(args.k, (len(steps) - 1) // 2),
-                                        spectra)
+  drift_med, _ = drift.trajectory_drift(traj, min(args.k, (len(steps) - 1) // 2), spectra)
   times["analysis"] = time.perf_counter() - t0
   # every back-test origin and the jump train on ≤ K−1−k snapshots: padded to that, they compile once
   pcfg = PredictorConfig(epochs=args.epochs, pad_snapshots=len(steps) - 1 - args.k)

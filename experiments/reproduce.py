@@ -137,7 +137,7 @@ def trajectory_analysis(exp, s_jump, sched: Schedule) -> dict:
   trip = traj.global_triplets("none")
   spectra = jnp.concatenate([t.spectrum.reshape(num - 1, -1, t.spectrum.shape[-1]) for t in trip.values()], 1)
   e1 = [float(jnp.median(rank1.energy_ratios(spectra[i])[0])) for i in range(num - 1)]
-  med, values = drift.trajectory_drift(traj.snapshots, traj.steps, traj.scale, sched.k, spectra[-1])
+  med, values = drift.trajectory_drift(traj, sched.k, spectra[-1])
   return {"E1_steps": traj.steps[1:].tolist(), "E1_by_step": e1, "drift": med,
           "r2_values": values["r2_linear"].tolist()}
 

@@ -20,18 +20,24 @@ E₁ = σ₁/Σσᵢ and σ₁²/Σσᵢ² of D_{K−1} come from `rank1.energy_
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from next_jax import rank1
 
+if TYPE_CHECKING:
+  from next_jax.trajectory import Trajectory
 
-def delta_gram(mod, scale: float) -> jax.Array:
+
+def delta_gram(mod, scale: float, lora: bool) -> jax.Array:
   """Γ[l, s, t] = ⟨W_s − W₀, W_t − W₀⟩_F of one module's snapshots: [L, K, K] (row/column 0 are zero).
 
-  mod: LoRA {"a": [K, L, r, n], "b": [K, L, m, r]} (scale = LoRA α/r) or dense {"kernel": [K, L, n, m]}."""
-  if "a" in mod:
+  mod: LoRA (lora=True) {"a": [K, L, r, n], "b": [K, L, m, r]} (scale = LoRA α/r) or dense
+  {"kernel": [K, L, n, m]} (`Trajectory.gram` passes the trajectory's own scale and layout)."""
+  if lora:
     a0, b0 = mod["a"][0], mod["b"][0]
     num = mod["a"].shape[0]
     a = jnp.concatenate([mod["a"], jnp.broadcast_to(a0, (num, *a0.shape))], axis=-2)  # [K, L, 2r, n]
@@ -98,9 +104,8 @@ def linear_fit_scores(gram: jax.Array, steps: np.ndarray, horizon: int) -> tuple
   return 1.0 - sse_lin / jnp.maximum(sst, 1e-30), 1.0 - sse_lin / jnp.maximum(sse_hold, 1e-30)
 
 
-def matrix_drift(mod, steps: np.ndarray, scale: float, horizon: int) -> dict[str, jax.Array]:
-  """All Γ-based measures of one module, per layer: {name: [L]}."""
-  gram = delta_gram(mod, scale)
+def matrix_drift(gram: jax.Array, steps: np.ndarray, horizon: int) -> dict[str, jax.Array]:
+  """All Γ-based measures of one module from its Gram matrix [L, K, K], per layer: {name: [L]}."""
   last, h = gram.shape[-1] - 1, horizon
   local = [increment_cos(gram, t, t - 1, t - 2) for t in range(2, last + 1)]
   r2, skill = linear_fit_scores(gram, steps, h) if last - h >= 2 else (None, None)
@@ -111,16 +116,15 @@ def matrix_drift(mod, steps: np.ndarray, scale: float, horizon: int) -> dict[str
   return {k: v for k, v in out.items() if v is not None}
 
 
-def trajectory_drift(traj, steps: np.ndarray, scale: float, horizon: int, spectra: jax.Array | None = None):
+def trajectory_drift(traj: Trajectory, horizon: int, spectra: jax.Array | None = None):
   """Medians over all trained matrices of the drift measures (and E₁ when `spectra` is given).
 
-  traj: {module: LoRA factors or kernels with leading [K, L]}; steps: RL step of each snapshot;
   horizon: h in snapshots (the paper's k = 5); spectra: [N, k] singular values of the last global delta
-  of every matrix (e.g. from `extrapolate.pair_triplets`). Returns ({measure: median}, {measure: values})."""
+  of every matrix (e.g. `Trajectory.triplets` of (K−1, 0)). Returns ({measure: median}, {measure: values})."""
   per: dict[str, list[np.ndarray]] = {}
-  for mod in traj.values():
-    for name, v in matrix_drift(mod, np.asarray(steps), scale, horizon).items():
-      per.setdefault(name, []).append(np.asarray(v))
+  for name in traj.snapshots:
+    for measure, v in matrix_drift(traj.gram(name), np.asarray(traj.steps), horizon).items():
+      per.setdefault(measure, []).append(np.asarray(v))
   if spectra is not None:
     e1, e1sq = rank1.energy_ratios(spectra)
     per["E1"], per["E1_sq"] = [np.asarray(e1)], [np.asarray(e1sq)]

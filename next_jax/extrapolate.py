@@ -20,7 +20,7 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
-from next_jax import drift, rank1
+from next_jax import rank1
 from next_jax import predictor as pred_lib
 from next_jax.rank1 import Triplet
 from next_jax.trajectory import Trajectory
@@ -194,7 +194,7 @@ def relex(traj: Trajectory, t_target: float) -> dict[str, jax.Array]:
   steps, num = _steps(traj), traj.num
   out = {}
   for m, mod in traj.snapshots.items():
-    gram = drift.delta_gram(mod, traj.scale)[:, 1:, 1:]  # [L, T, T], T = num − 1
+    gram = traj.gram(m)[:, 1:, 1:]  # [L, T, T], T = num − 1
     lam, vecs = jnp.linalg.eigh(gram)
     lam1, e = jnp.maximum(lam[:, -1], 1e-30), vecs[:, :, -1]  # [L], [L, T]
     e = e * jnp.where(e.sum(-1, keepdims=True) < 0, -1.0, 1.0)

@@ -46,7 +46,7 @@ def r2_analysis(traj: Trajectory, horizon: int, triplets_none=None, sign: str = 
   canon = {m: rank1.canonical_sign(t, sign) for m, t in triplets_none.items()}  # same SVDs, signs fixed
   x = traj.steps[1:]
   out = {"ΔW element-wise": np.concatenate([np.asarray(drift.linear_fit_scores(
-      drift.delta_gram(mod, traj.scale), traj.steps, horizon)[0]) for mod in traj.snapshots.values()])}
+      traj.gram(m), traj.steps, horizon)[0]) for m in traj.snapshots])}
   for field in ("u", "v"):
     for label, trip in ((f"{field} (sign none)", triplets_none), (f"{field} (sign {sign})", canon)):
       out[label] = np.concatenate([drift.line_r2(x, np.asarray(getattr(t, field)), horizon)

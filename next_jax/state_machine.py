@@ -190,15 +190,13 @@ def apply_jump(setup: trainer.RLSetup, ncfg: NExtConfig, state: NExtState, delta
   return state.replace(base_params=base, rl=state.rl.replace(train=new_train))
 
 
-def drift_diagnostics(ncfg: NExtConfig, traj: Trajectory, extra: dict | None = None) -> dict[str, float]:
+def drift_diagnostics(ncfg: NExtConfig, traj: Trajectory) -> dict[str, float]:
   """{"drift/<measure>": median over trained matrices} of the observed trajectory (next_jax.drift), with
-  E₁ of the last global delta (reusing NExt's triplets when `extra` holds them)."""
-  last = (extra or {}).get("triplets", {}).get("last_global")
-  if last is None:
-    last = traj.triplets([(traj.num - 1, 0)], "none")
+  E₁ of the last global delta W_{K−1} − W₀."""
+  last = traj.triplets([(traj.num - 1, 0)], "none")
   spectra = jnp.concatenate([t.spectrum[-1].reshape(-1, t.spectrum.shape[-1]) for t in last.values()])
   horizon = min(ncfg.k, (traj.num - 1) // 2)
-  med, _ = drift.trajectory_drift(traj.snapshots, traj.steps, traj.scale, horizon, spectra)
+  med, _ = drift.trajectory_drift(traj, horizon, spectra)
   return {f"drift/{k}": v for k, v in med.items()}
 
 
@@ -221,7 +219,7 @@ def extrapolate_step(setup: trainer.RLSetup, ncfg: NExtConfig, state: NExtState,
   info["finite"] = finite
   if "loss_curves" in extra:
     info["predictor_loss"] = {int(d): np.asarray(c).tolist() for d, c in extra["loss_curves"].items()}
-  info.update(drift_diagnostics(ncfg, traj, extra))
+  info.update(drift_diagnostics(ncfg, traj))
   if not finite:  # refuse a non-finite prediction: no jump (0·NaN is NaN, so Δ itself is zeroed)
     log.warning("step %d: %s prediction is not finite; no jump", int(state.rl.step), ncfg.method)
     alpha, curve, deltas, side = 0.0, {}, jax.tree.map(jnp.zeros_like, deltas), None

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from next_jax import rank1
+from next_jax import drift, rank1
 from next_jax.rank1 import Triplet
 
 
@@ -70,6 +70,10 @@ class Trajectory:
   def deltas(self, i: int, j: int) -> dict[str, jax.Array]:
     """{module: W_i − W_j [L, n, m]}."""
     return {m: self.delta(m, i, j) for m in self.snapshots}
+
+  def gram(self, module: str) -> jax.Array:
+    """Γ[l, s, t] = ⟨W_s − W₀, W_t − W₀⟩_F of one module: [L, K, K] (`drift.delta_gram`)."""
+    return drift.delta_gram(self.snapshots[module], self.scale, self.lora)
 
   def triplets(self, pairs, sign: str, devices: str = "pmap", max_batch: int = 256) -> dict[str, Triplet]:
     """Top triplets of W_i − W_j for each (i, j) in pairs → {module: Triplet [len(pairs), L, ...]}.

@@ -252,10 +252,9 @@ def test_extend_adapter_is_exact_for_any_sign_and_rslora():
 
 
 def test_line_r2_on_flattened_deltas_equals_the_element_wise_gram_statistic(trl_run):
-  mod = trl_run.trajectory.snapshots["up"]
   d = np.stack([np.asarray(trl_run.trajectory.delta("up", i, 0)) for i in range(1, 7)])
   ours = drift.line_r2(trl_run.steps[1:], d.reshape(6, 2, -1), horizon=2)
-  gram = drift.linear_fit_scores(drift.delta_gram(mod, trl_run.scale), trl_run.steps, 2)[0]
+  gram = drift.linear_fit_scores(trl_run.trajectory.gram("up"), trl_run.steps, 2)[0]
   np.testing.assert_allclose(ours, np.asarray(gram), rtol=1e-4)
 
 
