@@ -126,6 +126,7 @@ def base() -> ml_collections.ConfigDict:
   c.nxt.predictor.loss = "l1"
   c.nxt.predictor.use_global = True
   c.nxt.predictor.use_local = True
+  c.nxt.predictor.reassociate = False  # same network, fewer FLOPs, different rounding (predictor.py)
 
   c.eval = ml_collections.ConfigDict()
   c.eval.every = 50  # RL steps between evaluations (0: only start and end)

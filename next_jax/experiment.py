@@ -59,7 +59,7 @@ def nxt_config(c) -> sm.NExtConfig:
   try:
     pcfg = PredictorConfig(hidden=p.hidden, epochs=p.epochs, lr=p.lr, weight_decay=p.weight_decay,
                            final_lr_ratio=p.final_lr_ratio, loss=p.loss, use_global=p.use_global,
-                           use_local=p.use_local)
+                           use_local=p.use_local, reassociate=p.reassociate)
     return sm.NExtConfig(method=n.method, extrapolate_at=n.extrapolate_at, interval=n.interval, k=n.k,
                          alpha="auto" if n.alpha_auto else float(n.alpha), total_steps=n.total_steps,
                          cycles=n.cycles, sign=n.sign, continue_mode=n.continue_mode,

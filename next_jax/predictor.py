@@ -40,6 +40,11 @@ class PredictorConfig:
   # share one compiled program (the post-hoc back-test); same loss and gradients up to summation order,
   # which Adam amplifies slowly (measured: 8e-5 relative on the loss after 1000 epochs at the paper's lr)
   pad_snapshots: int = 0
+  # Linear(a,H) → Linear(H,b) with no nonlinearity between is x·(W₀W₁) + (b₀W₁ + b₁): the same function,
+  # computed through the a×b product wherever that needs fewer FLOPs, a·b·(H + N) < N·H·(a + b) for N rows
+  # (`_pair`). Different summation order, so Adam drifts apart slowly (measured on the toy's dim-64 group
+  # after 1000 epochs at the paper's lr: loss 8e-5 relative, predictions 4e-3 absolute on a 0.1 scale).
+  reassociate: bool = False
 
   def __post_init__(self):
     if self.loss not in ("l1", "l2"):
@@ -72,18 +77,26 @@ def init_matrix_predict(key: jax.Array, dim: int, hidden: int = 256):
           "dec": _block(kd, [2 * dim, hidden, 2 * dim, hidden, dim])}
 
 
-def _run_block(layers, x):
+def _pair(p0, p1, x, reassociate: bool):
+  """Linear(a,H) then Linear(H,b): (x·W₀ + b₀)·W₁ + b₁, or x·(W₀W₁) + (b₀W₁ + b₁) when reassociating
+  and a·b·(H + N) < N·H·(a + b) (forward + backward FLOPs of each order, N = rows of x)."""
+  (a, hid), b, n = p0["w"].shape, p1["w"].shape[1], math.prod(x.shape[:-1])
+  if reassociate and a * b * (hid + n) < n * hid * (a + b):
+    return x @ (p0["w"] @ p1["w"]) + (p0["b"] @ p1["w"] + p1["b"])
+  return (x @ p0["w"] + p0["b"]) @ p1["w"] + p1["b"]
+
+
+def _run_block(layers, x, reassociate: bool = False):
   """Linear → Linear → ReLU → Linear → Linear (the official layer order: one ReLU per sub-network)."""
-  lin = lambda p, h: h @ p["w"] + p["b"]  # noqa: E731
-  return lin(layers[3], lin(layers[2], jax.nn.relu(lin(layers[1], lin(layers[0], x)))))
+  return _pair(layers[2], layers[3], jax.nn.relu(_pair(layers[0], layers[1], x, reassociate)), reassociate)
 
 
 def apply_matrix_predict(params, g: jax.Array, l: jax.Array, use_global: bool = True,
-                         use_local: bool = True) -> jax.Array:
+                         use_local: bool = True, reassociate: bool = False) -> jax.Array:
   """π(g, l) = D([E_G(g), E_L(l)]). g, l: [..., dim] → [..., dim]."""
-  eg = _run_block(params["enc_g"], g) if use_global else jnp.zeros_like(g)
-  el = _run_block(params["enc_l"], l) if use_local else jnp.zeros_like(l)
-  return _run_block(params["dec"], jnp.concatenate([eg, el], axis=-1))
+  eg = _run_block(params["enc_g"], g, reassociate) if use_global else jnp.zeros_like(g)
+  el = _run_block(params["enc_l"], l, reassociate) if use_local else jnp.zeros_like(l)
+  return _run_block(params["dec"], jnp.concatenate([eg, el], axis=-1), reassociate)
 
 
 # ------------------------------------------------------------------------------------------ training
@@ -92,7 +105,7 @@ def apply_matrix_predict(params, g: jax.Array, l: jax.Array, use_global: bool = 
 def predictor_loss(params, g, l, t, cfg: PredictorConfig, w=None):
   """Σ_entries |π(g,l) − t| (or squared) / S. g, l, t: [S, R, dim] (S training snapshots, R rows);
   with snapshot weights w [S] (0 = padding): Σ_s w_s Σ_entries|…| / Σ_s w_s."""
-  err = apply_matrix_predict(params, g, l, cfg.use_global, cfg.use_local) - t
+  err = apply_matrix_predict(params, g, l, cfg.use_global, cfg.use_local, cfg.reassociate) - t
   per = jnp.abs(err) if cfg.loss == "l1" else err * err
   if w is None:
     return per.sum() / g.shape[0]
@@ -183,7 +196,8 @@ def fit_and_predict(key: jax.Array, train_g: dict[str, Triplet], train_l: dict[s
       pad = lambda x, size=size: jnp.pad(x, ((0, size - num), (0, 0), (0, 0)))  # noqa: E731
       g, l, t, w = pad(g), pad(l), pad(t), (jnp.arange(size) < num).astype(jnp.float32)
     params, losses = train_predictor(jax.random.fold_in(key, i), g, l, t, cfg, w)
-    out = apply_matrix_predict(params, cat(lg_rows, 1), cat(ll_rows, 1), cfg.use_global, cfg.use_local)
+    out = apply_matrix_predict(params, cat(lg_rows, 1), cat(ll_rows, 1), cfg.use_global, cfg.use_local,
+                               cfg.reassociate)
     n_own = g.shape[1] - e.shape[0]
     preds[dim], extra_preds[dim], curves[dim] = out[:, :n_own], out[0, n_own:], losses
   num_layers = {name: train_g[name].sigma.shape[1] for name in train_g}

@@ -17,6 +17,7 @@ import os
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # see experiments/demo.py
 
 import argparse
+import dataclasses
 import datetime
 from pathlib import Path
 
@@ -54,6 +55,7 @@ def main():
   pairs = rank1.delta_pairs(ncfg.num_snapshots, ncfg.k)
   flat = [p for kind in ("global", "local", "target", "last_global", "last_local") for p in pairs[kind]]
   key = sm.jump_key(state)
+  fast = dataclasses.replace(ncfg, predictor=dataclasses.replace(ncfg.predictor, reassociate=True))
   rows = {
       f"rank-1 triplets ({len(flat)} deltas × {len(state.trajectory)} modules)":
           lambda: traj.triplets(flat, ncfg.sign),
@@ -61,6 +63,10 @@ def main():
           lambda: extrapolate.method_deltas(ncfg, traj, key)[0],
       "whole extrapolate_step (+ drift measures, the jump)":
           lambda: sm.extrapolate_step(setup, ncfg, state.replace(phase=sm.EXTRAPOLATE))[0].base_params,
+      "NExt Δ, nxt.predictor.reassociate=True":
+          lambda: extrapolate.method_deltas(fast, traj, key)[0],
+      "whole extrapolate_step, nxt.predictor.reassociate=True":
+          lambda: sm.extrapolate_step(setup, fast, state.replace(phase=sm.EXTRAPOLATE))[0].base_params,
   }
   timed = {name: first_and_median(fn, args.repeats) for name, fn in rows.items()}
   names = list(timed)
