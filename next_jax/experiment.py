@@ -57,9 +57,7 @@ def lora_config(c) -> policy.LoraConfig | None:
 def nxt_config(c) -> sm.NExtConfig:
   n, p = c.nxt, c.nxt.predictor
   try:
-    pcfg = PredictorConfig(hidden=p.hidden, epochs=p.epochs, lr=p.lr, weight_decay=p.weight_decay,
-                           final_lr_ratio=p.final_lr_ratio, loss=p.loss, use_global=p.use_global,
-                           use_local=p.use_local, reassociate=p.reassociate)
+    pcfg = PredictorConfig(**p.to_dict())  # the schema's nxt.predictor fields are the dataclass's
     return sm.NExtConfig(method=n.method, extrapolate_at=n.extrapolate_at, interval=n.interval, k=n.k,
                          alpha="auto" if n.alpha_auto else float(n.alpha), total_steps=n.total_steps,
                          cycles=n.cycles, sign=n.sign, continue_mode=n.continue_mode,

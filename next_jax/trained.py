@@ -48,10 +48,15 @@ def add_to_kernels(params: Params, deltas: Params, alpha: float) -> Params:
   return {**params, "layers": layers}
 
 
+def leaf_name(path) -> str:
+  """A pytree key path as "a/b/c" (the names `paths`, `add_to_paths` and `untrained_leaves` use)."""
+  return "/".join(str(getattr(k, "key", k)) for k in path)
+
+
 def add_to_paths(params: Params, deltas: dict[str, jax.Array], alpha: float) -> Params:
   """params[path] += α·Δ for {"a/b/c": Δ} (never-trained leaves, faithful mode)."""
   def add(path, x):
-    name = "/".join(str(getattr(k, "key", k)) for k in path)
+    name = leaf_name(path)
     return (x.astype(jnp.float32) + alpha * deltas[name]).astype(x.dtype) if name in deltas else x
   return jax.tree_util.tree_map_with_path(add, params)
 

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from next_jax import drift, rank1
+from next_jax import trained as trained_lib
 from next_jax.rank1 import Triplet
 
 
@@ -108,7 +109,7 @@ def untrained_leaves(params, trained: set[str]) -> dict[str, tuple[int, ...]]:
   flat = jax.tree_util.tree_flatten_with_path(params)[0]
   out = {}
   for path, leaf in flat:
-    name = "/".join(str(getattr(k, "key", k)) for k in path)
+    name = trained_lib.leaf_name(path)
     if name not in trained:
       out[name] = tuple(leaf.shape)
   return out
