@@ -5,6 +5,7 @@ within its time limit, and never compiles or evaluates model text (an audit hook
 import json
 import sys
 import time
+import traceback
 
 import pytest
 from hypothesis import HealthCheck, Phase, given, settings
@@ -44,6 +45,9 @@ class NoEval:
       frame = frame.f_back
     if any("importlib._bootstrap" in f for f in files):
       return  # a lazily imported module's body (sympy.physics.units sympifies constant names)
+    if any(f == traceback.__file__ for f in files):
+      return  # Python ≥ 3.11 ast.parses *our* source lines to place carets when a traceback is formatted
+      # (e.g. pytest reporting a deadline that fired inside a gc callback as unraisable)
     caller = files[0]  # the frame that called compile/eval/exec
     if any(p in f for f in files for p in cls.PARSERS[:2]) or any(p in caller for p in cls.PARSERS[2:]) \
         or caller == __file__:
@@ -105,6 +109,14 @@ def test_verifiers_are_warm_and_the_audit_hook_sees_eval():
   NoEval.armed = False
   assert any("1 + 1" in s for s in NoEval.seen), NoEval.seen
   NoEval.seen.clear()
+  try:  # a deadline that fires in a gc callback inside sympify is reported as unraisable: formatting its
+    raise rewards._Deadline()  # traceback parses this source line, which is not model text
+  except rewards._Deadline as e:
+    in_sympify = compile("traceback.format_exception(e)", "/site-packages/sympy/core/sympify.py", "exec")
+    NoEval.armed = True
+    exec(in_sympify, {"traceback": traceback, "e": e})  # noqa: S102
+    NoEval.armed = False
+  assert not NoEval.seen, NoEval.seen
   assert rewards.math_reward("The answer is \\boxed{\\frac{2}{4}}", "\\frac{1}{2}") == 1.0
   assert not NoEval.seen
 
