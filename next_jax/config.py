@@ -6,10 +6,24 @@ Presets (configs/toy_arith.py, qwen25_paper.py, smollm2.py, via configs/common.p
 change what differs; `arg` strings select variants: "algo=rloo,seed=1,quick". `experiment.validate` checks a
 config's types against this schema (so a hand-built ConfigDict is checked too), and the library's
 dataclasses (RolloutConfig, OptimConfig, LossConfig, NExtConfig, PredictorConfig) restate none of these
-defaults differently (tests/test_config.py).
+defaults differently (tests/test_config.py). `ConfigError` is what every check of a config raises (its message
+starts with the field: `check`).
 """
 
+from typing import Any
+
 import ml_collections
+
+
+class ConfigError(ValueError):
+  """A config value that cannot run; the message starts with the field name."""
+
+
+def check(ok: bool, field: str, value: Any, why: str) -> None:
+  """Raise ConfigError("config.FIELD=VALUE: WHY") unless ok."""
+  if not ok:
+    raise ConfigError(f"config.{field}={value!r}: {why}")
+
 
 ALGOS = {
     # estimator, agg_mode, clip_high, dynamic_sampling — the named algorithms of the GRPO family
@@ -81,7 +95,7 @@ def base() -> ml_collections.ConfigDict:
 
   c.rl = ml_collections.ConfigDict()
   c.rl.algo = "grpo"  # sets estimator/agg_mode/clip_high/dynamic_sampling via ALGOS unless overridden
-  c.rl.estimator = "grpo"
+  c.rl.estimator = "grpo"  # a name in grpo.ESTIMATORS: grpo | drgrpo | rloo | reinforce_pp (register_estimator)
   c.rl.lr = 1e-3
   c.rl.warmup_steps = 0
   c.rl.schedule = "constant"

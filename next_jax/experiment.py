@@ -15,29 +15,21 @@ import dataclasses
 import json
 import logging
 import math
-import shutil
 from pathlib import Path
 from typing import Any
 
 import jax
 import numpy as np
 
-from next_jax import config, driver, grpo, hf, model_files, policy, rewards, sharding, tasks, trainer
+from next_jax import config, driver, grpo, hf, model_files, policy, rewards, sharding, tasks, trainer, workdir
 from next_jax import state_machine as sm
 from next_jax.checkpoint import Checkpointer
-from next_jax.metrics import MetricWriter, is_primary
+from next_jax.config import ConfigError  # noqa: F401  (re-exported: experiment.ConfigError)
+from next_jax.config import check as _check
+from next_jax.metrics import MetricWriter
 from next_jax.predictor import PredictorConfig
 
 log = logging.getLogger(__name__)
-
-
-class ConfigError(ValueError):
-  """A config value that cannot run; the message starts with the field name."""
-
-
-def _check(ok: bool, field: str, value: Any, why: str) -> None:
-  if not ok:
-    raise ConfigError(f"config.{field}={value!r}: {why}")
 
 
 # ------------------------------------------------------------------------------------------- validate
@@ -121,19 +113,12 @@ def _check_kinds(c) -> None:
     _check(_get(c, f) >= 1, f, _get(c, f), "must be ≥ 1")
 
 
-def _check_workdir_path(workdir: str) -> None:
-  wd = Path(workdir)
-  _check(bool(workdir) and not wd.is_file(), "workdir", workdir, "is a file, not a directory")
-  under = next((p for p in wd.parents if p.exists() and not p.is_dir()), None)
-  _check(under is None, "workdir", workdir, f"lies under {under}, which is a file")
-
-
 def validate(c) -> None:
   """Every check that can fail before work starts; raises ConfigError naming the field."""
   _check_kinds(c)
   _check(bool(c.model.dir), "model.dir", c.model.dir, "set it to a local HF model directory")
-  _check_workdir_path(c.workdir)
-  _allowed_changes(c)
+  workdir.check_path(c.workdir)
+  workdir.allowed_changes(c)
   _check(not (c.ckpt.resume and c.ckpt.overwrite), "ckpt.resume", c.ckpt.resume,
          "and ckpt.overwrite=True contradict each other (resume continues the run in workdir, overwrite "
          "deletes it): pass one")
@@ -160,8 +145,8 @@ def validate(c) -> None:
          "must be ≥ 0 (0: all positions at once)")
   _check(ro.temperature >= 0, "rollout.temperature", ro.temperature, "must be ≥ 0")
   _check(0 < ro.top_p <= 1, "rollout.top_p", ro.top_p, "must be in (0, 1]")
-  _check(c.rl.estimator in ("grpo", "drgrpo", "rloo", "reinforce_pp"), "rl.estimator", c.rl.estimator,
-         "use grpo, drgrpo, rloo or reinforce_pp")
+  _check(c.rl.estimator in grpo.ESTIMATORS, "rl.estimator", c.rl.estimator,
+         f"use one of {sorted(grpo.ESTIMATORS)} (grpo.register_estimator adds one)")
   _check(c.rl.lr > 0, "rl.lr", c.rl.lr, "must be > 0")
   n = ro.prompts_per_step * ro.group_size
   _check(n % c.rl.num_mini_batches == 0, "rl.num_mini_batches", c.rl.num_mini_batches,
@@ -337,99 +322,6 @@ def icer(steps: int, acc: float, backbone: float) -> float:
 # ------------------------------------------------------------------------------------------------ run
 
 
-# fields a resumed run may change (the last two differ per launch and per host); any other change is refused
-RESUMABLE = ("ckpt.", "log.", "workdir", "mesh.coordinator_address", "mesh.process_id")
-
-
-def _flat(d: dict, prefix: str = "") -> dict[str, Any]:
-  out = {}
-  for k, v in d.items():
-    out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
-  return out
-
-
-def _has_run(wd: Path) -> bool:
-  return (wd / "ckpt").is_dir() and any((wd / "ckpt").iterdir())
-
-
-def check_workdir(c) -> bool:
-  """→ whether workdir holds a run to resume. Refuses to mix two runs: an existing run needs ckpt.resume
-  (with the same config, up to RESUMABLE fields) or ckpt.overwrite. Touches nothing."""
-  wd = Path(c.workdir)
-  has_run = _has_run(wd)
-  if has_run and not (c.ckpt.resume or c.ckpt.overwrite):
-    raise ConfigError(f"config.workdir={c.workdir!r} already holds a run; pass --config.ckpt.resume=True "
-                      "to continue it or --config.ckpt.overwrite=True to replace it")
-  if has_run and c.ckpt.resume:
-    resume_changes(c)
-  return has_run and bool(c.ckpt.resume)
-
-
-def _allowed_changes(c) -> set[str]:
-  fields = {f.strip() for f in c.ckpt.allow_changes.split(",") if f.strip()}
-  known = _flat(json.loads(c.to_json()))
-  _check(fields <= known.keys(), "ckpt.allow_changes", c.ckpt.allow_changes,
-         f"names no config field: {sorted(fields - known.keys())}")
-  return fields
-
-
-def resume_changes(c) -> list[dict[str, Any]]:
-  """The fields a resume changes that ckpt.allow_changes permits ([{field, old, new}], recorded in
-  results.json); any other change (outside RESUMABLE) raises ConfigError naming the fields."""
-  new, allowed = _flat(json.loads(c.to_json())), _allowed_changes(c)
-  allowed_diff: dict[str, dict[str, Any]] = {}
-  for source, old in _saved_configs(Path(c.workdir)):
-    diff = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k) and not k.startswith(RESUMABLE))
-    refused = [k for k in diff if k not in allowed]
-    if refused:
-      changes = "; ".join(f"{k}: {old.get(k)!r} → {new.get(k)!r}" for k in refused[:5])
-      raise ConfigError(f"config.ckpt.resume=True but {', '.join(refused[:5])} differ from the run in "
-                        f"{c.workdir!r} ({changes}; from {source}); resume with the same config, name the "
-                        "fields in ckpt.allow_changes, or start a new workdir")
-    allowed_diff.update({k: {"field": k, "old": old.get(k), "new": new.get(k)} for k in diff})
-  return list(allowed_diff.values())
-
-
-def _saved_configs(wd: Path) -> list[tuple[str, dict[str, Any]]]:
-  """The run's configs to compare a resume with: the latest checkpoint's own copy (it decides) and
-  config.json. A run with neither cannot be checked, and is refused."""
-  out = []
-  ckpt = Checkpointer(wd / "ckpt", read_only=True)
-  step = ckpt.latest_step()
-  if step is not None:
-    saved = ckpt.read_meta(step).get("config")
-    if saved is not None:
-      out.append((f"checkpoint {wd / 'ckpt' / str(step)}", _flat(saved)))
-  ckpt.close()
-  if (wd / "config.json").is_file():
-    try:
-      out.append(("config.json", _flat(json.loads((wd / "config.json").read_text()))))
-    except (json.JSONDecodeError, AttributeError) as e:
-      raise ConfigError(f"config.workdir={str(wd)!r}: config.json is not a JSON object ({e})") from e
-  if not out:
-    raise ConfigError(f"config.ckpt.resume=True but the run in {str(wd)!r} has neither config.json nor a "
-                      "checkpoint that records its config: nothing says what it was trained with")
-  return out
-
-
-def prepare_workdir(c) -> Path:
-  """Create workdir (wipe an existing run only with ckpt.overwrite and not ckpt.resume), write config.json.
-  Multi-host: process 0 does it (workdir is shared, as orbax requires) while the others wait."""
-  wd = Path(c.workdir)
-  check_workdir(c)
-  if is_primary():
-    if _has_run(wd) and c.ckpt.overwrite and not c.ckpt.resume:
-      shutil.rmtree(wd)
-    wd.mkdir(parents=True, exist_ok=True)
-    tmp = wd / "config.json.tmp"
-    tmp.write_text(c.to_json(indent=2))
-    tmp.replace(wd / "config.json")
-  if jax.process_count() > 1:
-    from jax.experimental import multihost_utils  # noqa: PLC0415
-    multihost_utils.sync_global_devices("next_jax.prepare_workdir")
-  return wd
-
-
 def run(c, model_dir: str | None = None) -> dict[str, Any]:
   """Train per the config; returns (and writes to workdir/results.json) backbone and final accuracy,
   the accuracy at each evaluation, ICER, jump diagnostics and timings.
@@ -439,9 +331,9 @@ def run(c, model_dir: str | None = None) -> dict[str, Any]:
   the partial results, the number of metric rows written and the config, so a run killed anywhere resumes
   both exactly as the uninterrupted run has them, and only with a config that run allows."""
   validate(c)
-  if c.mesh.distributed and c.ckpt.resume:  # check_workdir reads checkpoint metadata through orbax (JAX)
+  if c.mesh.distributed and c.ckpt.resume:  # workdir.check reads checkpoint metadata through orbax (JAX)
     sharding.initialize_distributed(c.mesh.coordinator_address, c.mesh.num_processes, c.mesh.process_id)
-  resuming = check_workdir(c)
+  resuming = workdir.check(c)
   exp = build(c, model_dir)
   state, meta = exp.state, None
   if resuming:  # restored (and verified) before anything in the workdir is written
@@ -449,7 +341,7 @@ def run(c, model_dir: str | None = None) -> dict[str, Any]:
     if reader.latest_step() is not None:
       state, meta = reader.restore(exp.state)
     reader.close()
-  wd = prepare_workdir(c)
+  wd = workdir.prepare(c)
   ckpt = Checkpointer(wd / "ckpt", max_to_keep=c.ckpt.max_to_keep)
   writer = MetricWriter(wd, tensorboard=c.log.tensorboard)
   results = {"evals": {}, "jumps": [], "nonfinite_steps": 0, "oversized_steps": 0}
@@ -461,7 +353,7 @@ def run(c, model_dir: str | None = None) -> dict[str, Any]:
       writer.truncate_after(meta["step"])
   else:
     writer.truncate_rows(0)  # rows of a run killed before its first checkpoint
-  if resuming and (changes := resume_changes(c)):  # explicit, and logged with the step they took effect
+  if resuming and (changes := workdir.resume_changes(c)):  # explicit, and logged with the step they took effect
     results.setdefault("resume_changes", []).append({"step": int(state.rl.step), "changes": changes})
     log.warning("resuming at step %d with changed %s", int(state.rl.step),
                 ", ".join(f"{x['field']} {x['old']!r} → {x['new']!r}" for x in changes))
@@ -494,13 +386,5 @@ def run(c, model_dir: str | None = None) -> dict[str, Any]:
   results["evals"][str(steps)] = final
   writer.write(steps, {"eval/accuracy": final})
   writer.close()
-  write_results(wd, results)
+  workdir.write_results(wd, results)
   return results
-
-
-def write_results(wd: Path, results: dict[str, Any]) -> None:
-  """workdir/results.json, atomically (written beside it, then renamed); multi-host: process 0 only."""
-  if is_primary():
-    tmp = wd / "results.tmp"
-    tmp.write_text(json.dumps(results, indent=2, default=float))
-    tmp.replace(wd / "results.json")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from typing import Callable
 
 import flax.struct
 import jax
@@ -95,26 +96,55 @@ def reinforce_pp_advantages(token_rewards: jax.Array, mask: jax.Array, gamma: fl
   return masked_whiten(returns.T, m) * m
 
 
+def reinforce_pp_estimator(rewards: jax.Array, mask: jax.Array, group_size: int, *,
+                           token_kl: jax.Array | None = None, kl_in_reward: float = 0.0, gamma: float = 1.0,
+                           **_) -> jax.Array:
+  """REINFORCE++ from outcome rewards: r_tok = outcome-on-last-token − kl_in_reward·token_kl (verl's
+  KL-in-reward, rl.kl_in_reward; the KL *loss* coefficient is LossConfig.kl_coef), then
+  `reinforce_pp_advantages`. group_size is unused (the baseline is the batch whitening)."""
+  token_rewards = outcome_token_rewards(rewards, mask)
+  if token_kl is not None and kl_in_reward:
+    token_rewards = token_rewards - kl_in_reward * token_kl * mask.astype(jnp.float32)
+  return reinforce_pp_advantages(token_rewards, mask, gamma)
+
+
+def _on_tokens(adv: jax.Array, mask: jax.Array) -> jax.Array:
+  """An outcome advantage A_i [N] on every response token of sequence i: A_i·mask [N, T]."""
+  return adv[:, None] * mask.astype(jnp.float32)
+
+
+@dataclasses.dataclass(frozen=True)
+class Estimator:
+  """fn(rewards fp32[N], mask [N, T], group_size, *, token_kl, kl_in_reward, gamma, eps) → fp32[N, T].
+  token_kl: fn reads the per-token KL(π‖π_ref) [N, T], which the trainer computes for it (one extra
+  log-prob pass) when rl.kl_in_reward > 0; otherwise fn gets token_kl=None."""
+  fn: Callable
+  token_kl: bool = False
+
+
+ESTIMATORS: dict[str, Estimator] = {}
+
+
+def register_estimator(name: str, fn: Callable, token_kl: bool = False) -> None:
+  """Adding an advantage estimator: its function, then one line at the bottom of this section; rl.estimator,
+  config validation and the trainer read ESTIMATORS (tests/test_registry.py adds one)."""
+  ESTIMATORS[name] = Estimator(fn, token_kl)
+
+
 def compute_advantages(estimator: str, rewards: jax.Array, mask: jax.Array, group_size: int, *,
                        token_kl: jax.Array | None = None, kl_in_reward: float = 0.0, gamma: float = 1.0,
                        eps: float = 1e-6) -> jax.Array:
-  """Token-level advantages [N, T] for `estimator` ∈ {grpo, drgrpo, rloo, reinforce_pp}.
+  """Token-level advantages [N, T] of the registered `estimator` (ESTIMATORS)."""
+  if estimator not in ESTIMATORS:
+    raise ValueError(f"advantage estimator {estimator!r}; choose from {sorted(ESTIMATORS)}")
+  return ESTIMATORS[estimator].fn(rewards, mask, group_size, token_kl=token_kl, kl_in_reward=kl_in_reward,
+                                  gamma=gamma, eps=eps)
 
-  Outcome estimators broadcast A_i over sequence i's response tokens. reinforce_pp scores
-  r_tok = outcome-on-last-token − kl_in_reward·token_kl (verl's KL-in-reward, rl.kl_in_reward; the KL
-  *loss* coefficient is LossConfig.kl_coef) before computing returns.
-  """
-  m = mask.astype(jnp.float32)
-  if estimator == "reinforce_pp":
-    token_rewards = outcome_token_rewards(rewards, mask)
-    if token_kl is not None and kl_in_reward:
-      token_rewards = token_rewards - kl_in_reward * token_kl * m
-    return reinforce_pp_advantages(token_rewards, mask, gamma)
-  outcome = {"grpo": functools.partial(grpo_advantages, eps=eps), "drgrpo": drgrpo_advantages,
-             "rloo": rloo_advantages}
-  if estimator not in outcome:
-    raise ValueError(f"advantage estimator {estimator!r}; choose from {sorted(outcome) + ['reinforce_pp']}")
-  return outcome[estimator](rewards, group_size)[:, None] * m
+
+register_estimator("grpo", lambda r, m, g, *, eps, **_: _on_tokens(grpo_advantages(r, g, eps), m))
+register_estimator("drgrpo", lambda r, m, g, **_: _on_tokens(drgrpo_advantages(r, g), m))
+register_estimator("rloo", lambda r, m, g, **_: _on_tokens(rloo_advantages(r, g), m))
+register_estimator("reinforce_pp", reinforce_pp_estimator, token_kl=True)
 
 
 def overlong_penalty(lengths: jax.Array, max_len: int, cache_len: int) -> jax.Array:

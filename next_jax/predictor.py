@@ -117,6 +117,20 @@ def make_optimizer(cfg: PredictorConfig) -> optax.GradientTransformation:
   return optax.adamw(sched, b1=0.9, b2=0.999, eps=1e-8, weight_decay=cfg.weight_decay)
 
 
+def epoch_step(tx: optax.GradientTransformation, g, l, t, cfg: PredictorConfig, w=None):
+  """One full-batch AdamW epoch as a scan body: ((params, opt_state), _) → ((params', opt_state'), loss
+  before the step). Also what experiments/bench/extrapolate_overhead counts the FLOPs of."""
+  grad_fn = jax.value_and_grad(predictor_loss)
+
+  def epoch(carry, _):
+    p, s = carry
+    loss, grads = grad_fn(p, g, l, t, cfg, w)
+    updates, s = tx.update(grads, s, p)
+    return (optax.apply_updates(p, updates), s), loss
+
+  return epoch
+
+
 @functools.partial(jax.jit, static_argnames=("cfg",))
 def train_predictor(key: jax.Array, g: jax.Array, l: jax.Array, t: jax.Array, cfg: PredictorConfig,
                     w: jax.Array | None = None):
@@ -126,15 +140,8 @@ def train_predictor(key: jax.Array, g: jax.Array, l: jax.Array, t: jax.Array, cf
   *before* each step)."""
   params = init_matrix_predict(key, g.shape[-1], cfg.hidden)
   tx = make_optimizer(cfg)
-  grad_fn = jax.value_and_grad(predictor_loss)
-
-  def epoch(carry, _):
-    p, s = carry
-    loss, grads = grad_fn(p, g, l, t, cfg, w)
-    updates, s = tx.update(grads, s, p)
-    return (optax.apply_updates(p, updates), s), loss
-
-  (params, _), losses = jax.lax.scan(epoch, (params, tx.init(params)), None, length=cfg.epochs)
+  (params, _), losses = jax.lax.scan(epoch_step(tx, g, l, t, cfg, w), (params, tx.init(params)), None,
+                                     length=cfg.epochs)
   return params, losses
 
 

@@ -100,7 +100,7 @@ class RLSetup:
   pad_id: int
   stop_ids: tuple[int, ...]
   mesh: Any = None  # sharding.make_mesh: (data,) or (data, fsdp, tensor); None: one device
-  kl_in_reward: float = 0.0  # REINFORCE++ token-level KL-in-reward coefficient
+  kl_in_reward: float = 0.0  # token-level KL-in-reward coefficient (estimators registered token_kl=True)
 
 
 def init_state(trainable: Params, tx: optax.GradientTransformation, seed: int) -> RLState:
@@ -249,7 +249,7 @@ def train_step(setup: RLSetup, base_params: Params, state: RLState, timer: Timer
   live = arrays["live"]
   resp_mask = arrays["rmask"] & live[:, None]
   token_kl = None
-  if setup.estimator == "reinforce_pp" and setup.kl_in_reward:
+  if grpo.ESTIMATORS[setup.estimator].token_kl and setup.kl_in_reward:
     with timer("logprob"):
       toks = jnp.concatenate([arrays["prompts"], arrays["tokens"]], 1)
       msk = jnp.concatenate([arrays["pmask"], arrays["rmask"]], 1)

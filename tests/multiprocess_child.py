@@ -4,8 +4,8 @@ TPU-pod mechanism; CPU collectives via gloo), one CPU device each, on tests/tiny
 1. RL steps, then an evaluation, data-parallel over both processes, recording which problems this process
    encoded and how many responses it verified.
 2. `experiment.validate` of configs two processes cannot run.
-3. The run's writers in WORKDIR (shared, as orbax needs): `experiment.prepare_workdir`, one more RL step
-   through `trainer.train` with a MetricWriter and a Checkpointer, `experiment.write_results`, then a
+3. The run's writers in WORKDIR (shared, as orbax needs): `workdir.prepare`, one more RL step
+   through `trainer.train` with a MetricWriter and a Checkpointer, `workdir.write_results`, then a
    restore of that checkpoint and a save/restore of the `experiment.place`d base parameters. Every file
    this process writes outside the orbax directories is recorded.
 
@@ -90,6 +90,7 @@ def main(pid: int, port: str, out: str, workdir: str) -> None:
   from next_jax import experiment, trainer  # noqa: PLC0415
   from next_jax.checkpoint import Checkpointer  # noqa: PLC0415
   from next_jax.metrics import MetricWriter  # noqa: PLC0415
+  from next_jax.workdir import prepare, write_results  # noqa: PLC0415
 
   def host(tree):
     """Every leaf's global value as nested lists (host-local, replicated or split over processes)."""
@@ -128,14 +129,14 @@ def main(pid: int, port: str, out: str, workdir: str) -> None:
       experiment.validate(bad)
     except experiment.ConfigError as e:
       errors[field] = str(e)
-  wd = experiment.prepare_workdir(c)
+  wd = prepare(c)
   ckpt = Checkpointer(wd / "ckpt")
   state, m = trainer.train_step(setup, params, state)  # one more step, its metrics and checkpoint on disk
   writer = MetricWriter(wd)
   writer.write(int(state.step), m)
   writer.close()
   ckpt.save(int(state.step), state, {"step": int(state.step)})
-  experiment.write_results(wd, {"steps": STEPS + 1})
+  write_results(wd, {"steps": STEPS + 1})
   restored, meta = Checkpointer(wd / "ckpt").restore(fresh_state(lora, seed=123))
   Checkpointer(wd / "params").save(0, params)
   params_back, _ = Checkpointer(wd / "params").restore(params)

@@ -17,7 +17,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from next_jax import experiment, hf, peft_io, policy, tasks, toy
+from next_jax import experiment, hf, peft_io, policy, tasks, toy, workdir
 from next_jax.checkpoint import Checkpointer, CorruptCheckpoint
 from next_jax.metrics import MetricWriter
 
@@ -109,7 +109,7 @@ def old_run(tmp_path, model_dir):
   """A workdir that already holds a run (config.json, a checkpoint, metrics) and a config pointing at it."""
   c = toy_arith.get_config("quick")
   c.workdir, c.model.dir = str(tmp_path / "run"), str(model_dir)
-  wd = experiment.prepare_workdir(c)
+  wd = workdir.prepare(c)
   ck = Checkpointer(wd / "ckpt")
   ck.save(1, {"x": jnp.arange(3.0)}, {"step": 1, "config": json.loads(c.to_json())})  # as experiment.run
   ck.close()

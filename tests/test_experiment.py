@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from figures import assert_png_of, lines, recorded_figures
 
-from next_jax import experiment, policy
+from next_jax import experiment, policy, workdir
 from next_jax.checkpoint import Checkpointer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -106,10 +106,10 @@ def test_entry_point_runs_quick_end_to_end(char_model_dir, tmp_path):
 
 
 def test_a_distributed_config_validates_without_starting_jax():
-  """jax.distributed.initialize (in build) must come first: validate and check_workdir run no JAX work."""
+  """jax.distributed.initialize (in build) must come first: validate and workdir.check run no JAX work."""
   code = ("import sys; sys.path.insert(0, 'configs'); import toy_arith, jax._src.xla_bridge as xb; "
-          "from next_jax import experiment; c = toy_arith.get_config('quick'); c.mesh.distributed = True; "
-          "c.workdir = '/nonexistent/run'; experiment.validate(c); experiment.check_workdir(c); "
+          "from next_jax import experiment, workdir; c = toy_arith.get_config('quick'); c.mesh.distributed = True; "
+          "c.workdir = '/nonexistent/run'; experiment.validate(c); workdir.check(c); "
           "print(xb.backends_are_initialized())")
   out = subprocess.run([sys.executable, "-c", code], check=False, cwd=ROOT, capture_output=True, text=True, timeout=300)
   assert out.returncode == 0 and out.stdout.split()[-1] == "False", out.stderr[-2000:]
@@ -123,10 +123,10 @@ def test_resume_accepts_per_host_fields_and_refuses_others(tmp_path):
   ck.close()
   (tmp_path / "config.json").write_text(c.to_json())  # what process 0 wrote
   c.ckpt.resume, c.mesh.process_id, c.mesh.coordinator_address = True, 1, "10.0.0.1:1234"
-  assert experiment.check_workdir(c)  # host 1 of a relaunch resumes
+  assert workdir.check(c)  # host 1 of a relaunch resumes
   c.mesh.num_processes = 4
   with pytest.raises(experiment.ConfigError, match="mesh.num_processes"):
-    experiment.check_workdir(c)
+    workdir.check(c)
 
 
 def test_icer_is_steps_per_accuracy_point():

@@ -1,15 +1,17 @@
 """Adding an extrapolation method is one function and one `extrapolate.register` line: the state machine,
-the post-hoc back-test and the reports pick it up with no other change."""
+the post-hoc back-test and the reports pick it up with no other change. Likewise an advantage estimator is
+one function and one `grpo.register_estimator` line: config validation and the trainer pick it up."""
 
 import dataclasses
 
 import jax
 import numpy as np
 import pytest
-from tiny_rl import LCFG, fresh_state, make_setup
+from tiny_rl import LCFG, fresh_state, make_setup, run
 
+from configs import toy_arith
 from experiments import report
-from next_jax import driver, posthoc
+from next_jax import driver, experiment, grpo, posthoc
 from next_jax import extrapolate as ex
 from next_jax import state_machine as sm
 from next_jax.predictor import PredictorConfig
@@ -63,3 +65,51 @@ def test_the_config_accepts_exactly_the_registered_names(fifth):
   with pytest.raises(ValueError, match="choose from"):
     sm.NExtConfig(method="halve")
   assert dataclasses.replace(sm.NExtConfig(), method="none").method == "none"
+
+
+# ------------------------------------------------------------------------------------ advantage estimators
+
+
+def min_baseline(rewards, mask, group_size, *, token_kl, kl_in_reward, **_):
+  """A made-up estimator: A_i = r_i − min_g r (outcome), minus kl_in_reward·KL on each token."""
+  r = rewards.reshape(-1, group_size)
+  adv = (r - r.min(axis=1, keepdims=True)).reshape(-1)[:, None] * mask
+  SEEN.append(None if token_kl is None else token_kl.shape)
+  return adv if token_kl is None else adv - kl_in_reward * token_kl * mask
+
+
+SEEN = []
+
+
+@pytest.fixture
+def new_estimator(monkeypatch):
+  monkeypatch.setattr(grpo, "ESTIMATORS", dict(grpo.ESTIMATORS))  # undone after the test
+  grpo.register_estimator("min_baseline", min_baseline, token_kl=True)
+  SEEN.clear()
+  return "min_baseline"
+
+
+def test_a_registered_estimator_is_accepted_by_the_config_and_computes_its_formula(new_estimator):
+  c = toy_arith.get_config("quick")
+  c.rl.estimator = new_estimator
+  experiment.validate(c)
+  c.rl.estimator = "min_baseline_typo"
+  with pytest.raises(experiment.ConfigError, match=r"rl\.estimator.*min_baseline"):
+    experiment.validate(c)
+  mask = np.array([[1, 1, 0], [1, 0, 0], [1, 1, 1], [0, 1, 1]], np.float32)
+  kl = np.full((4, 3), 0.5, np.float32)
+  got = grpo.compute_advantages(new_estimator, np.array([1.0, 0.0, 0.25, 1.0]), mask, 2, token_kl=kl,
+                                kl_in_reward=0.1)
+  np.testing.assert_allclose(got, np.array([[1, 1, 0], [0, 0, 0], [0, 0, 0], [0, 0.75, 0.75]]) - 0.05 * mask)
+
+
+def test_the_trainer_gives_a_token_kl_estimator_its_kl(model, new_estimator):
+  params, lora = model
+  trained = {}
+  for name, kl in ((new_estimator, 0.1), (new_estimator, 0.0), ("grpo", 0.0)):
+    setup = dataclasses.replace(make_setup(), estimator=name, kl_in_reward=kl)
+    state, _ = run(setup, params, fresh_state(lora), 1)
+    trained[name, kl] = np.asarray(state.train.params["q"]["b"])
+  assert SEEN == [(32, 4), None]  # 4 prompts × 8 samples, the 4 response targets; no KL pass at 0
+  assert np.abs(trained[new_estimator, 0.0] - trained["grpo", 0.0]).max() > 1e-4  # its advantages were used
+  assert grpo.ESTIMATORS["reinforce_pp"].token_kl and not grpo.ESTIMATORS["grpo"].token_kl

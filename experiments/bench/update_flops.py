@@ -29,7 +29,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
-from experiments.bench.common import first_and_median  # noqa: E402
+from experiments.bench.common import first_and_median, matmul_peak  # noqa: E402
 from next_jax import grpo, hf, model_files, policy  # noqa: E402
 from next_jax.policy import ALL_MODULES, LoraConfig, ModelConfig  # noqa: E402
 
@@ -68,14 +68,6 @@ def update_flops(cfg: ModelConfig, lcfg: LoraConfig, rows: int, seq: int, tail: 
   fwd = rows * (t * L * (m + lora) + L * attn + head)
   bwd = rows * (t * L * (m + 2 * lora) + 2 * L * attn + head)
   return {"forward": float(fwd), "backward": float(bwd), "total": float(fwd + bwd)}
-
-
-def matmul_peak(n: int, reps: int) -> float:
-  """FLOP/s of a jitted f32 [n, n] @ [n, n] (2n³ FLOPs), median of reps."""
-  a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
-  b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
-  mm = jax.jit(lambda x, y: x @ y)
-  return 2 * n ** 3 / first_and_median(lambda: mm(a, b), reps)[1]
 
 
 def update_fn(cfg, params, lcfg, rows: int, seq: int, tail: int, seed: int = 0):
