@@ -147,6 +147,11 @@ def validate(c) -> None:
   _check(0 < ro.top_p <= 1, "rollout.top_p", ro.top_p, "must be in (0, 1]")
   _check(c.rl.estimator in grpo.ESTIMATORS, "rl.estimator", c.rl.estimator,
          f"use one of {sorted(grpo.ESTIMATORS)} (grpo.register_estimator adds one)")
+  _check(c.rl.kl_in_reward >= 0, "rl.kl_in_reward", c.rl.kl_in_reward, "must be ≥ 0 (0: off)")
+  _check(not c.rl.kl_in_reward or grpo.ESTIMATORS[c.rl.estimator].token_kl, "rl.kl_in_reward",
+         c.rl.kl_in_reward, f"rl.estimator={c.rl.estimator!r} reads no per-token KL, so this would be ignored; "
+         f"those that do: {sorted(n for n, e in grpo.ESTIMATORS.items() if e.token_kl)} (or use rl.kl_coef, "
+         "the KL loss)")
   _check(c.rl.lr > 0, "rl.lr", c.rl.lr, "must be > 0")
   n = ro.prompts_per_step * ro.group_size
   _check(n % c.rl.num_mini_batches == 0, "rl.num_mini_batches", c.rl.num_mini_batches,

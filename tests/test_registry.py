@@ -93,7 +93,12 @@ def test_a_registered_estimator_is_accepted_by_the_config_and_computes_its_formu
   c = toy_arith.get_config("quick")
   c.rl.estimator = new_estimator
   experiment.validate(c)
-  c.rl.estimator = "min_baseline_typo"
+  c.rl.kl_in_reward = 0.1  # read by a token_kl=True estimator, refused for one that would ignore it
+  experiment.validate(c)
+  c.rl.estimator = "rloo"
+  with pytest.raises(experiment.ConfigError, match=r"rl\.kl_in_reward=0\.1: rl\.estimator='rloo' reads no"):
+    experiment.validate(c)
+  c.rl.estimator, c.rl.kl_in_reward = "min_baseline_typo", 0.0
   with pytest.raises(experiment.ConfigError, match=r"rl\.estimator.*min_baseline"):
     experiment.validate(c)
   mask = np.array([[1, 1, 0], [1, 0, 0], [1, 1, 1], [0, 1, 1]], np.float32)
