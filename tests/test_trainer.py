@@ -176,7 +176,7 @@ def test_drgrpo_divides_by_the_response_budget_not_the_prompt_plus_response(mode
 
 def _tensorboard_points(log_dir):
   """(tag, step, value) of every scalar in the event files (TFRecord framing: len, crc, data, crc)."""
-  import struct  # noqa: PLC0415
+  import struct
 
   from tensorboardX.proto import event_pb2
   points = []

@@ -55,9 +55,10 @@ def epoch_flops(g: jax.Array, cfg: pred_lib.PredictorConfig) -> float:
 
 
 def group_table(traj, ncfg, key, repeats: int, rl_step: float) -> list[str]:
-  """Per shape group: rows, GFLOP of the whole training, measured time and the FLOP floor, both orders."""
-  _, info = extrapolate.next_triplets(traj, ncfg.k, ncfg.predictor, key, ncfg.sign)
-  rows = {kind: pred_lib.to_rows(info["triplets"][kind])[0] for kind in ("global", "local", "target")}
+  """Per shape group: rows, GFLOP of the whole training, measured time and the FLOP floor, both orders.
+  The rows are the predictor's training inputs (`predictor.to_rows` of the G, L, T triplets)."""
+  pairs = rank1.delta_pairs(ncfg.num_snapshots, ncfg.k)
+  rows = {kind: pred_lib.to_rows(traj.triplets(pairs[kind], ncfg.sign))[0] for kind in ("global", "local", "target")}
   peak = matmul_peak(1024, 10)
   lines = ["", f"Per shape group (`train_predictor`, {ncfg.predictor.epochs} epochs). This core's f32 matmul "
            f"rate: **{peak / 1e9:.0f} GFLOP/s**; floor = GFLOP / that rate.", "",
