@@ -70,15 +70,15 @@ def test_the_config_accepts_exactly_the_registered_names(fifth):
 # ------------------------------------------------------------------------------------ advantage estimators
 
 
+SEEN = []  # token_kl's shape (or None) at each call of min_baseline
+
+
 def min_baseline(rewards, mask, group_size, *, token_kl, kl_in_reward, **_):
   """A made-up estimator: A_i = r_i − min_g r (outcome), minus kl_in_reward·KL on each token."""
   r = rewards.reshape(-1, group_size)
   adv = (r - r.min(axis=1, keepdims=True)).reshape(-1)[:, None] * mask
   SEEN.append(None if token_kl is None else token_kl.shape)
   return adv if token_kl is None else adv - kl_in_reward * token_kl * mask
-
-
-SEEN = []
 
 
 @pytest.fixture
