@@ -20,10 +20,12 @@ def main(argv=None):
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   ap.add_argument("model", help=f"a .gguf file or one of {sorted(model_files.PACKAGED)}")
   ap.add_argument("--out", default=None, help="the HF directory to write (default: in the cache)")
+  ap.add_argument("--overwrite", action="store_true",
+                  help="replace an existing --out that next_jax did not write (its files are deleted)")
   args = ap.parse_args(argv)
   t0 = time.perf_counter()
   try:
-    out = model_files.resolve(args.model, out_dir=args.out)
+    out = model_files.resolve(args.model, out_dir=args.out, overwrite=args.overwrite)
     cfg = hf.load_config(out)
   except hf.CheckpointError as e:
     sys.exit(f"error: {e}")

@@ -24,8 +24,6 @@ Every error names the file and the metadata field or tensor, and leaves no direc
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import hashlib
 import json
 import os
@@ -34,7 +32,8 @@ from typing import Any
 
 import numpy as np
 
-from next_jax.hf import CheckpointError, atomic_dir, check_tensors, config_from_hf, write_safetensors
+from next_jax import outdir
+from next_jax.hf import CheckpointError, check_tensors, config_from_hf, write_safetensors
 from next_jax.toy import byte_to_unicode
 
 CONVERTER_VERSION = 1
@@ -104,7 +103,11 @@ def hf_config(meta: dict, path: Path) -> dict[str, Any]:
     raise GGUFError(f"{path}: metadata field '{p}rope.dimension_count' = {meta[p + 'rope.dimension_count']} "
                     f"≠ head dim {head_dim}: partial RoPE is not supported")
   tokens = _need(meta, "tokenizer.ggml.tokens", path, list)
-  ids = {k: meta.get(f"tokenizer.ggml.{k}_token_id") for k in ("bos", "eos", "padding")}
+  ids = {k: meta.get(f"tokenizer.ggml.{k}_token_id") for k in ("bos", "eos", "padding", "unknown")}
+  for k, v in ids.items():
+    if v is not None and (isinstance(v, bool) or not isinstance(v, int) or not 0 <= v < len(tokens)):
+      raise GGUFError(f"{path}: metadata field 'tokenizer.ggml.{k}_token_id' = {v!r} is not a token id "
+                      f"(the vocabulary has {len(tokens)} tokens)")
   return {"architectures": ["LlamaForCausalLM"], "model_type": "llama",
           "vocab_size": int(meta.get(f"{p}vocab_size", len(tokens))), "hidden_size": hidden,
           "intermediate_size": int(_need(meta, f"{p}feed_forward_length", path, int)),
@@ -157,6 +160,10 @@ def read_tensors(reader, config: dict, path: Path) -> dict[str, np.ndarray]:
       w = unpermute_rope(w, config["num_attention_heads"])
     elif module == "attn_k":
       w = unpermute_rope(w, config["num_key_value_heads"])
+    bad = int(w.size - np.count_nonzero(np.isfinite(w)))
+    if bad:
+      raise GGUFError(f"{path}: tensor {t.name!r} has {bad} non-finite value(s) (NaN/Inf) of {w.size}; a "
+                      "model with them cannot be converted")
     out[hf] = np.ascontiguousarray(w)
   config["tie_word_embeddings"] = "lm_head.weight" not in out
   return out
@@ -178,7 +185,11 @@ def build_tokenizer(meta: dict, path: Path):
     raise GGUFError(f"{path}: metadata field 'tokenizer.ggml.pre' = {pre!r}; only {PRE_TOKENIZERS} (GPT-2's "
                     "split) are converted")
   tokens = _need(meta, "tokenizer.ggml.tokens", path, list)
-  merges = [tuple(m.split(" ")) for m in _need(meta, "tokenizer.ggml.merges", path, list)]
+  merges = [tuple(m.split(" ")) if isinstance(m, str) else () for m in _need(meta, "tokenizer.ggml.merges", path, list)]
+  bad = next((i for i, m in enumerate(merges) if len(m) != 2 or not all(m)), None)
+  if bad is not None:
+    raise GGUFError(f"{path}: metadata field 'tokenizer.ggml.merges' entry {bad} = "
+                    f"{meta['tokenizer.ggml.merges'][bad]!r} is not two tokens separated by one space")
   types = meta.get("tokenizer.ggml.token_type") or [1] * len(tokens)
   spell = byte_to_unicode()
   alphabet = set(spell.values())
@@ -235,39 +246,35 @@ def default_cache() -> Path:
   return Path(os.environ.get("NEXT_JAX_CACHE") or Path.home() / ".cache" / "next_jax")
 
 
-def convert_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike | None = None) -> Path:
+def convert_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike | None = None,
+                 overwrite: bool = False) -> Path:
   """GGUF → HF directory (module docstring); returns the directory. A directory already converted from
   the same bytes (source.json: size + sha256) is reused; otherwise it is written to a temporary sibling
-  and renamed into place, so a failure or a kill leaves no half-written model. out_dir defaults to
-  <default_cache()>/<stem>-<sha256[:12]>."""
+  and swapped into place (outdir.atomic_dir), so a failure or a kill leaves no half-written model. out_dir
+  defaults to <default_cache()>/<stem>-<sha256[:12]>; an existing out_dir that next_jax did not write is
+  refused (before any work) unless overwrite. The entry's lock is held while converting: a second process
+  converting the same entry waits, then reuses the result."""
   path = Path(gguf_path)
   if not path.is_file():
     raise GGUFError(f"{path}: no such GGUF file")
   source = _source(path)
-  out = Path(out_dir) if out_dir is not None else default_cache() / f"{path.stem}-{source['sha256'][:12]}"
+  cached = out_dir is None
+  out = default_cache() / f"{path.stem}-{source['sha256'][:12]}" if cached else Path(out_dir)
   if is_converted(out, source):
     return out
-  with _lock(path):  # another process may be converting the same file: wait, then reuse its result
+  check = {"inputs": [path], "overwrite": overwrite or cached, "flag": "--overwrite", "name": "--out"}
+  outdir.check_out(out, **check)
+  out.parent.mkdir(parents=True, exist_ok=True)
+  with outdir.lock(outdir.lock_path(out), str(out), wait=True):
     if is_converted(out, source):
       return out
-    return _convert(path, out, source)
+    return _convert(path, out, source, check)
 
 
-@contextlib.contextmanager
-def _lock(path: Path):
-  """An exclusive flock on the GGUF file itself (opened read-only: nothing is written, and a read-only
-  site-packages is fine), held while converting it."""
-  with open(path, "rb") as f:
-    fcntl.flock(f, fcntl.LOCK_EX)
-    try:
-      yield
-    finally:
-      fcntl.flock(f, fcntl.LOCK_UN)
-
-
-def _convert(path: Path, out: Path, source: dict[str, Any]) -> Path:
+def _convert(path: Path, out: Path, source: dict[str, Any], check: dict[str, Any]) -> Path:
   """Read, check and write (atomically) one conversion; convert_gguf decides whether it is needed."""
   reader = _reader(path)
+  outdir.check_writable(out, str(out), need_bytes=4 * sum(int(t.n_elements) for t in reader.tensors))
   meta = metadata(reader, path)
   config = hf_config(meta, path)
   tensors = read_tensors(reader, config, path)  # also sets tie_word_embeddings
@@ -275,6 +282,10 @@ def _convert(path: Path, out: Path, source: dict[str, Any]) -> Path:
     check_tensors(tensors, config_from_hf(config, str(path)), str(path))
   except CheckpointError as e:
     raise GGUFError(str(e)) from e
+  n_tok = len(meta["tokenizer.ggml.tokens"])
+  if n_tok > config["vocab_size"]:  # check_tensors made the embedding vocab_size rows
+    raise GGUFError(f"{path}: the tokenizer has {n_tok} tokens but the embedding has {config['vocab_size']} "
+                    "rows: ids past it have no embedding")
   tok = build_tokenizer(meta, path)
   generation = {k: config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if config[k] is not None}
 
@@ -285,4 +296,4 @@ def _convert(path: Path, out: Path, source: dict[str, Any]) -> Path:
     (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2))
     (tmp / "source.json").write_text(json.dumps(source, indent=2))
 
-  return atomic_dir(out, write)
+  return outdir.atomic_dir(out, write, **check)

@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import struct
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -117,6 +115,13 @@ def read_weights(model_dir: Path) -> dict[str, np.ndarray]:
 
 def _config_json(model_dir: Path) -> dict[str, Any]:
   path = model_dir / "config.json"
+  if model_dir.is_file() and model_dir.suffix.lower() == ".gguf":
+    raise CheckpointError(f"{model_dir}: is a GGUF file, not a Hugging Face model directory; convert it once "
+                          f"with `python -m experiments.convert_model {model_dir}` and pass the directory it "
+                          "prints")
+  if model_dir.is_file():
+    raise CheckpointError(f"{model_dir}: is a file, not a Hugging Face model directory (config.json, "
+                          "model.safetensors, tokenizer files)")
   if not model_dir.is_dir():
     raise CheckpointError(f"{model_dir}: model directory does not exist")
   if not path.exists():
@@ -214,6 +219,17 @@ def check_tensors(tensors: dict[str, np.ndarray], cfg: ModelConfig, where: str) 
                           f"{'Qwen2' if cfg.qkv_bias else 'Llama'} checkpoint this config describes?")
 
 
+def check_finite(tensors: dict[str, np.ndarray], where: str) -> None:
+  """Refuse a checkpoint with NaN or Inf anywhere, naming the tensor and how many values are bad."""
+  for name in sorted(tensors):
+    a = np.asarray(tensors[name])
+    if a.dtype.kind == "f" or a.dtype == ml_dtypes.bfloat16:
+      bad = int(a.size - np.count_nonzero(np.isfinite(a.astype(np.float32, copy=False))))
+      if bad:
+        raise CheckpointError(f"{where}: tensor {name} has {bad} non-finite value(s) (NaN/Inf) of {a.size}; "
+                              "a diverged or corrupt checkpoint cannot be read as weights")
+
+
 def params_from_hf(tensors: dict[str, np.ndarray], cfg: ModelConfig, where: str = "checkpoint") -> Params:
   """HF state dict (numpy, torch layout) → our params as host numpy arrays in cfg.dtype."""
   check_tensors(tensors, cfg, where)
@@ -292,22 +308,11 @@ def load_model(model_dir: str | os.PathLike, *, dtype: str | None = None, shardi
   model_dir = Path(model_dir)
   cfg = load_config(model_dir, dtype)
   params = params_from_hf(read_weights(model_dir), cfg, str(model_dir))
-  return cfg, _place(params, sharding), (load_tokenizer(model_dir) if tokenizer else None)
-
-
-def atomic_dir(out_dir: Path, write) -> Path:
-  """Run write(tmp_dir), then move tmp_dir to out_dir: no half-written export is ever left behind."""
-  out_dir = Path(out_dir)
-  out_dir.parent.mkdir(parents=True, exist_ok=True)
-  tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-  try:
-    write(tmp)
-    if out_dir.exists():
-      shutil.rmtree(out_dir)
-    os.replace(tmp, out_dir)
-  finally:
-    shutil.rmtree(tmp, ignore_errors=True)
-  return out_dir
+  tok = load_tokenizer(model_dir) if tokenizer else None
+  if tok is not None and len(tok) > cfg.vocab_size:  # ids past the embedding would be clamped, not refused
+    raise CheckpointError(f"{model_dir}: the tokenizer has {len(tok)} tokens but config.json's vocab_size is "
+                          f"{cfg.vocab_size}: ids ≥ {cfg.vocab_size} have no embedding row")
+  return cfg, _place(params, sharding), tok
 
 
 TOKEN_IDS = ("bos_token_id", "eos_token_id", "pad_token_id")
@@ -331,11 +336,14 @@ def token_ids(tokenizer=None, source_dir: Path | None = None) -> dict[str, Any]:
 
 def save_model(out_dir: str | os.PathLike, cfg: ModelConfig, params: Params, tokenizer=None,
                lora: Params | None = None, lora_cfg: LoraConfig | None = None,
-               source_dir: str | os.PathLike | None = None) -> Path:
+               source_dir: str | os.PathLike | None = None, overwrite: bool = False) -> Path:
   """Write an HF directory (config.json, generation_config.json, model.safetensors, tokenizer files) that
   `transformers.AutoModelForCausalLM.from_pretrained` loads and `generate` stops on; LoRA, if given, is
   merged first. The bos/eos/pad ids come from `source_dir` (the checkpoint the params were loaded from,
-  whose generation_config.json is kept whole) or else the tokenizer (`token_ids`)."""
+  whose generation_config.json is kept whole) or else the tokenizer (`token_ids`). An existing out_dir is
+  replaced when next_jax wrote it (outdir.atomic_dir), or with overwrite=True."""
+  from next_jax import outdir  # noqa: PLC0415 - outdir imports this module
+
   if lora is not None:
     params = merge_lora(params, lora, lora_cfg)
   ids = token_ids(tokenizer, Path(source_dir) if source_dir is not None else None)
@@ -351,4 +359,4 @@ def save_model(out_dir: str | os.PathLike, cfg: ModelConfig, params: Params, tok
     if tokenizer is not None:
       tokenizer.save_pretrained(str(tmp))
 
-  return atomic_dir(Path(out_dir), write)
+  return outdir.atomic_dir(Path(out_dir), write, overwrite=overwrite, flag="overwrite=True")

@@ -17,7 +17,7 @@ from pathlib import Path
 from next_jax.gguf_convert import convert_gguf
 from next_jax.hf import CheckpointError
 
-# file suffix → converter(file, out_dir=None) → HF directory (cached, atomic)
+# file suffix → converter(file, out_dir=None, overwrite=False) → HF directory (cached, atomic)
 CONVERTERS: dict[str, Callable[..., Path]] = {".gguf": convert_gguf}
 
 # name → (importable package, file inside it, the pip command that installs it without its dependencies)
@@ -39,9 +39,10 @@ def packaged_file(name: str) -> Path:
   raise CheckpointError(f"model {name!r}: package {package!r} with {filename} is not installed; {install}")
 
 
-def resolve(spec: str | os.PathLike, out_dir: str | os.PathLike | None = None) -> Path:
+def resolve(spec: str | os.PathLike, out_dir: str | os.PathLike | None = None, overwrite: bool = False) -> Path:
   """A model spec (module docstring) → a local HF directory, converting (once) when needed; out_dir: where
-  a conversion goes (default: the cache, gguf_convert.default_cache())."""
+  a conversion goes (default: the cache, gguf_convert.default_cache()); overwrite: replace an out_dir that
+  next_jax did not write."""
   text = str(spec)
   if text in PACKAGED:
     path = packaged_file(text)
@@ -49,4 +50,4 @@ def resolve(spec: str | os.PathLike, out_dir: str | os.PathLike | None = None) -
     path = Path(text)
     if path.is_dir() or path.suffix.lower() not in CONVERTERS:
       return path  # an HF directory; hf.load_model names whatever is missing from it
-  return CONVERTERS[path.suffix.lower()](path, out_dir)
+  return CONVERTERS[path.suffix.lower()](path, out_dir, overwrite=overwrite)

@@ -19,9 +19,11 @@ import re
 from pathlib import Path
 
 import jax
+import ml_dtypes
 import numpy as np
 
-from next_jax.hf import HF_MODULE, CheckpointError, atomic_dir, read_safetensors, write_safetensors
+from next_jax import outdir
+from next_jax.hf import HF_MODULE, CheckpointError, check_finite, read_safetensors, write_safetensors
 from next_jax.policy import ALL_MODULES, LoraConfig, ModelConfig, Params
 
 _PEFT_PREFIX = "base_model.model.model.layers."
@@ -34,14 +36,16 @@ _PEFT_PLAIN = {**{f: (lambda v: not v) for f in _PEFT_EMPTY}, "bias": lambda v: 
 
 
 def save_peft_adapter(out_dir: str | os.PathLike, cfg: ModelConfig, lora: Params, lora_cfg: LoraConfig,
-                      base_model_name_or_path: str = "") -> Path:
-  """PEFT LoRA adapter (adapter_config.json + adapter_model.safetensors) for `PeftModel.from_pretrained`."""
+                      base_model_name_or_path: str = "", overwrite: bool = False) -> Path:
+  """PEFT LoRA adapter (adapter_config.json + adapter_model.safetensors) for `PeftModel.from_pretrained`.
+  An existing out_dir is replaced when next_jax wrote it (outdir.atomic_dir), or with overwrite=True."""
   tensors = {}
   for name, mod in lora.items():
     a, b = np.asarray(mod["a"]), np.asarray(mod["b"])
     for i in range(cfg.num_layers):
       pre = f"{_PEFT_PREFIX}{i}.{HF_MODULE[name]}"
       tensors[f"{pre}.lora_A.weight"], tensors[f"{pre}.lora_B.weight"] = a[i], b[i]
+  check_finite(tensors, f"the adapter for {out_dir}")
   adapter_cfg = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": lora_cfg.rank,
                  "lora_alpha": lora_cfg.alpha, "use_rslora": lora_cfg.rslora, "lora_dropout": 0.0,
                  "bias": "none", "fan_in_fan_out": False, "inference_mode": True,
@@ -52,18 +56,26 @@ def save_peft_adapter(out_dir: str | os.PathLike, cfg: ModelConfig, lora: Params
     (tmp / "adapter_config.json").write_text(json.dumps(adapter_cfg, indent=2))
     write_safetensors(tmp / "adapter_model.safetensors", tensors)
 
-  return atomic_dir(Path(out_dir), write)
+  return outdir.atomic_dir(Path(out_dir), write, overwrite=overwrite, flag="overwrite=True")
 
 
 def _read_config(cfg_path: Path) -> dict:
   if not cfg_path.exists():
     raise CheckpointError(f"{cfg_path}: missing")
   try:
-    acfg = json.loads(cfg_path.read_text())
+    acfg = json.loads(cfg_path.read_bytes().decode("utf-8"))
+  except UnicodeDecodeError as e:
+    raise CheckpointError(f"{cfg_path}: not UTF-8 text (byte {e.start}: {e.reason})") from None
   except json.JSONDecodeError as e:
     raise CheckpointError(f"{cfg_path}: invalid JSON ({e})") from e
   if not isinstance(acfg, dict):
     raise CheckpointError(f"{cfg_path}: expected a JSON object")
+  for field, kind in (("r", "a whole number ≥ 1"), ("lora_alpha", "a positive number")):
+    v = acfg.get(field)
+    good = (isinstance(v, int) and v >= 1) if field == "r" else (isinstance(v, (int, float)) and 0 < v < math.inf)
+    if isinstance(v, bool) or not good:
+      got = "missing" if field not in acfg else f"{v!r}"
+      raise CheckpointError(f"{cfg_path}: field {field!r} is {got}; expected {kind}")
   if acfg.get("peft_type", "LORA") != "LORA":
     raise CheckpointError(f"{cfg_path}: peft_type={acfg.get('peft_type')!r}; only LORA adapters load")
   for field, ok in _PEFT_PLAIN.items():
@@ -151,12 +163,16 @@ def _load_factors(adapter_dir: Path, cfg: ModelConfig, lcfg: LoraConfig, per: di
           got = "missing" if t is None else f"shape {tuple(t.shape)}"
           raise CheckpointError(f"{adapter_dir}/adapter_model.safetensors: {pre}.lora_{key}.weight "
                                 f"is {got}; expected {want}")
+        if t.dtype.kind != "f" and t.dtype != ml_dtypes.bfloat16:
+          raise CheckpointError(f"{adapter_dir}/adapter_model.safetensors: {pre}.lora_{key}.weight has dtype "
+                                f"{t.dtype}; LoRA factors are floating point")
         used.add(f"{pre}.lora_{key}.weight")
       a[i, :r] = tensors[f"{pre}.lora_A.weight"]
       b[i, :, :r] = tensors[f"{pre}.lora_B.weight"]
       if abs(s / lcfg.scale - 1.0) > 1e-12:  # a pattern gave this (module, layer) another scale
         b[i] *= s / lcfg.scale
     lora[name] = {"a": jax.numpy.asarray(a.astype(dt)), "b": jax.numpy.asarray(b.astype(dt))}
+  check_finite({k: tensors[k] for k in used}, f"{adapter_dir}/adapter_model.safetensors")
   extra = sorted(set(tensors) - used)
   if extra:
     raise CheckpointError(f"{adapter_dir}/adapter_model.safetensors: tensors {extra[:3]} are not LoRA factors of "

@@ -28,7 +28,7 @@ from pathlib import Path
 import jax.numpy as jnp
 import numpy as np
 
-from next_jax import hf, peft_io, trained
+from next_jax import hf, outdir, peft_io, trained
 from next_jax.extrapolate import normalised
 from next_jax.hf import CheckpointError
 from next_jax.policy import ALL_MODULES, LoraConfig, ModelConfig, Params, merge_lora
@@ -43,7 +43,8 @@ _WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json")
 @dataclasses.dataclass(frozen=True)
 class CheckpointRun:
   """A checkpoint sequence: steps [K] (steps[0] = 0 is the base), paths [K−1] (the checkpoint directory of
-  snapshots 1 … K−1), kind "lora" | "merged", its trajectory (None once released), lora_cfg (LoRA runs)."""
+  snapshots 1 … K−1), kind "lora" | "merged", its trajectory (None once released), lora_cfg (LoRA runs),
+  left_out: the checkpoints an explicit --interval did not use."""
 
   base_dir: Path
   cfg: ModelConfig
@@ -52,6 +53,7 @@ class CheckpointRun:
   paths: tuple[Path, ...]
   trajectory: Trajectory | None
   lora_cfg: LoraConfig | None = None
+  left_out: tuple[Path, ...] = ()  # checkpoints off the --interval grid, not used
 
   @property
   def scale(self) -> float:
@@ -115,22 +117,35 @@ def find(pattern: str) -> list[tuple[int, str, Path]]:
 
 
 def select(found: list[tuple[int, str, Path]], interval: int | None, max_step: int | None):
-  """The checkpoints at interval·1, interval·2, … (≤ max_step); the interval defaults to the first step.
-  Every multiple up to the last one must be present: G, L and T assume evenly spaced snapshots from W₀."""
+  """(the checkpoints at interval·1, interval·2, … ≤ max_step, the paths of those left out).
+
+  Without --interval every checkpoint must lie on the grid of the first step's interval (an uneven sequence
+  is refused, listing the checkpoints off it); with one, those off its grid are left out and listed, never
+  silently. Every multiple up to the last kept one must be present: G, L and T assume evenly spaced
+  snapshots from W₀."""
+  if interval is not None and interval < 1:
+    raise CheckpointError(f"--interval {interval} must be a positive number of steps")
   found = [f for f in found if max_step is None or f[0] <= max_step]
   if not found:
     raise CheckpointError(f"--max-step {max_step} is below every checkpoint's step")
-  interval = interval or found[0][0]
-  if interval <= 0:
-    raise CheckpointError(f"--interval {interval} must be a positive number of steps")
-  kept = [f for f in found if f[0] % interval == 0]
+  every = interval or found[0][0]
+  if every < 1:
+    raise CheckpointError(f"checkpoint {found[0][2]} is at step {found[0][0]}; the first checkpoint sets the "
+                          "interval and must be at a step ≥ 1 (step 0 is the base)")
+  kept = [f for f in found if f[0] % every == 0]
+  off = [f for f in found if f[0] % every != 0]
+  if off and interval is None:
+    raise CheckpointError(f"checkpoints at steps {[f[0] for f in found][:12]} are not evenly spaced: "
+                          f"{', '.join(str(f[2]) for f in off[:5])} lie off the grid of every {every} steps "
+                          "(set by the first checkpoint); pass --interval N to use only steps N, 2N, … "
+                          "(the others are listed), or --max-step to stop before them")
   have = {f[0] for f in kept}
   last = max(have, default=0)
-  missing = [s for s in range(interval, last + 1, interval) if s not in have]
+  missing = [s for s in range(every, last + 1, every) if s not in have]
   if missing or not kept:
-    raise CheckpointError(f"checkpoints must lie every {interval} steps from step 0 (--interval): missing "
-                          f"step(s) {missing[:5] or [interval]} among {sorted(f[0] for f in found)[:12]}")
-  return kept
+    raise CheckpointError(f"checkpoints must lie every {every} steps from step 0 (--interval): missing "
+                          f"step(s) {missing[:5] or [every]} among {sorted(f[0] for f in found)[:12]}")
+  return kept, tuple(f[2] for f in off)
 
 
 # ------------------------------------------------------------------------------------------ reading
@@ -163,7 +178,7 @@ def read(base_dir: str | Path, pattern: str, interval: int | None = None,
   base_dir = Path(base_dir)
   cfg = hf.load_config(base_dir, dtype="float32")
   hf.check_tensors(hf.read_weights(base_dir), cfg, str(base_dir))
-  found = select(find(pattern), interval, max_step)
+  found, left_out = select(find(pattern), interval, max_step)
   kind = found[0][1]
   steps = np.array([0] + [s for s, _, _ in found])
   dirs = [d for _, _, d in found]
@@ -176,7 +191,7 @@ def read(base_dir: str | Path, pattern: str, interval: int | None = None,
     lcfg = None
     traj = _stack_kernels(cfg, [base_dir, *dirs])
   return CheckpointRun(base_dir, cfg, kind, steps, tuple(dirs),
-                       Trajectory(traj, steps, trained.scale(lcfg), kind == "lora"), lcfg)
+                       Trajectory(traj, steps, trained.scale(lcfg), kind == "lora"), lcfg, left_out)
 
 
 def _stack_lora(cfg: ModelConfig, lcfg: LoraConfig, dirs: list[Path]) -> dict:
@@ -199,7 +214,9 @@ def _stack_kernels(cfg: ModelConfig, dirs: list[Path]) -> dict:
   traj = {m: {"kernel": np.zeros((len(dirs), cfg.num_layers, *cfg.module_shape(m)), np.float32)}
           for m in ALL_MODULES}
   for i, d in enumerate(dirs):
-    params = hf.params_from_hf(hf.read_weights(d), cfg, str(d))
+    tensors = hf.read_weights(d)
+    hf.check_finite(tensors, str(d))
+    params = hf.params_from_hf(tensors, cfg, str(d))
     for m in ALL_MODULES:
       traj[m]["kernel"][i] = params["layers"][m]["kernel"]
   return {m: {"kernel": jnp.asarray(mod["kernel"])} for m, mod in traj.items()}
@@ -252,9 +269,10 @@ def base_params(run: CheckpointRun) -> Params:
   return hf.params_from_hf(hf.read_weights(run.base_dir), cfg, str(run.base_dir))
 
 
-def save_like(out_dir: Path, base_dir: Path, cfg: ModelConfig, params: Params) -> Path:
+def save_like(out_dir: Path, base_dir: Path, cfg: ModelConfig, params: Params, overwrite: bool = False) -> Path:
   """An HF directory for `params` that keeps everything else of `base_dir` (config.json,
-  generation_config.json, tokenizer and chat template) and stores the weights in the base's dtype."""
+  generation_config.json, tokenizer and chat template) and stores the weights in the base's dtype. A
+  non-finite weight is refused; an existing out_dir is replaced only as outdir.atomic_dir allows."""
   base_dir = Path(base_dir)
   dtype = np.dtype(stored_dtype(base_dir))
   skip = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".index.json")
@@ -264,6 +282,7 @@ def save_like(out_dir: Path, base_dir: Path, cfg: ModelConfig, params: Params) -
       if f.is_file() and not f.name.endswith(skip):
         shutil.copy2(f, tmp / f.name)
     tensors = {k: np.asarray(v).astype(dtype, copy=False) for k, v in hf.params_to_hf(params, cfg).items()}
+    hf.check_finite(tensors, f"the model for {out_dir}")
     hf.write_safetensors(tmp / "model.safetensors", tensors)
 
-  return hf.atomic_dir(Path(out_dir), write)
+  return outdir.atomic_dir(Path(out_dir), write, inputs=[base_dir], overwrite=overwrite, flag="overwrite=True")

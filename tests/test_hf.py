@@ -14,7 +14,7 @@ import safetensors.torch
 import torch
 from conftest import MAIN, load_torch_model, torch_logits
 
-from next_jax import hf, peft_io, policy, toy
+from next_jax import hf, outdir, peft_io, policy, toy
 
 EXPORT_ATOL = 1e-4
 HEADER_TOO_LONG = r"model\.safetensors: header length \d+ exceeds the file size"
@@ -58,13 +58,18 @@ def test_save_model_with_lora_writes_merged_params(main_model, random_lora, tmp_
   _assert_trees_equal(loaded, policy.merge_lora(params, lora, LORA_ALL))
 
 
-def test_save_model_replaces_existing_dir_without_leftovers(main_model, tmp_path):
+def test_save_model_replaces_a_dir_it_wrote_without_leftovers_and_refuses_a_users_dir(main_model, tmp_path):
   cfg, params = main_model
-  (tmp_path / "out").mkdir()
-  (tmp_path / "out" / "stale.txt").write_text("old")
-  hf.save_model(tmp_path / "out", cfg, params)
-  assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no temporary directory left behind
-  assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["config.json", "model.safetensors"]
+  out = hf.save_model(tmp_path / "out", cfg, params)
+  (out / "stale.txt").write_text("old")
+  hf.save_model(out, cfg, params)
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no temporary directory or lock left behind
+  assert sorted(p.name for p in out.iterdir()) == [outdir.MARKER, "config.json", "model.safetensors"]
+  (tmp_path / "mine").mkdir()
+  (tmp_path / "mine" / "notes.txt").write_text("keep")
+  with pytest.raises(outdir.OutputError, match=r"mine holds files next_jax did not write.*overwrite=True"):
+    hf.save_model(tmp_path / "mine", cfg, params)
+  assert (tmp_path / "mine" / "notes.txt").read_text() == "keep"
 
 
 def test_exported_model_keeps_the_source_token_ids_and_generation_config(hf_model, main_model, tmp_path):

@@ -68,7 +68,7 @@ def make_run(work: Path, layers: int, seed: int = 0) -> tuple[Path, Path]:
   """(base dir, run dir) under work/, written once and reused while the manifest matches."""
   import ml_dtypes  # noqa: PLC0415
 
-  from next_jax import hf, peft_io  # noqa: PLC0415
+  from next_jax import hf, outdir, peft_io  # noqa: PLC0415
   from next_jax.policy import LoraConfig  # noqa: PLC0415
   base, run = work / "base", work / "run"
   manifest = {"layers": layers, "rank": RANK, "checkpoints": CHECKPOINTS, "seed": seed}
@@ -84,7 +84,7 @@ def make_run(work: Path, layers: int, seed: int = 0) -> tuple[Path, Path]:
     (tmp / "config.json").write_text(json.dumps(hf.config_to_hf(cfg), indent=2))
     hf.write_safetensors(tmp / "model.safetensors", tensors)
 
-  hf.atomic_dir(base, write_base)
+  outdir.atomic_dir(base, write_base)
   lcfg = LoraConfig(rank=RANK, alpha=LORA_ALPHA, targets=tuple(HF))
   shapes = {m: cfg.module_shape(m) for m in HF}  # (in, out)
   a0 = {m: rng.standard_normal((layers, RANK, n), dtype=np.float32) / math.sqrt(n) for m, (n, _) in shapes.items()}
