@@ -26,6 +26,7 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # see experiments/demo.py
 
 import argparse
 import dataclasses
+import glob
 import json
 import shlex
 import sys
@@ -35,7 +36,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from next_jax import drift, hf, peft_io, posthoc, runs, trained
+from next_jax import drift, outdir, peft_io, posthoc, runs, trained
 from next_jax import extrapolate as ex
 from next_jax.hf import CheckpointError
 from next_jax.metrics import progress
@@ -77,14 +78,19 @@ def check_args(args) -> tuple[list[float], set[str], Path]:
     raise CheckpointError(f"--write {args.write!r}: choose from merged, adapter, none")
   if args.k < 1 or args.epochs < 1:
     raise CheckpointError(f"--k {args.k} and --epochs {args.epochs} must be ≥ 1")
-  out = Path(args.out)
-  if out.exists() and not out.is_dir():
-    raise CheckpointError(f"--out {out} is a file")
-  if out.is_dir() and any(out.iterdir()) and not args.overwrite:
-    raise CheckpointError(f"--out {out} already holds files; pass --overwrite to replace it")
-  if any(p.is_file() for p in out.parents):
-    raise CheckpointError(f"--out {out} lies under a file")
+  if args.interval is not None and args.interval < 1:
+    raise CheckpointError(f"--interval {args.interval}: must be a positive number of steps")
+  out = outdir.check_out(args.out, **out_rules(args, write, len(alphas)))
   return alphas, write, out
+
+
+def out_rules(args, write: set[str], n_alphas: int) -> dict:
+  """outdir.check_out's rules for --out: never the base or a checkpoint (or a directory above them), a
+  directory next_jax did not write only with --overwrite, and room for the merged models."""
+  inputs = [Path(args.base), *(Path(p) for p in glob.glob(args.checkpoints))]
+  weights = sum(f.stat().st_size for f in Path(args.base).glob("*.safetensors")) if "merged" in write else 0
+  return {"inputs": inputs, "overwrite": args.overwrite, "replace_ours": args.overwrite, "flag": "--overwrite",
+          "name": "--out", "need_bytes": n_alphas * weights}
 
 
 # ------------------------------------------------------------------------------------------ analysis
@@ -269,18 +275,36 @@ def _jsonable(res: dict, written) -> dict:
 def main(argv=None) -> dict:
   argv = sys.argv[1:] if argv is None else list(argv)
   args = parse_args(argv)
-  t0 = time.perf_counter()
   try:
     alphas, write, out = check_args(args)
-    run = runs.read(args.base, args.checkpoints, args.interval, args.max_step)
-    if len(run.steps) < args.k + 2:
-      raise CheckpointError(f"--k {args.k}: NExt needs ≥ k+1 = {args.k + 1} checkpoints after the base, "
-                            f"{len(run.steps) - 1} given")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with outdir.lock(outdir.lock_path(out), f"--out {out}"):  # one post-hoc run per OUT
+      return run_posthoc(args, argv, alphas, write, out)
   except CheckpointError as e:
     sys.exit(f"posthoc: {e}")
+
+
+def check_jump(jump: dict) -> None:
+  """Refuse to write a jump with NaN/Inf in it (a diverged predictor), naming the modules."""
+  bad = [m for m, t in jump.items() if not all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(t))]
+  if bad:
+    raise CheckpointError(f"the predicted jump of {', '.join(bad)} is not finite (the predictor diverged); "
+                          "nothing was written")
+
+
+def run_posthoc(args, argv, alphas, write, out: Path) -> dict:
+  """Read, analyse and write OUT (main holds OUT's lock); errors are CheckpointErrors naming the input."""
+  t0 = time.perf_counter()
+  run = runs.read(args.base, args.checkpoints, args.interval, args.max_step)
+  if len(run.steps) < args.k + 2:
+    raise CheckpointError(f"--k {args.k}: NExt needs ≥ k+1 = {args.k + 1} checkpoints after the base, "
+                          f"{len(run.steps) - 1} given")
+  for p in run.left_out:
+    print(f"posthoc: left out {p}: its step is off the --interval {run.interval} grid", file=sys.stderr)
   read_s = time.perf_counter() - t0
   res = analyse(run, args)
   res["times"]["read"] = read_s
+  check_jump(res["jump"])
   last = runs.last_lora(run) if run.kind == "lora" else None
   run = dataclasses.replace(run, trajectory=None)  # free it (5 GB at 1.5B) before the base is loaded to write
 
@@ -293,7 +317,7 @@ def main(argv=None) -> dict:
     (tmp / "results.json").write_text(json.dumps(_jsonable(res, written), indent=1))
     res["written"] = written
 
-  hf.atomic_dir(out, write_all)
+  outdir.atomic_dir(out, write_all, **out_rules(args, write, len(alphas)))
   print(f"wrote {out}/report.md")
   return res
 
