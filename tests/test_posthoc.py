@@ -5,8 +5,12 @@ dense path (peft merge, torch.linalg.svd of every delta) and loaded back by peft
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
+import os
+import re
 import shutil
+import threading
 from pathlib import Path
 
 import jax
@@ -15,7 +19,7 @@ import pytest
 from conftest import load_torch_model, torch_logits
 
 from experiments import posthoc as cli
-from next_jax import drift, extrapolate, hf, peft_io, policy, runs, toy, trained
+from next_jax import drift, extrapolate, hf, outdir, peft_io, policy, runs, toy, trained
 from next_jax.rank1 import Triplet, delta_pairs
 
 K = 2  # NExt's k in snapshots; TRL saves every 2 steps for 12 steps → 6 checkpoints + the base
@@ -294,7 +298,8 @@ def test_inconsistent_runs_are_refused(runs_dir, tmp_path):
   dirs = _copy_ckpts(runs_dir["trl"], tmp_path / "rank")
   cfg = hf.load_config(base)
   rank2 = {"q": {"a": np.zeros((2, 2, 32), np.float32), "b": np.zeros((2, 32, 2), np.float32)}}
-  peft_io.save_peft_adapter(dirs[2], cfg, rank2, policy.LoraConfig(rank=2, alpha=8.0, targets=("q",)))
+  peft_io.save_peft_adapter(dirs[2], cfg, rank2, policy.LoraConfig(rank=2, alpha=8.0, targets=("q",)),
+                            overwrite=True)
   _fails(["--base", base, "--checkpoints", str(tmp_path / "rank/checkpoint-*")], tmp_path, "rank=2 but")
   dirs = _copy_ckpts(runs_dir["trl"], tmp_path / "dora")
   acfg = json.loads((dirs[0] / "adapter_config.json").read_text())
@@ -315,3 +320,119 @@ def test_out_is_atomic_when_writing_fails(runs_dir, tmp_path, monkeypatch):
     cli.main(["--base", str(runs_dir["base"]), "--checkpoints", str(runs_dir["trl"] / "checkpoint-*"),
               "--out", str(out), "--k", str(K), "--epochs", "2", "--alphas", "1.5", "--backtest", "none"])
   assert not out.exists() and not list(tmp_path.iterdir())
+
+
+# ------------------------------------------------------------------------- the user's files, poisoned inputs
+
+
+def test_out_never_replaces_the_inputs_the_working_directory_or_a_users_directory(runs_dir, tmp_path, monkeypatch):
+  base, pattern = str(runs_dir["base"]), str(runs_dir["trl"] / "checkpoint-*")
+  ckpt = runs_dir["trl"] / "checkpoint-2"
+  before = sorted(p.name for p in ckpt.iterdir())
+  for out in (ckpt, runs_dir["trl"], runs_dir["base"]):
+    with pytest.raises(SystemExit, match="would replace the input"):
+      cli.main(["--base", base, "--checkpoints", pattern, "--out", str(out), "--overwrite"])
+  assert sorted(p.name for p in ckpt.iterdir()) == before
+  monkeypatch.chdir(tmp_path)
+  with pytest.raises(SystemExit, match=r"--out \. is the working directory"):
+    cli.main(["--base", base, "--checkpoints", pattern, "--out", ".", "--overwrite"])
+  (tmp_path / "mine").mkdir()
+  (tmp_path / "mine" / "notes.txt").write_text("keep")
+  with pytest.raises(SystemExit, match=r"--out mine holds files next_jax did not write.*--overwrite"):
+    cli.main(["--base", base, "--checkpoints", pattern, "--out", "mine"])
+  assert (tmp_path / "mine" / "notes.txt").read_text() == "keep"
+
+
+def test_an_unwritable_or_locked_out_is_refused_before_reading_anything(runs_dir, tmp_path, monkeypatch):
+  argv = ["--base", str(runs_dir["base"]), "--checkpoints", str(runs_dir["trl"] / "checkpoint-*"),
+          "--out", str(tmp_path / "out")]
+  monkeypatch.setattr(runs, "read", lambda *a: pytest.fail("read before --out was checked"))
+  box = {}
+
+  def second():
+    try:
+      cli.main(argv)
+    except SystemExit as e:
+      box["msg"] = str(e)
+
+  with outdir.lock(outdir.lock_path(tmp_path / "out"), "another run"):
+    t = threading.Thread(target=second)  # its own open file description, as another process has
+    t.start()
+    t.join()
+  assert re.search(rf"--out .*out is in use by another process \(pid {os.getpid()}", box["msg"]), box
+
+  def read_only(*_a, **_k):
+    raise OSError(errno.EROFS, "Read-only file system")
+
+  monkeypatch.setattr(outdir.tempfile, "mkstemp", read_only)
+  with pytest.raises(SystemExit, match=r"out: cannot write in .*Read-only file system"):
+    cli.main(argv)
+
+
+def _poisoned(runs_dir, tmp_path, edit) -> str:
+  """Four TRL checkpoints with checkpoint-4's adapter_model.safetensors edited; → the glob."""
+  dirs = _copy_ckpts(runs_dir["trl"], tmp_path / "run")
+  edit(dirs[1] / "adapter_model.safetensors")
+  return str(tmp_path / "run" / "checkpoint-*")
+
+
+def test_a_nan_or_inf_factor_is_refused_naming_checkpoint_tensor_and_count(runs_dir, tmp_path):
+  def nan(path):
+    tensors = {k: np.array(v) for k, v in hf.read_safetensors(path).items()}
+    name = "base_model.model.model.layers.1.mlp.up_proj.lora_B.weight"
+    tensors[name].flat[[3, 7]] = [np.nan, np.inf]
+    hf.write_safetensors(path, tensors)
+
+  pattern = _poisoned(runs_dir, tmp_path, nan)
+  _fails(["--base", str(runs_dir["base"]), "--checkpoints", pattern], tmp_path,
+         r"checkpoint-4/adapter_model.safetensors: tensor .*layers.1.mlp.up_proj.lora_B.weight has 2 non-finite")
+
+
+def test_a_factor_stored_as_integers_is_refused(runs_dir, tmp_path):
+  def flip(path):
+    data = path.read_bytes()
+    path.write_bytes(data.replace(b'"F32"', b'"I32"', 1))  # one header byte: the bits read as int32
+
+  pattern = _poisoned(runs_dir, tmp_path, flip)
+  _fails(["--base", str(runs_dir["base"]), "--checkpoints", pattern], tmp_path,
+         r"checkpoint-4/adapter_model.safetensors: .* has dtype int32; LoRA factors are floating point")
+
+
+def test_checkpoints_off_the_grid_are_refused_or_listed_never_dropped_silently(tmp_path):
+  found = [(s, "lora", tmp_path / f"checkpoint-{s}") for s in (3, 4, 6, 8)]
+  with pytest.raises(hf.CheckpointError, match=r"not evenly spaced: .*checkpoint-4, .*checkpoint-8 lie off"):
+    runs.select(found, None, None)
+  kept, left_out = runs.select(found, 3, None)
+  assert [s for s, _, _ in kept] == [3, 6] and left_out == (tmp_path / "checkpoint-4", tmp_path / "checkpoint-8")
+  with pytest.raises(hf.CheckpointError, match="--interval 0 must be a positive"):
+    runs.select(found, 0, None)
+
+
+def test_interval_zero_and_a_gguf_base_are_refused_with_what_to_do(runs_dir, tmp_path):
+  trl = str(runs_dir["trl"] / "checkpoint-*")
+  _fails(["--base", str(runs_dir["base"]), "--checkpoints", trl, "--interval", "0"], tmp_path,
+         "--interval 0: must be a positive")
+  gguf_file = tmp_path / "model.Q4_1.gguf"
+  gguf_file.write_bytes(b"GGUF" + b"\0" * 64)
+  _fails(["--base", str(gguf_file), "--checkpoints", trl], tmp_path,
+         r"model.Q4_1.gguf: is a GGUF file, not a Hugging Face model directory; convert it once with "
+         r"`python -m experiments.convert_model")
+
+
+@pytest.mark.parametrize("case", ["not_utf8", "no_r", "r_text", "r_zero"])
+def test_a_bad_adapter_config_is_one_line_naming_file_and_field(case, tmp_path):
+  cfg = policy.ModelConfig(vocab_size=64, hidden_size=8, intermediate_size=16, num_layers=1, num_heads=2,
+                           num_kv_heads=1)
+  acfg = {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["q_proj"]}
+  path = tmp_path / "adapter_config.json"
+  if case == "not_utf8":
+    path.write_bytes(json.dumps(acfg).encode().replace(b"LORA", b"LOR\xff"))
+    match = r"adapter_config.json: not UTF-8 text \(byte \d+"
+  else:
+    acfg = {k: v for k, v in acfg.items() if k != "r"} if case == "no_r" else {**acfg, "r": {"r_text": "four",
+                                                                                             "r_zero": 0}[case]}
+    path.write_text(json.dumps(acfg))
+    got = {"no_r": "missing", "r_text": "'four'", "r_zero": "0"}[case]
+    match = rf"{re.escape(str(path))}: field 'r' is {got}; expected a whole number ≥ 1"
+  with pytest.raises(hf.CheckpointError, match=match):
+    peft_io.load_peft_adapter(tmp_path, cfg, config_only=True)
