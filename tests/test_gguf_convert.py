@@ -4,6 +4,7 @@ loader's; bad files give one error naming the file and the field, and leave noth
 
 import concurrent.futures
 import json
+import shutil
 import threading
 from pathlib import Path
 
@@ -13,6 +14,7 @@ import pytest
 
 gguf = pytest.importorskip("gguf")  # the `real` extra; `make test` installs it
 
+from experiments import convert_model  # noqa: E402
 from next_jax import gguf_convert, hf, model_files, policy, toy  # noqa: E402
 
 Q = gguf.GGMLQuantizationType
@@ -25,13 +27,18 @@ def permute(w: np.ndarray, n_head: int) -> np.ndarray:
   return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def write_tiny_gguf(path: Path, arch: str = "llama", odd_tensor: tuple | None = None, drop: str = "") -> Path:
-  """A random 2-layer llama in GGUF: weights cycle through CYCLE; tokenizer = the toy byte-level BPE."""
+def write_tiny_gguf(path: Path, arch: str = "llama", odd_tensor: tuple | None = None, drop: str = "",
+                    bos: int | None = None, bad_merge: bool = False, nan: str = "", rows: int | None = None) -> Path:
+  """A random 2-layer llama in GGUF: weights cycle through CYCLE; tokenizer = the toy byte-level BPE.
+  Poisons: bos (the bos id), bad_merge (merge 0 without its space), nan (a tensor with one NaN), rows (an
+  embedding with fewer rows than the tokenizer has tokens, and vocab_size saying so)."""
   tok = toy.build_tokenizer()
   spec = json.loads(tok.backend_tokenizer.to_str())
   vocab = sorted(spec["model"]["vocab"].items(), key=lambda kv: kv[1])
   tokens = [t for t, _ in vocab]
   merges = [" ".join(m) if isinstance(m, list) else m for m in spec["model"]["merges"]]
+  if bad_merge:
+    merges[0] = merges[0].replace(" ", "")
   specials = set(toy.SPECIAL_TOKENS)
   w = gguf.GGUFWriter(str(path), arch)
   w.add_block_count(LAYERS)
@@ -47,12 +54,14 @@ def write_tiny_gguf(path: Path, arch: str = "llama", odd_tensor: tuple | None = 
   w.add_token_list(tokens)
   w.add_token_merges(merges)
   w.add_token_types([3 if t in specials else 1 for t in tokens])
-  w.add_bos_token_id(tokens.index("<|im_start|>"))
+  w.add_bos_token_id(tokens.index("<|im_start|>") if bos is None else bos)
+  if rows is not None:
+    w.add_vocab_size(rows)
   w.add_eos_token_id(tokens.index("<|im_end|>"))
   w.add_pad_token_id(tokens.index("<|endoftext|>"))
   w.add_chat_template(toy.CHAT_TEMPLATE)
   rng = np.random.default_rng(0)
-  mats = {"token_embd.weight": (len(tokens), D)}
+  mats = {"token_embd.weight": (rows or len(tokens), D)}
   for i in range(LAYERS):
     for n, shape in (("attn_q", (H * HD, D)), ("attn_k", (KVH * HD, D)), ("attn_v", (KVH * HD, D)),
                      ("attn_output", (D, H * HD)), ("ffn_gate", (F, D)), ("ffn_up", (F, D)),
@@ -67,7 +76,9 @@ def write_tiny_gguf(path: Path, arch: str = "llama", odd_tensor: tuple | None = 
     x = (0.3 * rng.standard_normal(shape)).astype(np.float32)
     if ".attn_q." in name or ".attn_k." in name:
       x = permute(x, H if ".attn_q." in name else KVH)
-    kind = CYCLE[j % len(CYCLE)]
+    if name == nan:
+      x.flat[5] = np.nan
+    kind = CYCLE[j % len(CYCLE)] if name != nan else Q.F32
     w.add_tensor(name, gguf.quants.quantize(x, kind), raw_dtype=kind)
   norms = ["output_norm.weight"] + [f"blk.{i}.{n}.weight" for i in range(LAYERS) for n in ("attn_norm", "ffn_norm")]
   for name in norms:
@@ -209,3 +220,51 @@ def test_bad_gguf_names_file_and_field_and_writes_nothing(case, tmp_path):
   with pytest.raises(gguf_convert.GGUFError, match=match):
     gguf_convert.convert_gguf(src, tmp_path / "out")
   _assert_nothing_written(tmp_path, "out")
+
+
+@pytest.mark.parametrize("case", ["bos_out_of_range", "merge_without_space", "nan_weight", "tokens_past_embedding"])
+def test_a_poisoned_gguf_is_one_clear_error_and_writes_nothing(case, tmp_path):
+  src = tmp_path / "bad.gguf"
+  if case == "bos_out_of_range":
+    write_tiny_gguf(src, bos=10**6)
+    match = r"bad\.gguf: metadata field 'tokenizer.ggml.bos_token_id' = 1000000 is not a token id"
+  elif case == "merge_without_space":
+    write_tiny_gguf(src, bad_merge=True)
+    match = r"bad\.gguf: metadata field 'tokenizer.ggml.merges' entry 0 = .* is not two tokens"
+  elif case == "nan_weight":
+    write_tiny_gguf(src, nan="blk.1.ffn_gate.weight")
+    match = r"bad\.gguf: tensor 'blk.1.ffn_gate.weight' has 1 non-finite value"
+  else:
+    write_tiny_gguf(src, rows=200)
+    match = r"bad\.gguf: the tokenizer has \d+ tokens but the embedding has 200 rows"
+  with pytest.raises(gguf_convert.GGUFError, match=match):
+    gguf_convert.convert_gguf(src, tmp_path / "out")
+  _assert_nothing_written(tmp_path, "out")
+
+
+def test_the_loader_refuses_a_tokenizer_larger_than_vocab_size(tiny, tmp_path):
+  _, out = tiny
+  small = Path(shutil.copytree(out, tmp_path / "small"))
+  cfg = json.loads((small / "config.json").read_text())
+  (small / "config.json").write_text(json.dumps({**cfg, "vocab_size": 200}))
+  tensors = {k: np.array(v) for k, v in hf.read_safetensors(small / "model.safetensors").items()}  # not mmapped
+  tensors["model.embed_tokens.weight"] = np.array(tensors["model.embed_tokens.weight"][:200])
+  hf.write_safetensors(small / "model.safetensors", tensors)
+  with pytest.raises(hf.CheckpointError, match=r"small: the tokenizer has \d+ tokens but config.json's vocab_size "
+                     r"is 200"):
+    hf.load_model(small)
+
+
+def test_convert_model_never_replaces_a_users_directory_or_the_working_directory(tiny, tmp_path, monkeypatch):
+  src, _ = tiny
+  user = tmp_path / "user"
+  (user / "sub").mkdir(parents=True)
+  (user / "sub" / "keep.txt").write_text("mine")
+  monkeypatch.setattr(gguf_convert, "_reader", lambda *_: pytest.fail("converted before --out was checked"))
+  with pytest.raises(SystemExit, match=r"--out .*user holds files next_jax did not write.*--overwrite"):
+    convert_model.main([str(src), "--out", str(user)])
+  assert (user / "sub" / "keep.txt").read_text() == "mine"
+  monkeypatch.chdir(user)
+  with pytest.raises(SystemExit, match=r"--out \. is the working directory"):
+    convert_model.main([str(src), "--out", ".", "--overwrite"])
+  assert (user / "sub" / "keep.txt").read_text() == "mine" and not [p for p in tmp_path.iterdir() if p.name != "user"]
