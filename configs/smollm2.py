@@ -26,17 +26,32 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
+import ml_collections  # noqa: E402
 
 TASKS = ("add", "compare", "extract", "countdown3")
+# reasoning-gym tasks (task=rg:<dataset>) at easy settings: the knobs a run starts from (config.task.knobs;
+# --config.task.knobs.max_digits=2 overrides one). Any other rg:<dataset> runs with its library defaults.
+RG_EASY = {
+    "basic_arithmetic": dict(min_terms=2, max_terms=2, min_digits=1, max_digits=2, operators=("+", "-"),
+                             allow_parentheses=False, allow_negation=False),  # 1 digit: only 200 problems
+    "chain_sum": dict(min_terms=2, max_terms=2, min_digits=1, max_digits=2),
+    "simple_equations": dict(min_terms=2, max_terms=2, min_value=1, max_value=9, operators=("+", "-"),
+                             operators_weights=(0.5, 0.5)),
+    "leg_counting": dict(min_animals=1, max_animals=2, min_instances=1, max_instances=3),
+    "number_sorting": dict(min_numbers=3, max_numbers=3, min_decimals=0, max_decimals=0, min_value=0,
+                           max_value=99),
+}
+RG_INSTRUCTION = "Give only the final answer, inside <answer></answer> tags."
 
 
 def get_config(arg=None):
   a = common.parse_arg(arg, task="compare", algo="grpo", seed=0, method="next", quick=False, gpu=False)
-  if a.task not in TASKS:
-    raise ValueError(f"task={a.task!r}; choose from {TASKS}")
+  rg = a.task.startswith("rg:")
+  if a.task not in TASKS and not rg:
+    raise ValueError(f"task={a.task!r}; choose from {TASKS} or rg:<reasoning-gym dataset>")
   c = common.base()
   c.seed = a.seed
-  c.workdir = f"runs/smollm2/{a.task}_{a.algo}_{a.method}_s{a.seed}"
+  c.workdir = f"runs/smollm2/{a.task.replace(':', '_')}_{a.algo}_{a.method}_s{a.seed}"
   c.model.dir = "smollm2-135m-instruct"  # next_jax.model_files.PACKAGED: found in site-packages, converted once
   c.model.dtype = "float32"
   c.model.lora_rank, c.model.lora_alpha = 16, 32.0
@@ -49,6 +64,10 @@ def get_config(arg=None):
   # chat template + "Be brief.": ≤ 37 tokens (add, compare), ≤ 62 (extract, countdown3)
   c.rollout.prompt_len = 40 if a.task in ("add", "compare") else 64
   c.rollout.max_new_tokens = 8  # "The larger number is 953." is 8 tokens; the answer alone is ≤ 4
+  if rg:  # the library's <answer> tag convention (next_jax/rg_tasks.py: the verifier extracts it)
+    c.task.knobs = ml_collections.ConfigDict(RG_EASY.get(a.task.removeprefix("rg:"), {}))
+    c.task.instruction = RG_INSTRUCTION
+    c.rollout.prompt_len, c.rollout.max_new_tokens = 96, 16  # "<answer>-12</answer>" is 8 tokens
   c.rl.lr = 2e-5
   c.rl.b2 = 0.999
   c.nxt.method = a.method

@@ -69,7 +69,7 @@ def base() -> ml_collections.ConfigDict:
   c.model.preset = ""  # a policy.QWEN25 size ("7B", …): its architecture for the memory plan
 
   c.task = ml_collections.ConfigDict()
-  c.task.name = "arith"  # a tasks.TASKS name (arith, countdown, add, compare, extract, countdown3) | file
+  c.task.name = "arith"  # a tasks.TASKS name (arith, countdown, add, compare, extract, countdown3), rg:<dataset>, file
   c.task.path = ""  # data file for name=file (DAPO-Math-17k parquet/JSONL, GSM8K/MATH JSONL)
   c.task.format = "auto"
   c.task.test_path = ""  # optional held-out file; else a hash split of `path`
@@ -79,6 +79,9 @@ def base() -> ml_collections.ConfigDict:
   c.task.raw_prompt = True  # bare "12+34*5=" prompts (toy); False: chat template + instruction
   c.task.instruction = "Please reason step by step, and put your final answer within \\boxed{}."
   c.task.system = ""  # a system message for chat prompts ("" = the problem's own, else the template's default)
+  # the task's own knobs, passed to tasks.make_task (e.g. add: operand_range; rg:<dataset>: its config fields);
+  # a preset sets them with `c.task.knobs = ml_collections.ConfigDict({...})`, the command line overrides them
+  c.task.knobs = ml_collections.ConfigDict()
 
   c.rollout = ml_collections.ConfigDict()
   c.rollout.prompts_per_step = 64

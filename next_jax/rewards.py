@@ -489,17 +489,23 @@ def countdown_reward(response: str, ground_truth: str) -> float:
     return 0.0
 
 
+def last_number(response: str) -> str | None:
+  """The number last_number_reward scores: the first number of extract_answer(response) when the response
+  has a \\boxed{}/"Answer:"/"answer is", else the last number in it (the GSM8K "last number" rule):
+  "43 + 30 = 73" → "73", "The answer is 73. Then 5" → "73"; None without a number. Only the last
+  MAX_TAIL_CHARS characters are scanned."""
+  tail = response[-MAX_TAIL_CHARS:]
+  marked = extract_answer(tail)
+  numbers = _NUMBER.findall(marked) if marked is not None else []
+  numbers = numbers[:1] or _NUMBER.findall(tail)[-1:]
+  return numbers[0] if numbers else None
+
+
 def last_number_reward(response: str, ground_truth: str) -> float:
-  """1.0 iff the answer equals the ground truth exactly (as exact_reward compares them). The answer is the
-  first number of extract_answer(response) when the response has a \\boxed{}/"Answer:"/"answer is", else
-  the last number in it (the GSM8K "last number" rule): "43 + 30 = 73" → 73, "The answer is 73. Then 5"
-  → 73. Only the last MAX_TAIL_CHARS characters are scanned."""
+  """1.0 iff last_number(response) equals the ground truth exactly (as exact_reward compares them)."""
   try:
-    tail = response[-MAX_TAIL_CHARS:]
-    marked = extract_answer(tail)
-    numbers = _NUMBER.findall(marked) if marked is not None else []
-    numbers = numbers[:1] or _NUMBER.findall(tail)[-1:]
-    return exact_reward(numbers[0], ground_truth) if numbers else 0.0
+    number = last_number(response)
+    return exact_reward(number, ground_truth) if number is not None else 0.0
   except Exception:  # noqa: BLE001
     return 0.0
 
