@@ -129,10 +129,8 @@ def validate(c) -> None:
   _check(c.model.dtype in ("", "float32", "bfloat16"), "model.dtype", c.model.dtype,
          "use '', 'float32' or 'bfloat16'")
   lora_config(c)
-  _check(tasks.known_task(c.task.name) or c.task.name == "file", "task.name", c.task.name,
-         f"use one of {sorted(tasks.TASKS) + ['file']} or rg:<reasoning-gym dataset>")
-  _check(not c.task.knobs or c.task.name != "file", "task.knobs", c.task.knobs.to_dict(),
-         "a data file (task.name='file') has no knobs")
+  _check(c.task.name in tuple(tasks.TASKS) + ("file",), "task.name", c.task.name,
+         f"use one of {sorted(tasks.TASKS) + ['file']}")
   if c.task.name == "file":
     _check(bool(c.task.path) and Path(c.task.path).is_file(), "task.path", c.task.path, "no such data file")
   ro = c.rollout
@@ -207,27 +205,30 @@ class Experiment:
   state: sm.NExtState
 
 
-def _load_file(path: str, field: str, fmt: str = "auto"):
+# a prompt of more than this many characters per rollout.prompt_len token cannot fit (real text averages ~4):
+# refused as it is read, so one huge row is never tokenized
+CHARS_PER_TOKEN = 32
+
+
+def _load_file(path: str, field: str, fmt: str = "auto", prompt_len: int | None = None):
+  limit = CHARS_PER_TOKEN * prompt_len if prompt_len else None
   try:
-    return tasks.load_problems(path, fmt)
+    return tasks.load_problems(path, fmt, max_prompt_chars=limit)
   except (ValueError, OSError) as e:
-    raise ConfigError(f"config.{field}: {e}") from e  # e names the file
+    why = f" ({CHARS_PER_TOKEN} × rollout.prompt_len={prompt_len}: it cannot fit)" if "characters" in str(e) else ""
+    raise ConfigError(f"config.{field}: {e}{why}") from e  # e names the file and the row
 
 
 def load_problems(c):
   """(train, test, val) problem tuples for the configured task."""
   if c.task.name == "file":
-    probs = _load_file(c.task.path, "task.path", c.task.format)
+    probs = _load_file(c.task.path, "task.path", c.task.format, c.rollout.prompt_len)
     train, test = tasks.hash_split(probs)
     if c.task.test_path:
-      test = _load_file(c.task.test_path, "task.test_path")
+      test = _load_file(c.task.test_path, "task.test_path", prompt_len=c.rollout.prompt_len)
   else:
-    knobs = c.task.knobs.to_dict()
-    try:
-      train = tasks.make_task(c.task.name, c.task.n_train, seed=c.seed, split="train", **knobs)
-      test = tasks.make_task(c.task.name, c.task.n_test + c.task.n_val, seed=c.seed + 1, split="test", **knobs)
-    except (ValueError, ImportError) as e:
-      raise ConfigError(f"config.task: {e}") from e
+    train = tasks.make_task(c.task.name, c.task.n_train, seed=c.seed, split="train")
+    test = tasks.make_task(c.task.name, c.task.n_test + c.task.n_val, seed=c.seed + 1, split="test")
   n_test = c.task.n_test or len(test) - c.task.n_val
   return tuple(train), tuple(test[:n_test]), tuple(test[n_test:n_test + c.task.n_val])
 
@@ -313,7 +314,7 @@ def check_prompt_lengths(encode_many, splits: dict[str, tuple], prompt_len: int)
     i = int(np.argmax(lengths)) if lengths else 0
     _check(not lengths or lengths[i] <= prompt_len, "rollout.prompt_len", prompt_len,
            f"is shorter than {split} problem {i}'s prompt ({lengths[i] if lengths else 0} tokens, the longest "
-           f"of its split); raise it")
+           f"of its split; id {problems[i].id if lengths else ''}); raise it")
 
 
 def accuracy(exp: Experiment, state: sm.NExtState, problems, seed: int = 0) -> float:

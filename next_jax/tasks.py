@@ -6,7 +6,6 @@ a deterministic cursor-based data order, and prompt formatting.
 Synthetic tasks (`make_task(name, n, seed, split, **knobs)`):
     arith      "12+34*5=" → "182" (TOY_NOTES' a+b*c family; knobs: operand ranges, operator template)
     countdown  numbers + target → an expression reaching the target (answer: JSON spec for the verifier)
-    rg:<name>  any reasoning-gym dataset (next_jax/rg_tasks.py; its config fields are the knobs)
 Train and test never overlap: a problem's split is a hash of its content (task, operands), independent of
 the seed, so any train seed and any test seed are disjoint; within a split problems are unique.
 
@@ -29,6 +28,7 @@ import dataclasses
 import functools
 import hashlib
 import json
+import math
 import os
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -36,7 +36,7 @@ from typing import Any
 
 import numpy as np
 
-from next_jax import chat_tasks, rewards, rg_tasks
+from next_jax import chat_tasks, rewards
 
 SPLITS = ("train", "test")
 TEST_FRACTION = 0.1  # share of each synthetic task's problem space that belongs to the test split
@@ -185,27 +185,19 @@ TASKS: dict[str, tuple[type, Callable, str]] = {
 }
 
 
-def known_task(name: str) -> bool:
-  """Whether make_task builds `name`: a TASKS entry or a reasoning-gym task `rg:<dataset>`."""
-  return name in TASKS or rg_tasks.is_rg(name)
-
-
 def make_task(name: str, n: int, seed: int, split: str = "train", test_fraction: float = TEST_FRACTION,
               max_draws: int | None = None, **knobs: Any) -> tuple[Problem, ...]:
   """n unique problems of task `name` from `split`, a pure function of (name, n, seed, split, knobs).
 
   Draws from np.random.default_rng((seed, split index)) and keeps a draw iff its content hashes into
   `split` (split_of) and is new; raises if max_draws (default 50·n/share + 1000) draws do not suffice (the
-  problem space is too small for n). `rg:<dataset>` names a reasoning-gym dataset (next_jax/rg_tasks.py:
-  its entries in order instead of our draws, the same split rule, its config fields as the knobs)."""
-  if not known_task(name):
-    raise ValueError(f"unknown task {name!r}; known: {sorted(TASKS)} or rg:<reasoning-gym dataset>")
+  problem space is too small for n)."""
+  if name not in TASKS:
+    raise ValueError(f"unknown task {name!r}; known: {sorted(TASKS)}")
   if split not in SPLITS:
     raise ValueError(f"split={split!r}; expected one of {SPLITS}")
   if not 0.0 < test_fraction < 1.0:
     raise ValueError(f"test_fraction={test_fraction}: need 0 < test_fraction < 1")
-  if rg_tasks.is_rg(name):
-    return rg_tasks.make_task(name, n, seed, split, test_fraction, max_draws, **knobs)
   spec_cls, sample, verifier = TASKS[name]
   fields = {f.name for f in dataclasses.fields(spec_cls)}
   if set(knobs) - fields:
@@ -287,17 +279,27 @@ def _read_rows(path: Path) -> Iterator[tuple[str, dict]]:
       import pyarrow.parquet as pq  # noqa: PLC0415
     except ImportError as e:
       raise ImportError(f"{path}: reading parquet needs pyarrow (pip install pyarrow)") from e
+    try:
+      batches = pq.ParquetFile(path).iter_batches(batch_size=4096)
+    except Exception as e:  # noqa: BLE001 - pyarrow raises ArrowInvalid, OSError, … for a foreign file
+      raise ValueError(f"{path}: not a readable parquet file ({type(e).__name__}: {e})") from None
     i = 0
-    for batch in pq.ParquetFile(path).iter_batches(batch_size=4096):
+    for batch in batches:
       for row in batch.to_pylist():
         i += 1
         yield f"row {i}", row
     return
   if suffix == ".json":
+    raw = path.read_bytes()
     try:
-      data = json.loads(path.read_text(encoding="utf-8"))
+      data = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as e:
+      line = raw[:e.start].count(b"\n") + 1
+      raise ValueError(f"{path}: line {line}: not UTF-8 text (byte {e.start}: {e.reason})") from None
     except json.JSONDecodeError as e:
       raise ValueError(f"{path}: invalid JSON at line {e.lineno}: {e.msg}") from None
+    except ValueError as e:  # e.g. an integer of more than 4300 digits
+      raise ValueError(f"{path}: unreadable JSON value ({e})") from None
     if isinstance(data, dict) and isinstance(data.get("data"), list):
       data = data["data"]
     if not isinstance(data, list):
@@ -305,14 +307,20 @@ def _read_rows(path: Path) -> Iterator[tuple[str, dict]]:
     for i, row in enumerate(data, 1):
       yield f"row {i}", row
     return
-  with path.open(encoding="utf-8") as f:
-    for i, line in enumerate(f, 1):
+  with path.open("rb") as f:
+    for i, data in enumerate(f, 1):
+      try:
+        line = data.decode("utf-8")
+      except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: line {i}: not UTF-8 text (byte {e.start} of the line: {e.reason})") from None
       if not line.strip():
         continue
       try:
         row = json.loads(line)
       except json.JSONDecodeError as e:
         raise ValueError(f"{path}: line {i}: invalid JSON: {e.msg}") from None
+      except ValueError as e:  # e.g. an integer of more than 4300 digits
+        raise ValueError(f"{path}: line {i}: unreadable JSON value ({e})") from None
       yield f"line {i}", row
 
 
@@ -329,9 +337,23 @@ def _detect_format(row: dict) -> str:
 
 
 def _field(row: dict, name: str) -> Any:
-  if name not in row or row[name] is None:
+  if name not in row:
     raise KeyError(name)
+  if row[name] is None:
+    raise ValueError(f"field {name!r} is null")
   return row[name]
+
+
+def check_answer(answer: str) -> None:
+  """A ground truth must be a non-empty string that is not NaN or ±inf (which a verifier would match)."""
+  if not answer:
+    raise ValueError("the ground truth is empty")
+  try:
+    value = float(answer)
+  except (ValueError, OverflowError):
+    return
+  if not math.isfinite(value):
+    raise ValueError(f"the ground truth is {answer!r}, not a finite number")
 
 
 def _text(value: Any, name: str) -> str:
@@ -361,8 +383,8 @@ def _row_verl(row: dict) -> dict[str, str]:
 
 def _row_flat(row: dict) -> dict[str, str]:
   prompt = _text(_field(row, "prompt"), "prompt")
-  if row.get("answer") is not None:
-    return {"prompt": prompt, "answer": _text(row["answer"], "answer"), "task": "flat"}
+  if row.get("answer") is not None or "solution" not in row:
+    return {"prompt": prompt, "answer": _text(_field(row, "answer"), "answer"), "task": "flat"}
   solution = _text(_field(row, "solution"), "solution")
   return {"prompt": prompt, "answer": rewards.last_boxed(solution) or solution, "solution": solution,
           "task": "flat"}
@@ -396,12 +418,15 @@ _ROW_READERS = {"verl": _row_verl, "flat": _row_flat, "gsm8k": _row_gsm8k, "math
 
 
 def load_problems(path: str | os.PathLike, format: str = "auto", limit: int | None = None,
-                  dedupe: bool = True, verifier: str = "math") -> tuple[Problem, ...]:
+                  dedupe: bool = True, verifier: str = "math",
+                  max_prompt_chars: int | None = None) -> tuple[Problem, ...]:
   """Problems from a local .jsonl / .json / .parquet file in one of FORMATS (module docstring).
 
   format="auto" decides from the first row's fields. dedupe drops rows whose (prompt, answer) was seen
   (DAPO-Math-17k's released parquet repeats each problem many times). ids: the row's extra_info.index, else
-  "<file stem>:<row number>". Errors name the file, the line/row and the missing or bad field."""
+  "<file stem>:<row number>". Errors name the file, the line/row and the missing or bad field. A ground
+  truth that is empty, NaN or ±inf is refused (check_answer); so is a prompt longer than max_prompt_chars
+  characters (a bound that keeps one huge row from being tokenized at all)."""
   path = Path(path)
   if format not in FORMATS:
     raise ValueError(f"format={format!r}; expected one of {FORMATS}")
@@ -416,6 +441,10 @@ def load_problems(path: str | os.PathLike, format: str = "auto", limit: int | No
     try:
       fmt = fmt or _detect_format(row)
       fields = _ROW_READERS[fmt](row)
+      check_answer(fields["answer"])
+      if max_prompt_chars is not None and len(fields["prompt"]) > max_prompt_chars:
+        raise ValueError(f"the prompt has {len(fields['prompt']):,} characters, more than the limit of "
+                         f"{max_prompt_chars:,}")
     except KeyError as e:
       raise ValueError(f"{path}: {where}: missing field {e.args[0]!r} (format {fmt!r}; row has "
                        f"{sorted(row)})") from None

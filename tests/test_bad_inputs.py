@@ -7,6 +7,7 @@ import ast
 import json
 import os
 import pickle
+import re
 import shutil
 import subprocess
 import sys
@@ -396,3 +397,45 @@ def test_entry_point_names_an_unknown_key_in_a_config_file(tmp_path):
   out = subprocess.run([sys.executable, "-m", "experiments.main", f"--config={cfg}"], cwd=ROOT,
                        capture_output=True, text=True, timeout=120, env=env)
   assert out.returncode != 0 and "learnig_rate" in out.stderr
+
+
+# ------------------------------------------------------------------------------------ data files (task.path)
+
+
+def _file_config(path: Path, prompt_len: int = 64):
+  c = toy_arith.get_config("quick")
+  c.task.name, c.task.path, c.rollout.prompt_len = "file", str(path), prompt_len
+  return c
+
+
+def test_a_huge_prompt_is_refused_by_its_length_naming_file_row_and_limit(tmp_path, monkeypatch):
+  path = tmp_path / "big.jsonl"
+  path.write_text('{"prompt": "1+1=", "answer": "2"}\n' + json.dumps({"prompt": "x" * 2_000_000, "answer": "3"}))
+  monkeypatch.setattr(experiment, "check_prompt_lengths", lambda *a: pytest.fail("a huge prompt was tokenized"))
+  with pytest.raises(experiment.ConfigError, match=r"config\.task\.path: .*big\.jsonl: line 2: the prompt has "
+                     r"2,000,000 characters, more than the limit of 2,048 \(32 × rollout\.prompt_len=64"):
+    experiment.load_problems(_file_config(path))
+
+
+@pytest.mark.parametrize("case", ["not_utf8", "null_answer", "null_ground_truth", "huge_int", "nan", "inf", "empty",
+                                  "not_parquet"])
+def test_a_bad_data_row_is_refused_naming_file_and_row(case, tmp_path):
+  ok = '{"prompt": "1+1=", "answer": "2"}\n'
+  row = {"null_answer": '{"prompt": "2+2=", "answer": null}', "huge_int": '{"prompt": "2+2=", "answer": 1' + "0" * 5000 + "}",
+         "nan": '{"prompt": "2+2=", "answer": NaN}', "inf": '{"prompt": "2+2=", "answer": 1e400}',
+         "empty": '{"prompt": "2+2=", "answer": ""}',
+         "null_ground_truth": json.dumps({"prompt": "2+2=", "reward_model": {"ground_truth": None}})}.get(case)
+  path = tmp_path / ("d.parquet" if case == "not_parquet" else "d.jsonl")
+  if case == "not_utf8":
+    path.write_bytes(ok.encode() + b'{"prompt": "caf\xe9", "answer": "1"}\n')
+  elif case == "null_ground_truth":
+    path.write_text(json.dumps({"prompt": "1+1=", "reward_model": {"ground_truth": "2"}}) + "\n" + row + "\n")
+  else:
+    path.write_text("not parquet at all\n" if case == "not_parquet" else ok + row + "\n")
+  match = {"not_utf8": "line 2: not UTF-8 text", "null_answer": "line 2: field 'answer' is null",
+           "null_ground_truth": "line 2: field 'ground_truth' is null", "huge_int": "line 2: unreadable JSON value",
+           "nan": "line 2: the ground truth is 'nan', not a finite number",
+           "inf": "line 2: the ground truth is 'inf', not a finite number", "empty": "line 2: the ground truth is empty",
+           "not_parquet": "not a readable parquet file"}[case]
+  with pytest.raises(ValueError, match=re.escape(f"{path}: ") + match):
+    tasks.load_problems(path)
