@@ -59,7 +59,7 @@ def main(argv):
   from absl import logging as absl_logging  # noqa: PLC0415
   absl_logging.set_verbosity(absl_logging.WARNING)  # orbax logs every save at INFO
   from next_jax import experiment, hf  # noqa: PLC0415 (after flag parsing: fast --help)
-  from next_jax.checkpoint import CorruptCheckpoint  # noqa: PLC0415
+  from next_jax.checkpoint import CheckpointWriteError, CorruptCheckpoint  # noqa: PLC0415
   from next_jax.driver import NumericalFault  # noqa: PLC0415
   from next_jax.metrics import is_primary  # noqa: PLC0415
 
@@ -77,7 +77,7 @@ def main(argv):
     build_toy_base(c.model.dir)
   try:
     results = experiment.run(c)
-  except (experiment.ConfigError, hf.CheckpointError, CorruptCheckpoint) as e:
+  except (experiment.ConfigError, hf.CheckpointError, CorruptCheckpoint, CheckpointWriteError) as e:
     sys.exit(f"error: {e}")
   except NumericalFault as e:
     sys.exit(f"stopped: {e}")

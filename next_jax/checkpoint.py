@@ -15,7 +15,11 @@ arrays and restored onto the template's device.
 
 from __future__ import annotations
 
+import errno
+import logging
 import os
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +33,38 @@ from jax.sharding import PartitionSpec as P
 
 class CorruptCheckpoint(ValueError):
   """A checkpoint that cannot be read back as the expected state (missing/corrupt files, other structure)."""
+
+
+class CheckpointWriteError(OSError):
+  """A checkpoint that could not be written (disk full, quota): one message naming it, the last intact one
+  and how to resume, instead of orbax's asyncio tracebacks."""
+
+
+_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+class _HeldLogs(logging.Filter):
+  """Holds back the records of a logger while a save runs (re-emitted unless the save ran out of space)."""
+
+  def __init__(self):
+    super().__init__()
+    self.records: list[logging.LogRecord] = []
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    self.records.append(record)
+    return False
+
+
+def _disk_full(e: BaseException | None, seen: int = 0) -> bool:
+  """Whether ENOSPC/EDQUOT caused `e`, anywhere in its cause/context chain or exception group (tensorstore
+  reports it only as text)."""
+  if e is None or seen > 20:
+    return False
+  if isinstance(e, OSError) and e.errno in _FULL or "No space left on device" in str(e) or "quota" in str(e).lower():
+    return True
+  if isinstance(e, BaseExceptionGroup) and any(_disk_full(x, seen + 1) for x in e.exceptions):
+    return True
+  return _disk_full(e.__cause__ or e.__context__, seen + 1)
 
 
 def _words(x: jax.Array) -> jax.Array:
@@ -100,8 +136,31 @@ class Checkpointer:
     """Write a complete checkpoint for `step` (synchronously; atomic by rename)."""
     meta = {**(meta or {}), "fingerprint": fingerprint(state)}
     args = ocp.args.Composite(state=ocp.args.StandardSave(to_global(state)), meta=ocp.args.JsonSave(meta))
-    self._mngr.save(step, args=args, force=True)
-    self._mngr.wait_until_finished()
+    held, threads = _HeldLogs(), set(threading.enumerate())
+    logging.getLogger("absl").addFilter(held)  # orbax logs a traceback per writer thread when a save fails
+    try:
+      self._mngr.save(step, args=args, force=True)
+      self._mngr.wait_until_finished()
+    except Exception as e:
+      if not _disk_full(e):
+        raise
+      deadline = time.monotonic() + 10
+      for t in set(threading.enumerate()) - threads:  # let orbax's other writer threads stop first
+        t.join(timeout=max(0.0, deadline - time.monotonic()))
+      held.records.clear()
+      raise CheckpointWriteError(self._full_message(step)) from None
+    finally:
+      logging.getLogger("absl").removeFilter(held)
+      for record in held.records:
+        logging.getLogger("absl").handle(record)
+
+  def _full_message(self, step: int) -> str:
+    """The disk-full message (orbax removes the failed save's temporary directory on the next start)."""
+    intact = [s for s in self.all_steps() if s != step]
+    last = (f"the last intact checkpoint is step {max(intact)} ({self.directory}/{max(intact)}); free space, then "
+            "resume from it with --config.ckpt.resume=True" if intact else
+            "no checkpoint of this run was written yet; free space, then start it again")
+    return f"checkpoint {step}: no space left on the device writing {self.directory}/{step}; {last}"
 
   def read_meta(self, step: int | None = None) -> dict[str, Any]:
     """The JSON metadata of `step` (default: the latest) without reading the arrays."""

@@ -338,8 +338,9 @@ def run(c, model_dir: str | None = None) -> dict[str, Any]:
   """Train per the config; returns (and writes to workdir/results.json) backbone and final accuracy,
   the accuracy at each evaluation, ICER, jump diagnostics and timings.
 
-  Order: validate, check the workdir, load model and data, restore the checkpoint of a resumed run (every
-  error so far leaves the disk untouched), then create/wipe the workdir. Each checkpoint's metadata carries
+  Order: validate, check the workdir (refused while another run holds its lock), load model and data, restore
+  the checkpoint of a resumed run (every error so far leaves the disk untouched), then lock, create/wipe the
+  workdir and train holding the lock (`_train`). Each checkpoint's metadata carries
   the partial results, the number of metric rows written and the config, so a run killed anywhere resumes
   both exactly as the uninterrupted run has them, and only with a config that run allows."""
   validate(c)
@@ -353,6 +354,12 @@ def run(c, model_dir: str | None = None) -> dict[str, Any]:
     if reader.latest_step() is not None:
       state, meta = reader.restore(exp.state)
     reader.close()
+  with workdir.locked(c):  # one run per workdir: a second one (or a resume) started meanwhile is refused
+    return _train(c, exp, state, meta, resuming)
+
+
+def _train(c, exp: Experiment, state: sm.NExtState, meta: dict | None, resuming: bool) -> dict[str, Any]:
+  """`run` after the checks: prepare the workdir, train, evaluate, write results.json."""
   wd = workdir.prepare(c)
   ckpt = Checkpointer(wd / "ckpt", max_to_keep=c.ckpt.max_to_keep)
   writer = MetricWriter(wd, tensorboard=c.log.tensorboard)

@@ -3,18 +3,24 @@
 A workdir holds one run. Starting in one that holds a run needs ckpt.resume (same config, up to the RESUMABLE
 fields and those named in ckpt.allow_changes) or ckpt.overwrite (wiped first). Every check here runs before
 anything is written (`experiment.run` checks, builds and restores, then `prepare`s), so a refused start
-leaves the disk untouched. Multi-host: the workdir is shared (orbax needs it) and process 0 writes.
+leaves the disk untouched. A run holds an exclusive lock on workdir/.lock (`locked`) for its whole life; a
+second run (or a resume) of the same workdir is refused while it lives, and a lock left by a killed run
+does not count (outdir.lock). Multi-host: the workdir is shared (orbax needs it) and process 0 writes and
+locks.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import jax
 
+from next_jax import outdir
 from next_jax.checkpoint import Checkpointer
 from next_jax.config import ConfigError
 from next_jax.config import check as _check
@@ -45,10 +51,22 @@ def _has_run(wd: Path) -> bool:
   return (wd / "ckpt").is_dir() and any((wd / "ckpt").iterdir())
 
 
+LOCK = ".lock"
+
+
+def _what(c) -> str:
+  return f"config.workdir={c.workdir!r}"
+
+
 def check(c) -> bool:
-  """→ whether workdir holds a run to resume. Refuses to mix two runs: an existing run needs ckpt.resume
-  (with the same config, up to RESUMABLE fields) or ckpt.overwrite. Touches nothing."""
+  """→ whether workdir holds a run to resume. Refuses a workdir another live run holds, and to mix two runs:
+  an existing run needs ckpt.resume (with the same config, up to RESUMABLE fields) or ckpt.overwrite.
+  Touches nothing."""
   wd = Path(c.workdir)
+  try:
+    outdir.check_unlocked(wd / LOCK, _what(c))
+  except outdir.Busy as e:
+    raise ConfigError(str(e)) from None
   has_run = _has_run(wd)
   if has_run and not (c.ckpt.resume or c.ckpt.overwrite):
     raise ConfigError(f"config.workdir={c.workdir!r} already holds a run; pass --config.ckpt.resume=True "
@@ -113,7 +131,9 @@ def prepare(c) -> Path:
   check(c)
   if is_primary():
     if _has_run(wd) and c.ckpt.overwrite and not c.ckpt.resume:
-      shutil.rmtree(wd)
+      for p in wd.iterdir():  # all but the lock `locked` holds
+        if p.name != LOCK:
+          shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
     wd.mkdir(parents=True, exist_ok=True)
     tmp = wd / "config.json.tmp"
     tmp.write_text(c.to_json(indent=2))
@@ -122,6 +142,23 @@ def prepare(c) -> Path:
     from jax.experimental import multihost_utils  # noqa: PLC0415
     multihost_utils.sync_global_devices("next_jax.workdir.prepare")
   return wd
+
+
+@contextlib.contextmanager
+def locked(c) -> Iterator[None]:
+  """Create workdir and hold its lock (process 0) until the block ends; a live holder raises ConfigError
+  naming the workdir and its pid. Call after every check has passed: the directory is created here."""
+  if not is_primary():
+    yield
+    return
+  wd = Path(c.workdir)
+  wd.mkdir(parents=True, exist_ok=True)
+  with contextlib.ExitStack() as stack:
+    try:
+      stack.enter_context(outdir.lock(wd / LOCK, _what(c)))
+    except outdir.Busy as e:
+      raise ConfigError(str(e)) from None
+    yield
 
 
 def write_results(wd: Path, results: dict[str, Any]) -> None:

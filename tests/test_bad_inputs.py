@@ -4,13 +4,17 @@ pickles. Each gets one clear error naming the problem before any work starts, an
 is never touched."""
 
 import ast
+import errno
 import json
+import logging
 import os
 import pickle
 import re
 import shutil
 import subprocess
 import sys
+import threading
+import types
 from pathlib import Path
 
 import jax.numpy as jnp
@@ -19,7 +23,7 @@ import numpy as np
 import pytest
 
 from next_jax import experiment, hf, peft_io, policy, tasks, toy, workdir
-from next_jax.checkpoint import Checkpointer, CorruptCheckpoint
+from next_jax.checkpoint import CheckpointWriteError, Checkpointer, CorruptCheckpoint
 from next_jax.metrics import MetricWriter
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -439,3 +443,63 @@ def test_a_bad_data_row_is_refused_naming_file_and_row(case, tmp_path):
            "not_parquet": "not a readable parquet file"}[case]
   with pytest.raises(ValueError, match=re.escape(f"{path}: ") + match):
     tasks.load_problems(path)
+
+
+# --------------------------------------------------------------------------- one run per workdir, full disks
+
+
+def _refused_in_another_thread(fn) -> str:
+  """fn() run in a new thread (its own open file descriptions: to flock, another process) → its error."""
+  box = {}
+
+  def target():
+    try:
+      fn()
+    except Exception as e:  # noqa: BLE001
+      box["error"] = e
+
+  t = threading.Thread(target=target)
+  t.start()
+  t.join()
+  return f"{type(box.get('error')).__name__}: {box.get('error')}"
+
+
+def test_a_second_run_or_resume_of_a_workdir_in_use_is_refused_naming_it_and_the_pid(old_run, monkeypatch):
+  c, wd, before = old_run
+  c.ckpt.resume = True
+  monkeypatch.setattr(experiment, "build", lambda *a: pytest.fail("built a run for a workdir in use"))
+  with workdir.locked(c):
+    err = _refused_in_another_thread(lambda: experiment.run(c))
+  assert re.search(rf"ConfigError: config\.workdir='.*run' is in use by another process \(pid {os.getpid()}", err)
+  assert snapshot(wd) == before  # the lock file goes with its holder
+
+
+def test_a_run_holds_its_workdir_lock_to_the_end_and_a_killed_runs_lock_does_not_block(old_run, monkeypatch):
+  c, wd, _ = old_run
+  (wd / workdir.LOCK).write_text("999999\n")  # what a SIGKILLed run leaves: the file, no flock
+  c.ckpt.overwrite = True
+  monkeypatch.setattr(experiment, "build", lambda *a: types.SimpleNamespace(state=None))
+
+  def train(*_a):
+    return {"refused": _refused_in_another_thread(lambda: workdir.check(c))}
+
+  monkeypatch.setattr(experiment, "_train", train)
+  out = experiment.run(c)
+  assert "is in use by another process" in out["refused"] and not (wd / workdir.LOCK).exists()
+
+
+def test_a_full_disk_during_a_checkpoint_is_one_message_naming_it_and_how_to_resume(tmp_path, monkeypatch, caplog):
+  from orbax.checkpoint._src.handlers import json_checkpoint_handler as jch
+
+  ck = Checkpointer(tmp_path / "ckpt")
+  ck.save(1, {"x": jnp.arange(3.0)}, {"step": 1})
+
+  async def full(self, x, directory):
+    raise OSError(errno.ENOSPC, "No space left on device", str(directory / "metadata"))
+
+  monkeypatch.setattr(jch.JsonCheckpointHandler, "_save_fn", full)
+  with pytest.raises(CheckpointWriteError, match=rf"checkpoint 2: no space left on the device writing "
+                     rf"{re.escape(str(tmp_path))}/ckpt/2; the last intact checkpoint is step 1 .*ckpt\.resume=True"):
+    ck.save(2, {"x": jnp.arange(3.0)}, {"step": 2})
+  ck.close()
+  assert not [r for r in caplog.records if r.levelno >= logging.ERROR]  # orbax's per-thread tracebacks held back
