@@ -279,6 +279,8 @@ def main(argv=None) -> dict:
     alphas, write, out = check_args(args)
     out.parent.mkdir(parents=True, exist_ok=True)
     with outdir.lock(outdir.lock_path(out), f"--out {out}"):  # one post-hoc run per OUT
+      outdir.recover(out)  # what a run killed while replacing OUT left; then OUT is checked again
+      outdir.check_out(out, **out_rules(args, write, len(alphas)))
       return run_posthoc(args, argv, alphas, write, out)
   except CheckpointError as e:
     sys.exit(f"posthoc: {e}")

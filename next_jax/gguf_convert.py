@@ -266,6 +266,7 @@ def convert_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike | None
   outdir.check_out(out, **check)
   out.parent.mkdir(parents=True, exist_ok=True)
   with outdir.lock(outdir.lock_path(out), str(out), wait=True):
+    outdir.recover(out)  # what a conversion killed while replacing the entry left
     if is_converted(out, source):
       return out
     return _convert(path, out, source, check)
