@@ -6,10 +6,11 @@ easy settings and on our own `add` / `extract` (issue 27, study item 1).
     python -m experiments.rg_select --report-only                    # re-render README table from the rows
 
 Each task is posed by configs/smollm2.py (task=…: system "Be brief.", the task's instruction; rg tasks ask
-for <answer></answer> tags), --max-new-tokens new tokens, temperature 1, 8 samples per problem, on the
-task's test split (seed 1, disjoint by content from every train split). One sampling pass is scored by
-every verifier that can read the task (rg tasks: "rg" = the tag only, reasoning-gym's convention, and
-"rg_number" = the tag, else the last number), so the two extractions are compared on the same responses.
+for <answer></answer> tags; --instruction replaces it), --max-new-tokens new tokens, temperature 1, 8 samples
+per problem, on the task's test split (seed 1, disjoint by content from every train split). One sampling
+pass is scored by every verifier that can read the task (rg tasks: "rg" = the tag only, reasoning-gym's
+convention, and "rg_number" = the tag, else the last number), so the two extractions are compared on the
+same responses.
 
 A row per (task, chunk of --chunk problems) goes to <out>/rows.jsonl as soon as it is sampled: the per-
 problem count of correct samples under each verifier. A rerun skips the rows already there (resumable at
@@ -49,11 +50,13 @@ CANDIDATES = ("rg:basic_arithmetic", "rg:leg_counting", "rg:chain_sum", "add", "
 _NUM = re.compile(r"-?\d+")
 
 
-def make_config(task: str, n: int, max_new_tokens: int):
-  """The preset's posing of `task`, n test problems, no training or validation problems to speak of."""
+def make_config(task: str, n: int, max_new_tokens: int, instruction: str | None = None):
+  """The preset's posing of `task` (or `instruction` instead of its own), n test problems, no training or
+  validation problems to speak of."""
   c = smollm2.get_config(f"task={task}")
   c.task.n_train, c.task.n_test, c.task.n_val = 1, n, 0
   c.rollout.max_new_tokens = max_new_tokens
+  c.task.instruction = c.task.instruction if instruction is None else instruction
   if task.startswith("rg:"):
     c.task.knobs.extract = "tag"
   return c
@@ -85,12 +88,19 @@ def sample_chunk(exp, problems, samples: int, seed: int) -> dict:
   return {"counts": counts, "examples": texts[:samples], "mean_len": float(mask.sum(axis=1).mean())}
 
 
-def measure(task: str, n: int, samples: int, chunk: int, max_new_tokens: int, done: set, path: Path) -> None:
+def key(r: dict) -> tuple:
+  """What makes two rows the same measurement: task, problems, tokens, posing (and the chunk: r["start"])."""
+  return r["task"], r["n"], r["max_new_tokens"], r["instruction"], r["system"]
+
+
+def measure(task: str, n: int, samples: int, chunk: int, max_new_tokens: int, instruction: str | None,
+            done: set, path: Path) -> None:
   """Sample the task's chunks not yet in rows.jsonl; append one row per chunk."""
-  todo = [i for i in range(0, n, chunk) if (task, n, max_new_tokens, i) not in done]
+  c = make_config(task, n, max_new_tokens, instruction)
+  todo = [i for i in range(0, n, chunk)
+          if (task, n, max_new_tokens, c.task.instruction, c.task.system, i) not in done]
   if not todo:
     return
-  c = make_config(task, n, max_new_tokens)
   exp = experiment.build(c)
   for start in todo:
     probs = exp.test[start:start + chunk]
@@ -112,16 +122,17 @@ def summarize(rows: list[dict]) -> list[dict]:
   """One line per (task, n, tokens, verifier): pass@1 ± s.e. (over problems), pass@8, format guesses."""
   groups: dict[tuple, list[dict]] = {}
   for r in rows:
-    groups.setdefault((r["task"], r["n"], r["max_new_tokens"]), []).append(r)
+    groups.setdefault(key(r), []).append(r)
   out = []
-  for (task, n, tokens), rs in groups.items():
+  for (task, n, tokens, instruction, _), rs in groups.items():
     for v in rs[0]["counts"]:
       k = rs[0]["samples"]
       c = np.asarray([x for r in rs for x in r["counts"][v]], float)
       g = [x for r in rs for x in r["guesses"][v]]
       width = max((len(x) for x in g), default=0)
       pos = [np.mean([x[j] == 1.0 if j < len(x) else False for x in g]) for j in range(width)]
-      out.append({"task": task, "verifier": v, "tokens": tokens, "problems": int(c.size), "complete": c.size >= n,
+      out.append({"task": task, "verifier": v, "tokens": tokens, "instruction": instruction,
+                  "problems": int(c.size), "complete": c.size >= n,
                   "pass@1": c.mean() / k, "se": (c / k).std(ddof=1) / math.sqrt(c.size) if c.size > 1 else 0.0,
                   f"pass@{k}": float((c > 0).mean()), "k": k,
                   "guess_any": float(np.mean([any(s == 1.0 for s in x) for x in g])),
@@ -131,14 +142,16 @@ def summarize(rows: list[dict]) -> list[dict]:
 
 
 def table(rows: list[dict]) -> str:
-  lines = ["| task | verifier | new tokens | problems | pass@1 (avg@8) | pass@8 | pass@8 / pass@1 | guess: any "
-           "number | guess: best position | RLVR regime? | s / sample |",
-           "|---|---|---:|---:|---:|---:|---:|---:|---:|---|---:|"]
+  lines = ["| task | instruction | verifier | new tokens | problems | pass@1 (avg@8) | pass@8 | pass@8 / pass@1 "
+           "| guess: any number | guess: best position | RLVR regime? | s / sample |",
+           "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|---:|"]
   for s in summarize(rows):
     p1, p8 = s["pass@1"], s[f"pass@{s['k']}"]
     ok = 0.05 <= p1 <= 0.40 and p8 >= 2 * p1
-    lines.append(f"| {s['task']} | {s['verifier']} | {s['tokens']} | {s['problems']}{'' if s['complete'] else ' (partial)'}"
-                 f" | {100 * p1:.1f} ± {100 * s['se']:.1f} | {100 * p8:.1f} | {p8 / p1 if p1 else float('inf'):.1f}× "
+    partial = "" if s["complete"] else " (partial)"
+    lines.append(f"| {s['task']} | {s['instruction']} | {s['verifier']} | {s['tokens']} | {s['problems']}{partial}"
+                 f" | {100 * p1:.1f} ± {100 * s['se']:.1f} | {100 * p8:.1f} "
+                 f"| {p8 / p1 if p1 else float('inf'):.1f}× "
                  f"| {100 * s['guess_any']:.1f} | {100 * s['guess_best_pos']:.1f} | {'yes' if ok else 'no'} "
                  f"| {s['s_per_row']:.2f} |")
   return "\n".join(lines) + "\n"
@@ -151,6 +164,7 @@ def main(argv=None):
   ap.add_argument("--samples", type=int, default=8)
   ap.add_argument("--chunk", type=int, default=64, help="problems per sampler call and per row")
   ap.add_argument("--max-new-tokens", type=int, default=16)
+  ap.add_argument("--instruction", default=None, help="instead of the preset's (e.g. 'Answer with just the number.')")
   ap.add_argument("--out", default="experiments/results/real_rg")
   ap.add_argument("--report-only", action="store_true")
   args = ap.parse_args(argv)
@@ -163,9 +177,9 @@ def main(argv=None):
   read = lambda: [json.loads(x) for x in path.read_text().splitlines()] if path.exists() else []  # noqa: E731
   if not args.report_only:
     for task in args.tasks.split(","):
-      done = {(r["task"], r["n"], r["max_new_tokens"], r["start"]) for r in read()}
+      done = {(*key(r), r["start"]) for r in read()}
       try:
-        measure(task, args.n, args.samples, args.chunk, args.max_new_tokens, done, path)
+        measure(task, args.n, args.samples, args.chunk, args.max_new_tokens, args.instruction, done, path)
       except experiment.ConfigError as e:  # e.g. too few distinct problems at these knobs: the next task
         print(f"{task}: skipped: {e}", flush=True)
       (out / "select.md").write_text(table(read()))

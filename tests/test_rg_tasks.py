@@ -123,3 +123,14 @@ def test_smollm2_preset_poses_rg_tasks_with_their_easy_knobs():
   c.task.knobs.max_digits = 1  # what --config.task.knobs.max_digits=1 does
   train, _, _ = experiment.load_problems(c)
   assert all(json.loads(p.answer)["config"]["max_digits"] == 1 for p in train)
+
+
+def test_rg_select_summary_counts_pass_at_1_and_pass_at_k():
+  from experiments import rg_select  # noqa: PLC0415
+  row = {"task": "rg:x", "n": 4, "max_new_tokens": 16, "instruction": "I", "system": "S", "start": 0,
+         "samples": 8, "problems": 4, "seconds": 32.0, "counts": {"rg_number": [0, 2, 8, 0]},
+         "guesses": {"rg_number": [[0.0, 1.0], [0.0], [], [0.0, 0.0]]}}
+  (s,) = rg_select.summarize([row])
+  assert s["pass@1"] == 10 / 32 and s["pass@8"] == 0.5 and s["complete"]
+  assert s["guess_any"] == 0.25 and s["guess_best_pos"] == 0.25 and s["s_per_row"] == 1.0
+  assert "| rg:x | I | rg_number | 16 | 4 | 31.2 ±" in rg_select.table([row])
