@@ -129,8 +129,10 @@ def validate(c) -> None:
   _check(c.model.dtype in ("", "float32", "bfloat16"), "model.dtype", c.model.dtype,
          "use '', 'float32' or 'bfloat16'")
   lora_config(c)
-  _check(c.task.name in tuple(tasks.TASKS) + ("file",), "task.name", c.task.name,
-         f"use one of {sorted(tasks.TASKS) + ['file']}")
+  _check(tasks.known_task(c.task.name) or c.task.name == "file", "task.name", c.task.name,
+         f"use one of {sorted(tasks.TASKS) + ['file']} or rg:<reasoning-gym dataset>")
+  _check(not c.task.knobs or c.task.name != "file", "task.knobs", c.task.knobs.to_dict(),
+         "a data file (task.name='file') has no knobs")
   if c.task.name == "file":
     _check(bool(c.task.path) and Path(c.task.path).is_file(), "task.path", c.task.path, "no such data file")
   ro = c.rollout
@@ -227,8 +229,12 @@ def load_problems(c):
     if c.task.test_path:
       test = _load_file(c.task.test_path, "task.test_path", prompt_len=c.rollout.prompt_len)
   else:
-    train = tasks.make_task(c.task.name, c.task.n_train, seed=c.seed, split="train")
-    test = tasks.make_task(c.task.name, c.task.n_test + c.task.n_val, seed=c.seed + 1, split="test")
+    knobs = c.task.knobs.to_dict()
+    try:
+      train = tasks.make_task(c.task.name, c.task.n_train, seed=c.seed, split="train", **knobs)
+      test = tasks.make_task(c.task.name, c.task.n_test + c.task.n_val, seed=c.seed + 1, split="test", **knobs)
+    except (ValueError, ImportError) as e:
+      raise ConfigError(f"config.task: {e}") from e
   n_test = c.task.n_test or len(test) - c.task.n_val
   return tuple(train), tuple(test[:n_test]), tuple(test[n_test:n_test + c.task.n_val])
 

@@ -6,6 +6,7 @@ a deterministic cursor-based data order, and prompt formatting.
 Synthetic tasks (`make_task(name, n, seed, split, **knobs)`):
     arith      "12+34*5=" → "182" (TOY_NOTES' a+b*c family; knobs: operand ranges, operator template)
     countdown  numbers + target → an expression reaching the target (answer: JSON spec for the verifier)
+    rg:<name>  any reasoning-gym dataset (next_jax/rg_tasks.py; its config fields are the knobs)
 Train and test never overlap: a problem's split is a hash of its content (task, operands), independent of
 the seed, so any train seed and any test seed are disjoint; within a split problems are unique.
 
@@ -36,7 +37,7 @@ from typing import Any
 
 import numpy as np
 
-from next_jax import chat_tasks, rewards
+from next_jax import chat_tasks, rewards, rg_tasks
 
 SPLITS = ("train", "test")
 TEST_FRACTION = 0.1  # share of each synthetic task's problem space that belongs to the test split
@@ -185,19 +186,27 @@ TASKS: dict[str, tuple[type, Callable, str]] = {
 }
 
 
+def known_task(name: str) -> bool:
+  """Whether make_task builds `name`: a TASKS entry or a reasoning-gym task `rg:<dataset>`."""
+  return name in TASKS or rg_tasks.is_rg(name)
+
+
 def make_task(name: str, n: int, seed: int, split: str = "train", test_fraction: float = TEST_FRACTION,
               max_draws: int | None = None, **knobs: Any) -> tuple[Problem, ...]:
   """n unique problems of task `name` from `split`, a pure function of (name, n, seed, split, knobs).
 
   Draws from np.random.default_rng((seed, split index)) and keeps a draw iff its content hashes into
   `split` (split_of) and is new; raises if max_draws (default 50·n/share + 1000) draws do not suffice (the
-  problem space is too small for n)."""
-  if name not in TASKS:
-    raise ValueError(f"unknown task {name!r}; known: {sorted(TASKS)}")
+  problem space is too small for n). `rg:<dataset>` names a reasoning-gym dataset (next_jax/rg_tasks.py:
+  its entries in order instead of our draws, the same split rule, its config fields as the knobs)."""
+  if not known_task(name):
+    raise ValueError(f"unknown task {name!r}; known: {sorted(TASKS)} or rg:<reasoning-gym dataset>")
   if split not in SPLITS:
     raise ValueError(f"split={split!r}; expected one of {SPLITS}")
   if not 0.0 < test_fraction < 1.0:
     raise ValueError(f"test_fraction={test_fraction}: need 0 < test_fraction < 1")
+  if rg_tasks.is_rg(name):
+    return rg_tasks.make_task(name, n, seed, split, test_fraction, max_draws, **knobs)
   spec_cls, sample, verifier = TASKS[name]
   fields = {f.name for f in dataclasses.fields(spec_cls)}
   if set(knobs) - fields:
