@@ -1,11 +1,11 @@
 """The plain GRPO-LoRA probe on the chosen task (issue 27, study item 1): is the curve still rising where the
 scaled comparison needs it to be (jump at 75, short mark 125, long mark 200)?
 
-    python -m experiments.rg_probe --task rg:basic_arithmetic --extract number     # 200 steps, lr 2e-5
-    python -m experiments.rg_probe --task rg:basic_arithmetic --extract number --lr 5e-5 --until 120
+    python -m experiments.rg_probe --task rg:basic_arithmetic             # 200 steps, lr 2e-5
+    python -m experiments.rg_probe --task add --lr 5e-5 --max-new-tokens 32 --until 120
     python -m experiments.rg_probe --report-only
 
-configs/smollm2.py poses the task (task=…, its easy knobs; --extract picks the rg verifier); GRPO-LoRA at
+configs/smollm2.py poses the task (task=…, its easy knobs; --extract overrides the rg extraction); GRPO-LoRA at
 --prompts × --group samples per step, one update per step. The state machine collects the trajectory (a
 snapshot every --interval steps) to the jump point --jump, whose state stays checkpointed under
 <out>/ckpt/<run>/collect/ (the shared jump-point state a NExt / RL-Extra branch starts from); then plain
@@ -45,14 +45,16 @@ def make_config(args):
   c.task.n_train, c.task.n_test, c.task.n_val = 4000, args.n_test, 0
   c.rollout.prompts_per_step, c.rollout.group_size = args.prompts, args.group
   c.rl.lr = args.lr
+  c.rollout.max_new_tokens = args.max_new_tokens or c.rollout.max_new_tokens
   c.nxt.extrapolate_at, c.nxt.interval, c.nxt.k, c.nxt.total_steps = args.jump, args.interval, 5, args.until
   c.eval.every, c.eval.samples, c.log.progress = 0, 1, False
   return c
 
 
 def run_name(args) -> str:
-  return (f"{args.task.replace(':', '_')}_{args.extract or 'tag'}_lr{args.lr:g}_p{args.prompts}g{args.group}"
-          f"_s{args.seed}")
+  tokens = f"_t{args.max_new_tokens}" if args.max_new_tokens else ""
+  return (f"{args.task.replace(':', '_')}_{args.extract or 'preset'}_lr{args.lr:g}_p{args.prompts}g{args.group}"
+          f"{tokens}_s{args.seed}")
 
 
 def probe(args, out: Path) -> None:
@@ -61,8 +63,9 @@ def probe(args, out: Path) -> None:
   done = {r["step"] for r in read(path) if r["run"] == name and "acc" in r}
   c = make_config(args)
   exp = experiment.build(c)
-  base = {"run": name, "task": args.task, "extract": args.extract or "tag", "lr": args.lr,
-          "samples": args.prompts * args.group, "seed": args.seed, "n_test": len(exp.test)}
+  base = {"run": name, "task": args.task, "extract": c.task.knobs.to_dict().get("extract", ""), "lr": args.lr,
+          "samples": args.prompts * args.group, "max_new_tokens": c.rollout.max_new_tokens, "seed": args.seed,
+          "n_test": len(exp.test)}
 
   def record(state, sec):
     step = int(state.rl.step)
@@ -115,8 +118,9 @@ def table(rows: list[dict]) -> str:
 def main(argv=None):
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   ap.add_argument("--task", default="rg:basic_arithmetic")
-  ap.add_argument("--extract", default="", help="rg tasks: tag | number (default: the preset's, tag)")
+  ap.add_argument("--extract", default="", help="rg tasks: tag | number (default: the preset's)")
   ap.add_argument("--lr", type=float, default=2e-5)
+  ap.add_argument("--max-new-tokens", type=int, default=0, help="default: the preset's (16)")
   ap.add_argument("--prompts", type=int, default=8)
   ap.add_argument("--group", type=int, default=8)
   ap.add_argument("--seed", type=int, default=0)

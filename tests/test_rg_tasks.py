@@ -118,7 +118,10 @@ def test_smollm2_preset_poses_rg_tasks_with_their_easy_knobs():
   import smollm2  # noqa: PLC0415
   c = smollm2.get_config("task=rg:chain_sum")
   experiment.validate(c)
-  assert c.task.knobs.to_dict() == smollm2.RG_EASY["chain_sum"] and "<answer>" in c.task.instruction
+  assert c.task.knobs.to_dict() == {**smollm2.RG_EASY["chain_sum"], "extract": "number"}
+  assert c.task.instruction == "Answer with just the number."
+  other = smollm2.get_config("task=rg:countdown")  # not in RG_EASY: library defaults, the tag convention
+  assert other.task.knobs.to_dict() == {"extract": "tag"} and "<answer>" in other.task.instruction
   c.task.n_train, c.task.n_test, c.task.n_val = 5, 5, 0
   c.task.knobs.max_digits = 1  # what --config.task.knobs.max_digits=1 does
   train, _, _ = experiment.load_problems(c)
