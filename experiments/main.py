@@ -58,7 +58,7 @@ def main(argv):
   del argv
   from absl import logging as absl_logging  # noqa: PLC0415
   absl_logging.set_verbosity(absl_logging.WARNING)  # orbax logs every save at INFO
-  from next_jax import experiment, hf  # noqa: PLC0415 (after flag parsing: fast --help)
+  from next_jax import experiment, extrapolate, hf  # noqa: PLC0415 (after flag parsing: fast --help)
   from next_jax.checkpoint import CheckpointWriteError, CorruptCheckpoint  # noqa: PLC0415
   from next_jax.driver import NumericalFault  # noqa: PLC0415
   from next_jax.metrics import is_primary  # noqa: PLC0415
@@ -88,6 +88,9 @@ def main(argv):
     if skipped:
       print(f"warning: {skipped} RL step(s) had updates skipped as non-finite or oversized (results.json: "
             "nonfinite_steps, oversized_steps)", file=sys.stderr)
+    for jump in results.get("jumps", []):
+      if "sigma_spread" in jump and (warning := extrapolate.sigma_collapse_warning(jump["sigma_spread"])):
+        print(f"warning: jump at step {jump['step']}: {warning}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ targets and shapes checked against each other and the base), then writes, atomic
     report.md, results.json   E₁ over steps, the R² linearity analysis, the drift measures, the offline
                               back-test of NExt, RL-Extra, AlphaRL and RELEX, and one verdict per method
     e1.png, r2.png, backtest.png
-    jump/alpha_<α>/merged/    the extrapolated model W_t + α·σ̂ûv̂ᵀ as an HF directory (base's dtype,
+    jump/alpha_<α>/merged/    (α as written on the command line) the extrapolated model W_t + α·σ̂ûv̂ᵀ as an HF directory (base's dtype,
                               config, generation config and tokenizer), for every α of --alphas
     jump/alpha_<α>/adapter/   LoRA runs: a PEFT adapter of rank r+1 that is the same model exactly
 Nothing is written when an input is wrong: the error names the path or the flag.
@@ -41,7 +41,7 @@ from next_jax import extrapolate as ex
 from next_jax.hf import CheckpointError
 from next_jax.metrics import progress
 from next_jax.policy import merge_lora
-from next_jax.predictor import PredictorConfig
+from next_jax.predictor import PredictorConfig, group_order
 from next_jax.rank1 import SIGN_MODES
 
 OFFICIAL_ALPHAS = "0.5,1.0,1.5,2.0,2.5,3.0,3.5,4.0"
@@ -55,8 +55,12 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--interval", type=int, default=None, help="steps between snapshots (default: the first step)")
   p.add_argument("--max-step", type=int, default=None, help="ignore checkpoints after this step")
   p.add_argument("--k", type=int, default=5, help="NExt's target k snapshots ahead (paper: 5)")
-  p.add_argument("--alphas", default=OFFICIAL_ALPHAS, help="comma-separated jump scales α (official grid)")
-  p.add_argument("--sign", default="max_abs_u", choices=SIGN_MODES, help="SVD sign canonicalisation")
+  p.add_argument("--alphas", nargs="+", default=[OFFICIAL_ALPHAS],
+                 help="jump scales α, space- or comma-separated (default: the official grid 0.5 … 4.0)")
+  p.add_argument("--sign", default="max_abs_u", choices=SIGN_MODES,
+                 help="SVD sign canonicalisation of every triplet: max_abs_u (default: u's largest-|entry| "
+                      "made positive, so targets do not flip sign between snapshots) or none (the SVD's own "
+                      "sign, as the official code keeps it: it does not canonicalise)")
   p.add_argument("--epochs", type=int, default=1000, help="predictor epochs (paper: 1000)")
   p.add_argument("--backtest", default="all", choices=("all", "last", "none"), help="back-test origins")
   p.add_argument("--write", default="merged,adapter", help="jump formats: merged, adapter (LoRA), or none")
@@ -65,14 +69,25 @@ def parse_args(argv=None) -> argparse.Namespace:
   return p.parse_args(argv)
 
 
-def check_args(args) -> tuple[list[float], set[str], Path]:
-  """Flag errors as one CheckpointError naming the flag, before anything is read or written."""
+def parse_alphas(values: list[str]) -> dict[str, float]:
+  """--alphas as given ("1.0 1.5", "1.0,1.5" or both) → {text as written: α}, in order. The text names
+  the output folder (alpha_1.0). Refuses non-numbers, α ≤ 0 or non-finite, and one α written twice."""
+  texts = [t.strip() for v in values for t in v.split(",") if t.strip()]
+  given = " ".join(values)
   try:
-    alphas = [float(a) for a in args.alphas.split(",") if a.strip()]
+    alphas = {t: float(t) for t in texts}
   except ValueError as e:
-    raise CheckpointError(f"--alphas {args.alphas!r}: not a comma-separated list of numbers") from e
-  if not alphas or any(not np.isfinite(a) or a <= 0 for a in alphas):
-    raise CheckpointError(f"--alphas {args.alphas!r}: every α must be a positive number")
+    raise CheckpointError(f"--alphas {given!r}: not a list of numbers") from e
+  if not alphas or any(not np.isfinite(a) or a <= 0 for a in alphas.values()):
+    raise CheckpointError(f"--alphas {given!r}: every α must be a positive number")
+  if len(set(alphas.values())) < len(texts):
+    raise CheckpointError(f"--alphas {given!r}: an α is given twice")
+  return alphas
+
+
+def check_args(args) -> tuple[dict[str, float], set[str], Path]:
+  """Flag errors as one CheckpointError naming the flag, before anything is read or written."""
+  alphas = parse_alphas(args.alphas)
   write = {w for w in args.write.split(",") if w.strip()} - {"none"}
   if write - {"merged", "adapter"}:
     raise CheckpointError(f"--write {args.write!r}: choose from merged, adapter, none")
@@ -121,7 +136,8 @@ def analyse(run: runs.CheckpointRun, args) -> dict:
   return {"e1": e1, "r2": r2, "r2_horizon": h, "drift": drift_med, "backtest": rows,
           "summary": posthoc.summarise(rows) if rows else {}, "origins": [int(steps[t]) for t in origins],
           "jump": {m: jax.tree.map(lambda x: x[0], t) for m, t in info["predicted"].items()},
-          "predictor_loss": {int(d): float(c[-1]) for d, c in info["loss_curves"].items()}, "times": times}
+          "predictor_loss": {g: float(c[-1]) for g, c in info["loss_curves"].items()},
+          "sigma_spread": info["sigma_spread"], "times": times}
 
 
 def write_jumps(out: Path, run: runs.CheckpointRun, jump, alphas, write, last_lora=None) -> list[dict]:
@@ -132,20 +148,20 @@ def write_jumps(out: Path, run: runs.CheckpointRun, jump, alphas, write, last_lo
   base = runs.last_params(run) if run.kind == "merged" else runs.base_params(run)
   written = []
   bar = progress(len(alphas), desc="writing jumps")
-  for a in alphas:
-    d = out / "jump" / f"alpha_{a:g}"
-    row = {"alpha": a}
+  for text, a in alphas.items():
+    d = out / "jump" / f"alpha_{text}"
+    row = {"alpha": a, "folder": f"jump/alpha_{text}"}
     if run.kind == "lora":
       lcfg, lora = runs.extend_adapter(last_lora, run.lora_cfg, jump, a)
       if "adapter" in write:
         peft_io.save_peft_adapter(d / "adapter", run.cfg, lora, lcfg, base_model_name_or_path=str(run.base_dir))
-        row["adapter"] = f"jump/alpha_{a:g}/adapter (rank {lcfg.rank}, lora_alpha {lcfg.alpha:g})"
+        row["adapter"] = f"{row['folder']}/adapter (rank {lcfg.rank}, lora_alpha {lcfg.alpha:g})"
       params = merge_lora(base, lora, lcfg) if "merged" in write else None
     else:
       params = trained.add_to_kernels(base, {m: ex.triplet_delta(t) for m, t in jump.items()}, a)
     if params is not None and "merged" in write:
       runs.save_like(d / "merged", run.base_dir, run.cfg, params)
-      row["merged"] = f"jump/alpha_{a:g}/merged"
+      row["merged"] = f"{row['folder']}/merged"
     written.append(row)
     bar.update(1)
   bar.close()
@@ -175,21 +191,15 @@ def plots(out: Path, run: runs.CheckpointRun, res: dict) -> None:
   fig.savefig(out / "e1.png", dpi=110)
   plt.close(fig)
   if res["r2"]:
-    fig, ax = plt.subplots(figsize=(6, 3.6))
-    for label, v in res["r2"].items():
-      ax.plot(np.sort(np.clip(v, -3, 1)), np.linspace(0, 1, len(v)), label=label)
-    ax.axvline(0, color="grey", ls=":")
-    ax.set(xlabel="R² (clipped at −3)", ylabel="share of matrices ≤ x", title="linear fit, last snapshots")
-    ax.legend(fontsize="x-small")
-    fig.tight_layout()
-    fig.savefig(out / "r2.png", dpi=110)
-    plt.close(fig)
+    r2_plot(plt, out / "r2.png", res["r2"])
   if res["backtest"]:
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
     for method in res["summary"]:
       rows = [r for r in res["backtest"] if r["method"] == method]
       for ax, key in zip(axes, ("cos_global", "relerr_global")):
         ax.plot([r["origin"] for r in rows], [r[key] for r in rows], marker="o", label=ex.label(method))
+    for ax in axes:  # origins are RL steps: integer ticks, one per origin
+      ax.set_xticks(res["origins"])
     axes[1].axhline(1.0, color="grey", ls=":", label="not jumping")
     axes[0].set(xlabel="origin step", ylabel="cosine with the real future", title="back-test: direction")
     axes[1].set(xlabel="origin step", ylabel="‖Δ̂ − Δ‖/‖Δ‖", title="back-test: relative error (α = 1)")
@@ -197,6 +207,31 @@ def plots(out: Path, run: runs.CheckpointRun, res: dict) -> None:
     fig.tight_layout()
     fig.savefig(out / "backtest.png", dpi=110)
     plt.close(fig)
+
+
+R2_BINS = ((-np.inf, -1.0, "R² < −1", "#b2182b"), (-1.0, 0.0, "−1 ≤ R² < 0", "#ef8a62"),
+           (0.0, 0.5, "0 ≤ R² < 0.5", "#67a9cf"), (0.5, np.inf, "R² ≥ 0.5", "#2166ac"))
+
+
+def r2_plot(plt, path: Path, r2: dict[str, np.ndarray]) -> None:
+  """One horizontal bar per fitted quantity, split into the share of matrices in each R² band: every row
+  stays visible however many matrices have a very negative R² (a CDF piles them on one clip line)."""
+  fig, ax = plt.subplots(figsize=(7, 0.45 * len(r2) + 1.4))
+  labels = list(r2)
+  left = np.zeros(len(labels))
+  for lo, hi, name, colour in R2_BINS:
+    share = np.array([np.mean((r2[k] >= lo) & (r2[k] < hi)) for k in labels])
+    ax.barh(labels, share, left=left, color=colour, label=name)
+    for y, (x0, w) in enumerate(zip(left, share)):
+      if w >= 0.06:
+        ax.text(x0 + w / 2, y, f"{w:.0%}", ha="center", va="center", fontsize="x-small", color="white")
+    left += share
+  ax.invert_yaxis()
+  ax.set(xlim=(0, 1), xlabel="share of matrices", title="linear fit on the first snapshots, R² on the last")
+  fig.legend(*ax.get_legend_handles_labels(), fontsize="x-small", ncol=4, loc="lower center")
+  fig.tight_layout(rect=(0, 0.07, 1, 1))
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
 
 
 def report(run: runs.CheckpointRun, res: dict, args, written: list[dict], argv: list[str]) -> str:
@@ -210,9 +245,12 @@ def report(run: runs.CheckpointRun, res: dict, args, written: list[dict], argv: 
            f"- checkpoints: {len(run.paths)}, {what}",
            f"- snapshots: step 0 (the base) and {', '.join(map(str, steps[1:]))} (every {run.interval} steps); "
            f"k = {k} snapshots = {k * run.interval} steps", ""]
+  floor = e1_floor(run)
   lines += ["## E₁ of the global delta G_i = W_i − W₀", "",
-            "Median over every trained matrix; E₁ = 1 means the drift so far is exactly rank 1.", "",
-            "| step | E₁ = σ₁/Σσᵢ | σ₁²/Σσᵢ² | " + " | ".join(res["e1"]["E1"]) + " |",
+            f"Median over every trained matrix; E₁ = 1 means the drift so far is exactly rank 1, and E₁ ≥ "
+            f"{floor} always (1/rank of the delta, reached when every singular value is equal): read a median "
+            "against that floor, not against 0.", "",
+            f"| step | E₁ = σ₁/Σσᵢ (floor {floor}) | σ₁²/Σσᵢ² | " + " | ".join(res["e1"]["E1"]) + " |",
             "|---|---|---|" + "---|" * len(res["e1"]["E1"])]
   for i, s in enumerate(steps[1:]):
     allv = lambda key, i=i: np.median(np.concatenate([v[i] for v in res["e1"][key].values()]))  # noqa: E731
@@ -224,6 +262,10 @@ def report(run: runs.CheckpointRun, res: dict, args, written: list[dict], argv: 
   if res["r2"]:
     lines += ["R² = 1 − SSE/SST per matrix (the paper reports R² < 0 for more than half of the matrices). "
               "u and v depend on the SVD's arbitrary sign; σ and ΔW do not.", "",
+              f"Signs: this report ran with `--sign {args.sign}`"
+              + (" (the SVD's own sign, as the official code keeps it)." if args.sign == "none" else
+                 " (u's largest-|entry| made positive); the official code does not canonicalise signs "
+                 "(`--sign none` reproduces it)."), "",
               "| fitted quantity | median R² | share R² < 0 |", "|---|---|---|"]
     lines += [f"| {label} | {_f(float(np.median(v)))} | {np.mean(v < 0):.0%} |" for label, v in res["r2"].items()]
     lines += ["", "![R2](r2.png)", ""]
@@ -252,8 +294,10 @@ def report(run: runs.CheckpointRun, res: dict, args, written: list[dict], argv: 
     lines += [f"Skipped: {'--backtest none' if args.backtest == 'none' else ''} needs ≥ {2 * k + 2} snapshots "
               f"with W₀ (has {len(steps)}).", ""]
   lines += [f"## The jump: NExt at step {steps[-1]}, predicting {k * run.interval} steps ahead", "",
-            "Predictor loss after training, per shape group: " + ", ".join(
-                f"dim {d}: {v:.4g}" for d, v in sorted(res["predictor_loss"].items())), ""]
+            "Predictor loss after training, per shape group (the official code's keys: u \"m;1\", v "
+            "\"1;n\", σ \"1;1\"): " + ", ".join(
+                f"{g}: {v:.4g}" for g, v in sorted(res["predictor_loss"].items(), key=lambda kv: group_order(kv[0]))),
+            ""] + sigma_lines(res["sigma_spread"])
   if written:
     lines += ["| α | merged HF model | PEFT adapter |", "|---|---|---|"]
     lines += [f"| {w['alpha']:g} | `{w.get('merged', '–')}` | `{w.get('adapter', '–')}` |" for w in written]
@@ -264,12 +308,33 @@ def report(run: runs.CheckpointRun, res: dict, args, written: list[dict], argv: 
   return "\n".join(lines)
 
 
+def e1_floor(run: runs.CheckpointRun) -> str:
+  """The smallest E₁ = σ₁/Σσᵢ can be, 1/rank of the delta: 1/r for a rank-r LoRA G_i (all σᵢ equal)."""
+  if run.kind == "lora":
+    return f"{1 / run.lora_cfg.rank:.3f}"
+  return "1/min(m, n)"
+
+
+def sigma_lines(spread: dict) -> list[str]:
+  """The predicted σ̂ across matrices beside the last training target's σ, and a warning when σ̂ is one
+  number for every matrix (`extrapolate.sigma_spread`)."""
+  row = lambda name, d: (f"| {name} | {d['min']:.4g} | {d['median']:.4g} | {d['max']:.4g} | "  # noqa: E731
+                         f"{d['at_median']:.0%} |")
+  lines = [f"σ across the {spread['predicted']['matrices']} trained matrices:", "",
+           "| σ | min | median | max | share = median (rel. 1e-6) |", "|---|---|---|---|---|",
+           row("predicted σ̂ (the jump)", spread["predicted"]), row("last training target", spread["target"]), ""]
+  if warning := ex.sigma_collapse_warning(spread):
+    lines += [f"**Warning:** {warning}.", ""]
+  return lines
+
+
 def _jsonable(res: dict, written) -> dict:
   return {"e1": {k: {m: np.asarray(v).tolist() for m, v in d.items()} for k, d in res["e1"].items()},
           "r2": {k: np.asarray(v).tolist() for k, v in res["r2"].items()}, "r2_horizon": res["r2_horizon"],
           "drift": res["drift"], "backtest": res["backtest"], "summary": res["summary"],
           "verdicts": {m: posthoc.verdict(s) for m, s in res["summary"].items()},
-          "predictor_loss": res["predictor_loss"], "jump": written, "times": res["times"]}
+          "predictor_loss": res["predictor_loss"], "sigma_spread": res["sigma_spread"], "jump": written,
+          "times": res["times"]}
 
 
 def main(argv=None) -> dict:
@@ -320,6 +385,8 @@ def run_posthoc(args, argv, alphas, write, out: Path) -> dict:
     res["written"] = written
 
   outdir.atomic_dir(out, write_all, **out_rules(args, write, len(alphas)))
+  if warning := ex.sigma_collapse_warning(res["sigma_spread"]):
+    print(f"warning: {warning}", file=sys.stderr)
   print(f"wrote {out}/report.md")
   return res
 

@@ -30,6 +30,7 @@ from experiments.make_toy_base import build_toy_base
 from experiments.report import _table, mean_std
 from next_jax import driver, experiment
 from next_jax import extrapolate as ex
+from next_jax import predictor as pred_lib
 from next_jax import state_machine as sm
 
 LRS = (2e-5, 1e-4, 1e-3)
@@ -58,7 +59,7 @@ def run_seed(seed: int, sched: rp.Schedule, quick: bool, lrs, model_dir=None) ->
     d, info = ex.method_deltas(n, traj, sm.jump_key(s_jump))
     acc, _ = rp.jump_and_continue(exp, n, s_jump, sched, d, f"s{seed} lr {lr:g}")
     rows.append({"seed": seed, "lr": lr, "backbone": bb, "grpo": accs[sched.short], "acc": acc,
-                 "loss": {int(k): [float(v[0]), float(v[-1])] for k, v in info["loss_curves"].items()},
+                 "loss": {k: [float(v[0]), float(v[-1])] for k, v in info["loss_curves"].items()},
                  "sigma_hat": _median(info["predicted"], "sigma"),
                  "sigma_target": _median(info["triplets"]["target"], "sigma", -1),
                  "agreement": ex.delta_agreement(d, actual)})
@@ -70,14 +71,14 @@ def report(rows, out: Path, command: str, sched: rp.Schedule) -> str:
   body = []
   for lr in sorted({r["lr"] for r in rows}):
     rs = [r for r in rows if r["lr"] == lr]
-    dims = sorted({d for r in rs for d in r["loss"]}, key=int)
+    dims = sorted({d for r in rs for d in r["loss"]}, key=pred_lib.group_order)
     fit = ", ".join(f"{d}: {np.mean([r['loss'][d][1] / r['loss'][d][0] for r in rs]):.2f}" for d in dims)
     body.append([f"{lr:g}", fit, f"{np.mean([r['sigma_hat'] for r in rs]):.4f}",
                  f"{np.mean([r['sigma_target'] for r in rs]):.4f}",
                  f"{np.mean([r['agreement']['cos_global'] for r in rs]):.3f}",
                  mean_std([100 * r["acc"] for r in rs]), mean_std([100 * (r["acc"] - r["grpo"]) for r in rs]),
                  len(rs)])
-  head = ["predictor lr", "final / initial loss per group (dim)", "median σ̂", "median σ of last target",
+  head = ["predictor lr", "final / initial loss per shape group", "median σ̂", "median σ of last target",
           f"cos(ΔŴ, W_{{t+{sched.k * sched.interval}}} − W_t)", f"NExt {sched.short} (%)",
           f"Δ vs GRPO-LoRA {sched.short} (paired)", "seeds"]
   grpo = mean_std([100 * r["grpo"] for r in rows if r["lr"] == rows[0]["lr"]])

@@ -19,6 +19,7 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from next_jax import rank1
 from next_jax import predictor as pred_lib
@@ -71,8 +72,9 @@ def next_triplets(traj: Trajectory, k: int, pcfg: pred_lib.PredictorConfig, key:
       key, split["global"], split["local"], split["target"], split["last_global"], split["last_local"], pcfg,
       rows))
   seconds = {"triplets": t1 - t0, "predictor": time.perf_counter() - t1}
+  spread = {"predicted": sigma_spread(predicted, 0), "target": sigma_spread(split["target"], -1)}
   return predicted, {"loss_curves": curves, "triplets": split, "predicted": predicted, "seconds": seconds,
-                     "untrained_deltas": untrained_deltas(extra, layout)}
+                     "untrained_deltas": untrained_deltas(extra, layout), "sigma_spread": spread}
 
 
 def next_predict(traj: Trajectory, k: int, pcfg: pred_lib.PredictorConfig, key: jax.Array,
@@ -81,6 +83,27 @@ def next_predict(traj: Trajectory, k: int, pcfg: pred_lib.PredictorConfig, key: 
   Returns ({module: ΔŴ [L, n, m]}, next_triplets' info)."""
   predicted, info = next_triplets(traj, k, pcfg, key, sign, devices, faithful)
   return {m: triplet_delta(t)[0] for m, t in predicted.items()}, info
+
+
+def sigma_spread(triplets: dict[str, Triplet], index: int, rtol: float = 1e-6) -> dict[str, float]:
+  """σ over every matrix (modules × layers) of snapshot `index` of {module: Triplet [S, L]}: min, median,
+  max and at_median, the share with |σ − median| ≤ rtol·|median|. NExt's σ predictor (width 1, L1 loss)
+  tends to output one constant, its training targets' median, so at_median = 1 flags a jump that moves
+  every matrix by the same α·σ̂."""
+  x = np.concatenate([np.asarray(t.sigma[index], np.float64).ravel() for t in triplets.values()])
+  med = float(np.median(x))
+  return {"min": float(x.min()), "median": med, "max": float(x.max()), "matrices": int(x.size),
+          "at_median": float(np.mean(np.abs(x - med) <= rtol * abs(med)))}
+
+
+def sigma_collapse_warning(spread: dict[str, dict[str, float]]) -> str | None:
+  """One line when the predicted σ̂ is the same for every matrix (`sigma_spread`), else None."""
+  p, t = spread["predicted"], spread["target"]
+  if p["matrices"] < 2 or p["at_median"] < 1.0:
+    return None
+  return (f"NExt's σ predictor collapsed: every one of {p['matrices']} matrices is jumped by the same "
+          f"σ̂ = {p['median']:.6g} (the last target's σ spans {t['min']:.3g} … {t['max']:.3g}); "
+          "this is the official predictor's behaviour, see docs/posthoc.md")
 
 
 # ------------------------------------------------------------------------- faithful: untrained params
@@ -98,14 +121,15 @@ def _torch_shape(name: str, shape: tuple[int, ...]) -> tuple[tuple[int, ...], bo
 def untrained_rows(untrained: dict[str, tuple[int, ...]]):
   """The rows the official code feeds its predictor for never-trained parameters, whose deltas are exactly
   zero: a zero matrix's SVD is (σ = 0, u = e₀, v = e₀) (LAPACK returns identity singular vectors), and a
-  1-D delta goes in raw (zeros). Returns ({dim: [R, dim]}, layout [(name, field, dim, offset, L)])."""
-  groups: dict[int, list[jax.Array]] = {}
+  1-D delta goes in raw (zeros), in the u group of its length (`predictor.group_key`).
+  Returns ({group key: [R, dim]}, layout [(name, field, group key, offset, L)])."""
+  groups: dict[str, list[jax.Array]] = {}
   layout = []
 
   def add(name, field, x, layers):
-    dim = x.shape[-1]
-    layout.append((name, field, dim, sum(a.shape[0] for a in groups.get(dim, [])), layers))
-    groups.setdefault(dim, []).append(x)
+    key = pred_lib.group_key(field, x.shape[-1])
+    layout.append((name, field, key, sum(a.shape[0] for a in groups.get(key, [])), layers))
+    groups.setdefault(key, []).append(x)
 
   for name in sorted(untrained):
     shape = untrained[name]
@@ -117,14 +141,14 @@ def untrained_rows(untrained: dict[str, tuple[int, ...]]):
       add(name, "v", jnp.zeros((layers, per[1])).at[:, 0].set(1.0), layers)
     else:
       add(name, "raw", jnp.zeros((layers, per[0])), layers)
-  return {d: jnp.concatenate(xs) for d, xs in groups.items()}, layout
+  return {k: jnp.concatenate(xs) for k, xs in groups.items()}, layout
 
 
-def untrained_deltas(preds: dict[int, jax.Array], layout) -> dict[str, jax.Array]:
+def untrained_deltas(preds: dict[str, jax.Array], layout) -> dict[str, jax.Array]:
   """Predicted rows → {path: Δ in that leaf's own shape}: σ̂·û·v̂ᵀ (û, v̂ normalised) or the raw row."""
   fields: dict[str, dict[str, jax.Array]] = {}
-  for name, field, dim, offset, layers in layout:
-    fields.setdefault(name, {})[field] = preds[dim][offset:offset + layers]
+  for name, field, key, offset, layers in layout:
+    fields.setdefault(name, {})[field] = preds[key][offset:offset + layers]
   out = {}
   for name, f in fields.items():
     if "raw" in f:

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from next_jax import rank1
+from next_jax.predictor import group_order
 from next_jax.trajectory import Trajectory
 
 MODULE_COLOURS = {"q": "C0", "k": "C1", "v": "C2", "o": "C3", "gate": "C4", "up": "C5", "down": "C6"}
@@ -71,9 +72,10 @@ def plot_e1(ax, snapshot_steps: Sequence[int], e1: Mapping[str, np.ndarray]) -> 
 
 
 def plot_predictor_loss(ax, curves: Mapping[Any, Sequence[float]]) -> None:
-  """The predictor's training loss per epoch, one line per shape group (curves: {dim: [loss, …]})."""
-  for dim, curve in sorted(curves.items(), key=lambda kv: int(kv[0])):
-    ax.plot(np.arange(1, len(curve) + 1), curve, label=f"group d={dim}")
+  """The predictor's training loss per epoch, one line per shape group (curves: {"m;1" | "1;n" | "1;1":
+  [loss, …]}, `predictor.group_key`)."""
+  for key, curve in sorted(curves.items(), key=lambda kv: group_order(str(kv[0]))):
+    ax.plot(np.arange(1, len(curve) + 1), curve, label=f"group {key}")
   ax.set_yscale("log")
   ax.set_xlabel("epoch")
   ax.set_ylabel("predictor loss")

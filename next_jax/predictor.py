@@ -1,8 +1,10 @@
 """NExt's trajectory predictor (MatrixPredict), one per shape group, trained with Optax.
 
-Rows: every u vector (length m), v vector (length n) and σ (length 1) of every trained matrix is a row;
-rows of the same length form a *shape group* and share one predictor; within a group the rows are a batch
-of independent samples. For row x the predictor maps (x of rank1(G_i), x of rank1(L_i)) → x of rank1(T_i).
+Rows: every u vector (length m), v vector (length n) and σ of every trained matrix is a row. Rows are
+grouped as the official code groups them, by the shape of the tensor they come from (`group_key`): u is a
+column (m, 1) → group "m;1", v a row (1, n) → "1;n", σ → "1;1"; so a u and a v of the same length are in
+different groups. Each group has its own predictor; within a group the rows are a batch of independent
+samples. For row x the predictor maps (x of rank1(G_i), x of rank1(L_i)) → x of rank1(T_i).
 
 MatrixPredict(dim), hidden width H = 256, PyTorch default Linear init (W, b ~ U(±1/√fan_in)):
     E_G, E_L : Linear(dim,H) → Linear(H,dim) → ReLU → Linear(dim,H) → Linear(H,dim)
@@ -148,28 +150,42 @@ def train_predictor(key: jax.Array, g: jax.Array, l: jax.Array, t: jax.Array, cf
 # ------------------------------------------------------------------------------------ rows ↔ matrices
 
 
-def to_rows(triplets: dict[str, Triplet]) -> tuple[dict[int, jax.Array], list[tuple[str, str, int, int]]]:
-  """{module: Triplet with leading [S, L]} → ({dim: [S, R, dim]}, layout).
+def group_key(field: str, length: int) -> str:
+  """The official code's predictor key: the shape of the tensor a row comes from, "rows;cols".
+  σ → "1;1"; u, a column (m, 1) → "m;1"; v, a row (1, n) → "1;n"; a raw 1-D delta of length d (faithful
+  mode: biases, norms) is unsqueezed to (d, 1) → "d;1", the u group of its length."""
+  if field == "sigma":
+    return "1;1"
+  return f"1;{length}" if field == "v" else f"{length};1"
 
-  layout: (module, field ∈ {sigma,u,v}, dim, offset into that group's R axis), in a deterministic order,
-  so `from_rows` can split predictions back."""
-  groups: dict[int, list[jax.Array]] = {}
+
+def group_order(key: str) -> tuple[int, str]:
+  """Sort key of the groups (and so of their predictor seeds): by vector length, then u before v."""
+  return max(int(x) for x in key.split(";")), key
+
+
+def to_rows(triplets: dict[str, Triplet]) -> tuple[dict[str, jax.Array], list[tuple[str, str, str, int]]]:
+  """{module: Triplet with leading [S, L]} → ({group key: [S, R, dim]}, layout).
+
+  layout: (module, field ∈ {sigma,u,v}, group key, offset into that group's R axis), in a deterministic
+  order, so `from_rows` can split predictions back."""
+  groups: dict[str, list[jax.Array]] = {}
   layout = []
   for name in sorted(triplets):
     t = triplets[name]
     for field, x in (("sigma", t.sigma[..., None]), ("u", t.u), ("v", t.v)):
-      dim = x.shape[-1]
-      offset = sum(a.shape[1] for a in groups.get(dim, []))
-      groups.setdefault(dim, []).append(x)
-      layout.append((name, field, dim, offset))
-  return {d: jnp.concatenate(xs, axis=1) for d, xs in groups.items()}, layout
+      key = group_key(field, x.shape[-1])
+      offset = sum(a.shape[1] for a in groups.get(key, []))
+      groups.setdefault(key, []).append(x)
+      layout.append((name, field, key, offset))
+  return {k: jnp.concatenate(xs, axis=1) for k, xs in groups.items()}, layout
 
 
-def from_rows(rows: dict[int, jax.Array], layout, num_layers: dict[str, int]) -> dict[str, Triplet]:
-  """Inverse of `to_rows` for predictions: {dim: [S, R, dim]} → {module: Triplet [S, L, ...]}."""
+def from_rows(rows: dict[str, jax.Array], layout, num_layers: dict[str, int]) -> dict[str, Triplet]:
+  """Inverse of `to_rows` for predictions: {group key: [S, R, dim]} → {module: Triplet [S, L, ...]}."""
   fields: dict[str, dict[str, jax.Array]] = {}
-  for name, field, dim, offset in layout:
-    x = rows[dim][:, offset:offset + num_layers[name]]
+  for name, field, key, offset in layout:
+    x = rows[key][:, offset:offset + num_layers[name]]
     fields.setdefault(name, {})[field] = x[..., 0] if field == "sigma" else x
   return {n: Triplet(sigma=f["sigma"], u=f["u"], v=f["v"], spectrum=f["sigma"][..., None])
           for n, f in fields.items()}
@@ -177,13 +193,14 @@ def from_rows(rows: dict[int, jax.Array], layout, num_layers: dict[str, int]) ->
 
 def fit_and_predict(key: jax.Array, train_g: dict[str, Triplet], train_l: dict[str, Triplet],
                     train_t: dict[str, Triplet], last_g: dict[str, Triplet], last_l: dict[str, Triplet],
-                    cfg: PredictorConfig, extra_rows: dict[int, jax.Array] | None = None):
+                    cfg: PredictorConfig, extra_rows: dict[str, jax.Array] | None = None):
   """Train one predictor per shape group on (G_i, L_i) → T_i and predict from the last (G, L).
 
-  extra_rows {dim: [R', dim]}: rows whose G = L = T are the same at every snapshot (faithful mode: the
-  zero deltas of untrained parameters), appended to their length's group for training and prediction.
-  Returns ({module: predicted Triplet [1, L, ...]}, {dim: loss curve [epochs]}, {dim: extra predictions
-  [R', dim]})."""
+  extra_rows {group key: [R', dim]}: rows whose G = L = T are the same at every snapshot (faithful mode:
+  the zero deltas of untrained parameters), appended to their group for training and prediction. Group i
+  in `group_order` trains from fold_in(key, i).
+  Returns ({module: predicted Triplet [1, L, ...]}, {group key: loss curve [epochs]}, {group key: extra
+  predictions [R', dim]})."""
   g_rows, layout = to_rows(train_g)
   l_rows, _ = to_rows(train_l)
   t_rows, _ = to_rows(train_t)
@@ -192,10 +209,11 @@ def fit_and_predict(key: jax.Array, train_g: dict[str, Triplet], train_l: dict[s
   extra_rows = extra_rows or {}
   num = next(iter(g_rows.values())).shape[0]
   preds, curves, extra_preds = {}, {}, {}
-  for i, dim in enumerate(sorted(set(g_rows) | set(extra_rows))):
-    e = extra_rows.get(dim, jnp.zeros((0, dim), jnp.float32))
-    cat = lambda rows, s, d=dim, e=e: jnp.concatenate(  # noqa: E731
-        [rows.get(d, jnp.zeros((s, 0, d), jnp.float32)), jnp.broadcast_to(e, (s, *e.shape))], axis=1)
+  for i, gk in enumerate(sorted(set(g_rows) | set(extra_rows), key=group_order)):
+    dim = (g_rows[gk] if gk in g_rows else extra_rows[gk]).shape[-1]
+    e = extra_rows.get(gk, jnp.zeros((0, dim), jnp.float32))
+    cat = lambda rows, s, k=gk, d=dim, e=e: jnp.concatenate(  # noqa: E731
+        [rows.get(k, jnp.zeros((s, 0, d), jnp.float32)), jnp.broadcast_to(e, (s, *e.shape))], axis=1)
     g, l, t = cat(g_rows, num), cat(l_rows, num), cat(t_rows, num)
     w = None
     if cfg.pad_snapshots:
@@ -206,6 +224,6 @@ def fit_and_predict(key: jax.Array, train_g: dict[str, Triplet], train_l: dict[s
     out = apply_matrix_predict(params, cat(lg_rows, 1), cat(ll_rows, 1), cfg.use_global, cfg.use_local,
                                cfg.reassociate)
     n_own = g.shape[1] - e.shape[0]
-    preds[dim], extra_preds[dim], curves[dim] = out[:, :n_own], out[0, n_own:], losses
+    preds[gk], extra_preds[gk], curves[gk] = out[:, :n_own], out[0, n_own:], losses
   num_layers = {name: train_g[name].sigma.shape[1] for name in train_g}
   return from_rows(preds, layout, num_layers), curves, extra_preds

@@ -218,7 +218,9 @@ def extrapolate_step(setup: trainer.RLSetup, ncfg: NExtConfig, state: NExtState,
   finite = all(bool(jnp.isfinite(d).all()) for d in list(deltas.values()) + list((side or {}).values()))
   info["finite"] = finite
   if "loss_curves" in extra:
-    info["predictor_loss"] = {int(d): np.asarray(c).tolist() for d, c in extra["loss_curves"].items()}
+    info["predictor_loss"] = {k: np.asarray(c).tolist() for k, c in extra["loss_curves"].items()}
+  if "sigma_spread" in extra:
+    info["sigma_spread"] = extra["sigma_spread"]
   info.update(drift_diagnostics(ncfg, traj))
   if not finite:  # refuse a non-finite prediction: no jump (0·NaN is NaN, so Δ itself is zeroed)
     log.warning("step %d: %s prediction is not finite; no jump", int(state.rl.step), ncfg.method)

@@ -91,6 +91,10 @@ def test_entry_point_runs_quick_end_to_end(char_model_dir, tmp_path):
   assert out.returncode == 0, out.stderr[-3000:]
   res = json.loads((wd / "results.json").read_text())
   assert res["steps"] == 12 and res["method"] == "next" and len(res["jumps"]) == 1
+  spread = res["jumps"][0]["sigma_spread"]  # σ̂ across the matrices, and the summary's warning when constant
+  assert spread["predicted"]["matrices"] == spread["target"]["matrices"] > 1
+  assert spread["predicted"]["min"] <= spread["predicted"]["median"] <= spread["predicted"]["max"]
+  assert ("σ predictor collapsed" in out.stderr) == (spread["predicted"]["at_median"] == 1.0)
   quick = toy_arith.get_config("quick")
   n_eval = quick.task.n_test * quick.eval.samples  # responses, each right or wrong: accuracy = k / n_eval
   for acc in (res["backbone"], res["final"]):

@@ -329,7 +329,8 @@ def test_next_beats_linear_baselines_on_a_rotating_rank1_trajectory(seed, rotati
   for kind, trip in info["triplets"].items():  # the canonical sign is stable along the path (see above)
     u = np.asarray(trip["w"].u)
     assert np.all(np.argmax(np.abs(u), -1) == 0) and u[..., 0].min() > 0.6, kind
-  assert {d: c.shape for d, c in info["loss_curves"].items()} == {1: (FAST.epochs,), ROT_DIM: (FAST.epochs,)}
+  assert {k: c.shape for k, c in info["loss_curves"].items()} == {
+      "1;1": (FAST.epochs,), f"{ROT_DIM};1": (FAST.epochs,), f"1;{ROT_DIM}": (FAST.epochs,)}
   assert deltas["w"].shape == (ROT_LAYERS, ROT_DIM, ROT_DIM)
   nxt = ex.delta_agreement(deltas, {"w": T({"w": traj["w"]}, ROT_SCALE).delta("w", 15, 10)})
   best = max(r["cos_global"] for r in rotation_baselines.values())
@@ -343,12 +344,12 @@ def test_next_beats_linear_baselines_on_a_rotating_rank1_trajectory(seed, rotati
 def test_untrained_rows_are_the_official_codes_zero_delta_rows():
   """A zero matrix → (σ 0, u = e₀ of length out, v = e₀ of length in); a 1-D leaf → its raw zero row."""
   rows, layout = ex.untrained_rows({"layers/q/bias": (2, 6), "layers/o/kernel": (2, 6, 4), "embed": (9, 4)})
-  assert {(n, f, d) for n, f, d, _, _ in layout} == {
-      ("embed", "sigma", 1), ("embed", "u", 9), ("embed", "v", 4), ("layers/o/kernel", "sigma", 1),
-      ("layers/o/kernel", "u", 4), ("layers/o/kernel", "v", 6), ("layers/q/bias", "raw", 6)}
-  assert rows[1].shape == (3, 1) and not rows[1].any()
-  np.testing.assert_array_equal(rows[4][:1], [[1.0, 0, 0, 0]])  # embed's v = e₀ (D = 4)
-  np.testing.assert_array_equal(rows[6][2:], np.zeros((2, 6)))  # the bias rows follow o's v rows
+  assert {(n, f, k) for n, f, k, _, _ in layout} == {
+      ("embed", "sigma", "1;1"), ("embed", "u", "9;1"), ("embed", "v", "1;4"), ("layers/o/kernel", "sigma", "1;1"),
+      ("layers/o/kernel", "u", "4;1"), ("layers/o/kernel", "v", "1;6"), ("layers/q/bias", "raw", "6;1")}
+  assert rows["1;1"].shape == (3, 1) and not rows["1;1"].any()
+  np.testing.assert_array_equal(rows["1;4"], [[1.0, 0, 0, 0]])  # embed's v = e₀ (D = 4)
+  np.testing.assert_array_equal(rows["6;1"], np.zeros((2, 6)))  # the bias joins the u group of its length
 
 
 def test_untrained_deltas_have_each_leafs_shape_and_orientation():
@@ -380,9 +381,63 @@ def test_next_predict_faithful_moves_untrained_leaves_and_keeps_shapes():
   faith, info1 = ex.next_predict(traj, 2, FAST, jax.random.key(0), devices="vmap", faithful=True)
   assert info0["untrained_deltas"] == {}
   assert {k: v.shape for k, v in info1["untrained_deltas"].items()} == {"layers/w/bias": (2, 5), "embed": (7, 4)}
-  # the zero rows join the trained rows of the same width (the bias's 5 = w's out) in one predictor's
+  # the zero rows join the trained rows of their group (the bias's "5;1" = w's u, out = 5) in one predictor's
   # training set, as in the official code: the same key gives another prediction for w
   assert np.abs(np.asarray(faith["w"]) - np.asarray(plain["w"])).max() > 1e-3
   bias = np.asarray(info1["untrained_deltas"]["layers/w/bias"])  # the official code's noise: the predictor's
   np.testing.assert_array_equal(bias[0], bias[1])  # output for a zero row, so the same for both layers
   assert np.abs(bias).max() > 0
+
+
+# ------------------------------------------------------------------------- shape groups at paper scale
+
+# The official code's predictors for Qwen2.5-1.5B (28 layers, hidden 1536, kv 2×128 = 256, ffn 8960, vocab
+# 151936, tied embedding, q/k/v biases), LoRA on all seven projections. LoRA rows per group: σ of 7·28
+# matrices; u of q, o, down (out 1536) and k, v (256), gate, up (8960); v of q, k, v, o, gate, up (in 1536)
+# and down (8960). Faithful mode adds the never-trained parameters: the embedding's σ, u (151936) and v
+# (1536); every raw 1-D delta unsqueezed into its length's u group: 2·28 + 1 norms and 28 q biases (1536),
+# 2·28 k/v biases (256).
+QWEN15_LORA_ROWS = {"1;1": 196, "1536;1": 84, "256;1": 56, "8960;1": 56, "1;1536": 168, "1;8960": 28}
+QWEN15_FAITHFUL_ROWS = {"1;1": 197, "1536;1": 169, "256;1": 112, "8960;1": 56, "1;1536": 169, "1;8960": 28,
+                        "151936;1": 1}
+
+
+def test_qwen25_15b_shape_groups_are_the_official_codes_seven_predictors():
+  """Abstractly (jax.eval_shape, no weights): the group keys and row counts of a Qwen2.5-1.5B r-64 LoRA
+  trajectory, in LoRA mode and in faithful mode (the official table: "1536;1", "256;1", "8960;1",
+  "1;1536", "1;8960", "151936;1", "1;1")."""
+  from next_jax import trained  # noqa: PLC0415
+  from next_jax.trajectory import untrained_leaves  # noqa: PLC0415
+
+  cfg, lcfg = policy.QWEN25["1.5B"], policy.LoraConfig(rank=64, alpha=32.0)
+  lora = jax.eval_shape(lambda: policy.init_lora(cfg, lcfg, jax.random.key(0)))  # {module: {"a", "b"}}
+  s = 10  # training snapshots
+  trip = {m: rank1.Triplet(sigma=jax.ShapeDtypeStruct((s, cfg.num_layers), jnp.float32),
+                           u=jax.ShapeDtypeStruct((s, cfg.num_layers, f["b"].shape[1]), jnp.float32),
+                           v=jax.ShapeDtypeStruct((s, cfg.num_layers, f["a"].shape[2]), jnp.float32),
+                           spectrum=jax.ShapeDtypeStruct((s, cfg.num_layers, 128), jnp.float32))
+          for m, f in lora.items()}
+  rows = jax.eval_shape(lambda t: pred_lib.to_rows(t)[0], trip)
+  assert {k: x.shape[1] for k, x in rows.items()} == QWEN15_LORA_ROWS
+  assert all(x.shape == (s, x.shape[1], max(map(int, k.split(";")))) for k, x in rows.items())
+  base = jax.eval_shape(lambda: policy.init_params(cfg, jax.random.key(0)))
+  extra = jax.eval_shape(lambda: ex.untrained_rows(untrained_leaves(base, trained.paths(lcfg)))[0])
+  faithful = {k: QWEN15_LORA_ROWS.get(k, 0) + (extra[k].shape[0] if k in extra else 0)
+              for k in set(QWEN15_LORA_ROWS) | set(extra)}
+  assert faithful == QWEN15_FAITHFUL_ROWS
+
+
+def test_sigma_spread_flags_one_sigma_for_every_matrix():
+  def trip(values):  # {module: Triplet [1, L]} with σ = values split over two modules
+    x = jnp.asarray(values, jnp.float32)[None]
+    return {"a": rank1.Triplet(sigma=x[:, :2], u=x[:, :2, None], v=x[:, :2, None], spectrum=x[:, :2, None]),
+            "b": rank1.Triplet(sigma=x[:, 2:], u=x[:, 2:, None], v=x[:, 2:, None], spectrum=x[:, 2:, None])}
+
+  varied = ex.sigma_spread(trip([0.1, 0.3, 0.2, 0.4]), 0)
+  assert varied == pytest.approx({"min": 0.1, "median": 0.25, "max": 0.4, "matrices": 4, "at_median": 0.0})
+  const = ex.sigma_spread(trip([0.4422466] * 4), -1)
+  assert const["at_median"] == 1.0 and const["min"] == const["max"]
+  assert ex.sigma_collapse_warning({"predicted": varied, "target": varied}) is None
+  warning = ex.sigma_collapse_warning({"predicted": const, "target": varied})
+  assert "every one of 4 matrices" in warning and "0.442247" in warning and "0.1 … 0.4" in warning
+  assert ex.sigma_spread(trip([0.2, 0.2, 0.2, 0.2000004]), 0)["at_median"] == 0.75  # 2e-6 relative: not equal

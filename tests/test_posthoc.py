@@ -184,7 +184,7 @@ def test_merged_checkpoints_give_dense_deltas_equal_to_the_dense_svd(runs_dir, t
 def report_run(runs_dir):
   out = runs_dir["root"] / "report"
   res = cli.main(["--base", str(runs_dir["base"]), "--checkpoints", str(runs_dir["trl"] / "checkpoint-*"),
-                  "--out", str(out), "--k", str(K), "--epochs", "30", "--alphas", "1.5,3"])
+                  "--out", str(out), "--k", str(K), "--epochs", "30", "--alphas", "1.5", "3.0"])
   return out, res
 
 
@@ -198,6 +198,31 @@ def test_report_has_every_section_and_plot(report_run):
   assert set(saved["verdicts"]) == set(extrapolate.METHODS)
   assert [r["origin"] for r in saved["backtest"]] == [s for s in (6, 8) for _ in extrapolate.METHODS]
   assert "u (sign none)" in saved["r2"] and "u (sign max_abs_u)" in saved["r2"]
+  assert "E₁ = σ₁/Σσᵢ (floor 0.250)" in text  # rank 4: E₁ ≥ 1/4
+  assert "`--sign max_abs_u`" in text and "the official code does not canonicalise" in text
+  assert sorted(p.name for p in (out / "jump").iterdir()) == ["alpha_1.5", "alpha_3.0"]  # as written
+
+
+def test_report_gives_the_spread_of_the_predicted_sigma(report_run):
+  """σ̂ of the jump across the 14 matrices (7 modules × 2 layers), recomputed from the predicted triplets,
+  beside the last training target's; the report's table says the same."""
+  out, res = report_run
+  saved = json.loads((out / "results.json").read_text())["sigma_spread"]
+  sig = np.concatenate([np.asarray(t.sigma).ravel() for t in res["jump"].values()])
+  assert saved["predicted"]["matrices"] == sig.size == 14
+  assert saved["predicted"]["median"] == pytest.approx(float(np.median(sig)), rel=1e-6)
+  assert (saved["predicted"]["min"], saved["predicted"]["max"]) == pytest.approx((sig.min(), sig.max()), rel=1e-6)
+  assert saved["target"]["max"] > saved["target"]["min"] > 0  # real targets vary by matrix
+  text = (out / "report.md").read_text()
+  assert f"| predicted σ̂ (the jump) | {saved['predicted']['min']:.4g} |" in text
+  assert ("**Warning:** NExt's σ predictor collapsed" in text) == (saved["predicted"]["at_median"] == 1.0)
+
+
+def test_alphas_take_spaces_or_commas():
+  assert cli.parse_alphas(["1.0", "1.5"]) == {"1.0": 1.0, "1.5": 1.5}
+  assert cli.parse_alphas(["0.5,1.0", "2"]) == {"0.5": 0.5, "1.0": 1.0, "2": 2.0}
+  with pytest.raises(hf.CheckpointError, match="given twice"):
+    cli.parse_alphas(["1", "1.0"])
 
 
 def test_backtest_rl_extra_row_equals_a_numpy_recomputation(runs_dir, trl_run, report_run):
@@ -216,14 +241,14 @@ def test_backtest_rl_extra_row_equals_a_numpy_recomputation(runs_dir, trl_run, r
     np.testing.assert_allclose(row["alpha_star"], pred @ real / (pred @ pred), rtol=1e-4)
 
 
-@pytest.mark.parametrize("alpha", [1.5, 3.0])
+@pytest.mark.parametrize("alpha", ["1.5", "3.0"])
 def test_jump_adapter_and_merged_model_load_with_our_logits(runs_dir, trl_run, report_run, fwd, alpha):
   """W_t + α·σ̂ûv̂ᵀ three ways: peft's rank-(r+1) adapter on the base, transformers on the merged dir, and
   our forward on weights built directly from the predicted triplets (not through extend_adapter)."""
   import peft  # noqa: PLC0415
 
   out, res = report_run
-  d = out / "jump" / f"alpha_{alpha:g}"
+  d, alpha = out / "jump" / f"alpha_{alpha}", float(alpha)
   acfg = json.loads((d / "adapter/adapter_config.json").read_text())
   assert acfg["r"] == 5 and acfg["lora_alpha"] / acfg["r"] == pytest.approx(trl_run.scale, rel=1e-12)
   cfg, base, _ = hf.load_model(runs_dir["base"], tokenizer=False)

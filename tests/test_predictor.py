@@ -246,14 +246,22 @@ def _triplets(seed, steps=2):
   return {"q": mk(2, 6, 4), "o": mk(3, 4, 6)}
 
 
-def test_to_rows_groups_rows_by_length_in_a_fixed_order():
+def test_to_rows_groups_rows_by_the_official_shape_keys_in_a_fixed_order():
+  """u (m, 1) → "m;1", v (1, n) → "1;n", σ → "1;1": q's v and o's u (both length 4) are different groups."""
   trip = _triplets(11)
   rows, layout = pred_lib.to_rows(trip)
-  assert {d: x.shape for d, x in rows.items()} == {1: (2, 5, 1), 4: (2, 5, 4), 6: (2, 5, 6)}
-  assert layout == [("o", "sigma", 1, 0), ("o", "u", 4, 0), ("o", "v", 6, 0),
-                    ("q", "sigma", 1, 3), ("q", "u", 6, 3), ("q", "v", 4, 3)]
-  np.testing.assert_array_equal(np.asarray(rows[4][:, 3:]), np.asarray(trip["q"].v))
-  np.testing.assert_array_equal(np.asarray(rows[1][:, :3, 0]), np.asarray(trip["o"].sigma))
+  assert {k: x.shape for k, x in rows.items()} == {"1;1": (2, 5, 1), "4;1": (2, 3, 4), "1;6": (2, 3, 6),
+                                                   "6;1": (2, 2, 6), "1;4": (2, 2, 4)}
+  assert layout == [("o", "sigma", "1;1", 0), ("o", "u", "4;1", 0), ("o", "v", "1;6", 0),
+                    ("q", "sigma", "1;1", 3), ("q", "u", "6;1", 0), ("q", "v", "1;4", 0)]
+  np.testing.assert_array_equal(np.asarray(rows["1;4"]), np.asarray(trip["q"].v))
+  np.testing.assert_array_equal(np.asarray(rows["4;1"]), np.asarray(trip["o"].u))
+  np.testing.assert_array_equal(np.asarray(rows["1;1"][:, :3, 0]), np.asarray(trip["o"].sigma))
+
+
+def test_group_key_is_the_official_tensor_shape_key():
+  assert [pred_lib.group_key(f, 7) for f in ("sigma", "u", "v", "raw")] == ["1;1", "7;1", "1;7", "7;1"]
+  assert sorted(["1;6", "6;1", "1;1", "4;1"], key=pred_lib.group_order) == ["1;1", "4;1", "1;6", "6;1"]
 
 
 def test_from_rows_inverts_to_rows():
@@ -269,7 +277,7 @@ def test_from_rows_inverts_to_rows():
 
 
 def test_fit_and_predict_returns_one_triplet_per_module_and_a_curve_per_group():
-  """One module, L = 4, m = n = DIM: groups [5, 4, 1] (σ) and [5, 8, DIM] (u and v), FAST's shapes."""
+  """One module, L = 4, m = n = DIM: groups σ [5, 4, 1], u [5, 4, DIM] and v [5, 4, DIM], FAST's shapes."""
   rng = np.random.default_rng(13)
   def mk(s):
     return Triplet(sigma=jnp.asarray(rng.uniform(size=(s, 4)), jnp.float32),
@@ -280,8 +288,9 @@ def test_fit_and_predict_returns_one_triplet_per_module_and_a_curve_per_group():
                                                  {"w": mk(1)}, {"w": mk(1)}, FAST)
   assert set(pred) == {"w"}
   assert (pred["w"].sigma.shape, pred["w"].u.shape, pred["w"].v.shape) == ((1, 4), (1, 4, DIM), (1, 4, DIM))
-  assert {d: c.shape for d, c in curves.items()} == {1: (FAST.epochs,), DIM: (FAST.epochs,)}
-  assert {d: x.shape for d, x in extra.items()} == {1: (0, 1), DIM: (0, DIM)}
+  u, v = f"{DIM};1", f"1;{DIM}"
+  assert {k: c.shape for k, c in curves.items()} == {"1;1": (FAST.epochs,), u: (FAST.epochs,), v: (FAST.epochs,)}
+  assert {k: x.shape for k, x in extra.items()} == {"1;1": (0, 1), u: (0, DIM), v: (0, DIM)}
 
 
 def test_reassociated_network_is_the_same_function_and_trains_to_the_same_losses():

@@ -62,7 +62,7 @@ def group_table(traj, ncfg, key, repeats: int, rl_step: float) -> list[str]:
   peak = matmul_peak(1024, 10)
   lines = ["", f"Per shape group (`train_predictor`, {ncfg.predictor.epochs} epochs). This core's f32 matmul "
            f"rate: **{peak / 1e9:.0f} GFLOP/s**; floor = GFLOP / that rate.", "",
-           "| group dim | rows S × R | reassociate | GFLOP | median s | floor s | achieved / rate |",
+           "| group | rows S × R | reassociate | GFLOP | median s | floor s | achieved / rate |",
            "|---|---|---|---|---|---|---|"]
   total = {False: [0.0, 0.0], True: [0.0, 0.0]}
   for dim in sorted(rows["global"]):
