@@ -31,9 +31,10 @@ import ml_collections  # noqa: E402
 TASKS = ("add", "compare", "extract", "countdown3")
 # reasoning-gym tasks (task=rg:<dataset>) at easy settings: the knobs a run starts from (config.task.knobs;
 # --config.task.knobs.max_digits=2 overrides one) and the prompt length they need (≤ 42 tokens measured, "Be
-# brief." + chat template + question + instruction). These answer with a number: SmolLM2 almost never writes
-# reasoning-gym's <answer> tag (0 of 8,192 samples; experiments/results/real_rg/README.md), so they are
-# posed with "Answer with just the number." and scored on the tag, else the last number (extract=number).
+# brief." + chat template + question + instruction). These answer with a number: SmolLM2 never wrote
+# reasoning-gym's <answer> tag (0 of 6,144 samples asked for it; experiments/results/real_rg/README.md), so
+# they are posed with "Answer with just the number." and scored on the tag, else the last number
+# (extract=number).
 # Any other rg:<dataset> runs with its library defaults and the tag convention (RG_INSTRUCTION).
 RG_EASY = {
     "basic_arithmetic": dict(min_terms=2, max_terms=2, min_digits=1, max_digits=2, operators=("+", "-"),
