@@ -20,7 +20,16 @@ Files (`load_problems(path, format="auto")`; .jsonl, .json array, .parquet with 
              (DAPO-Math-17k; its released parquet repeats each problem many times: duplicates are dropped)
     flat     {"prompt": str, "answer" | "solution": str}
     gsm8k    {"question", "answer": "… #### 42"}
-    math     {"problem", "solution" (last \\boxed{} is the answer), optional "answer"}
+    math     {"problem" | "question", "answer": the final answer (string or number)}, or
+             {"problem", "solution" (last \\boxed{} is the answer)}: MATH, and the evaluation sets in
+             ../shared/data/math_eval (AIME, AMC23 with JSON-float answers 27.0, Minerva, OlympiadBench and
+             GSM8K test as {"problem", "answer": "18"}); a "question" + "answer" row is gsm8k only when its
+             answer holds "####"
+
+Benchmarks (`load_benchmark(name, data_dir=None)`): BENCHMARKS maps a name (aime24, aime25, amc23, math500,
+minerva, olympiadbench, gsm8k) to its file under the math-eval data directory, its verifier and its prompt
+instruction; `register_benchmark` adds one. The directory is `data_dir`, else $NEXT_JAX_MATH_EVAL, else
+../shared/data/math_eval beside the checkout (`math_eval_dir`).
 """
 
 from __future__ import annotations
@@ -336,9 +345,9 @@ def _read_rows(path: Path) -> Iterator[tuple[str, dict]]:
 def _detect_format(row: dict) -> str:
   if "reward_model" in row:
     return "verl"
-  if "question" in row and "answer" in row:
+  if "question" in row and "answer" in row and "####" in str(row["answer"]):
     return "gsm8k"
-  if "problem" in row:
+  if "problem" in row or ("question" in row and "answer" in row):
     return "math"
   if "prompt" in row and ("answer" in row or "solution" in row):
     return "flat"
@@ -412,7 +421,8 @@ def _row_gsm8k(row: dict) -> dict[str, str]:
 
 
 def _row_math(row: dict) -> dict[str, str]:
-  prompt = _text(_field(row, "problem"), "problem")
+  name = "problem" if "problem" in row or "question" not in row else "question"
+  prompt = _text(_field(row, name), name)
   solution = _text(row["solution"], "solution") if row.get("solution") is not None else ""
   if row.get("answer") is not None:
     answer = _text(row["answer"], "answer")
@@ -428,14 +438,15 @@ _ROW_READERS = {"verl": _row_verl, "flat": _row_flat, "gsm8k": _row_gsm8k, "math
 
 def load_problems(path: str | os.PathLike, format: str = "auto", limit: int | None = None,
                   dedupe: bool = True, verifier: str = "math",
-                  max_prompt_chars: int | None = None) -> tuple[Problem, ...]:
+                  max_prompt_chars: int | None = None, task: str | None = None) -> tuple[Problem, ...]:
   """Problems from a local .jsonl / .json / .parquet file in one of FORMATS (module docstring).
 
   format="auto" decides from the first row's fields. dedupe drops rows whose (prompt, answer) was seen
   (DAPO-Math-17k's released parquet repeats each problem many times). ids: the row's extra_info.index, else
   "<file stem>:<row number>". Errors name the file, the line/row and the missing or bad field. A ground
   truth that is empty, NaN or ±inf is refused (check_answer); so is a prompt longer than max_prompt_chars
-  characters (a bound that keeps one huge row from being tokenized at all)."""
+  characters (a bound that keeps one huge row from being tokenized at all). task: every row's Problem.task
+  (default: the format's, or a verl row's data_source)."""
   path = Path(path)
   if format not in FORMATS:
     raise ValueError(f"format={format!r}; expected one of {FORMATS}")
@@ -463,12 +474,80 @@ def load_problems(path: str | os.PathLike, format: str = "auto", limit: int | No
       continue
     seen.add((fields["prompt"], fields["answer"]))
     fields.setdefault("id", f"{path.stem}:{where.split()[-1]}")
+    if task is not None:
+      fields["task"] = task
     out.append(Problem(verifier=verifier, **fields))
     if limit is not None and len(out) >= limit:
       break
   if not out:
     raise ValueError(f"{path}: no rows")
   return tuple(out)
+
+
+# ------------------------------------------------------------------------------------------ benchmarks
+
+
+MATH_EVAL_ENV = "NEXT_JAX_MATH_EVAL"  # environment variable naming the math-eval data directory
+_SHARED_MATH_EVAL = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "math_eval"
+
+
+@dataclasses.dataclass(frozen=True)
+class Benchmark:
+  """A named evaluation set: `file` under the math-eval data directory (or an absolute path), the
+  verifier that scores it and the instruction appended to each problem (format_prompt)."""
+
+  name: str
+  file: str
+  verifier: str = "math"
+  instruction: str = DEFAULT_INSTRUCTION
+
+
+BENCHMARKS: dict[str, Benchmark] = {}
+
+
+def register_benchmark(name: str, file: str, verifier: str = "math",
+                       instruction: str = DEFAULT_INSTRUCTION) -> None:
+  """Add (or replace) the benchmark `name`; a config then names it in eval.benchmarks."""
+  BENCHMARKS[name] = Benchmark(name, file, verifier, instruction)
+
+
+for _name in ("aime24", "aime25", "amc23", "math500", "minerva", "olympiadbench", "gsm8k"):
+  register_benchmark(_name, f"{_name}.jsonl")
+
+
+def math_eval_dir(data_dir: str | os.PathLike | None = None) -> Path:
+  """The math-eval data directory: data_dir, else $NEXT_JAX_MATH_EVAL, else ../shared/data/math_eval
+  beside the checkout. Raises FileNotFoundError saying how to point at one when it does not exist."""
+  where = ("the data_dir setting (eval.data_dir)" if data_dir else
+           f"${MATH_EVAL_ENV}" if os.environ.get(MATH_EVAL_ENV) else f"the default {_SHARED_MATH_EVAL.resolve()}")
+  path = Path(data_dir or os.environ.get(MATH_EVAL_ENV) or _SHARED_MATH_EVAL).expanduser().resolve()
+  if not path.is_dir():
+    raise FileNotFoundError(f"math-eval data directory {path} (from {where}) does not exist; point "
+                            f"--config.eval.data_dir or ${MATH_EVAL_ENV} at a directory holding "
+                            f"{', '.join(sorted(b.file for b in BENCHMARKS.values()))}")
+  return path
+
+
+def benchmark_path(name: str, data_dir: str | os.PathLike | None = None) -> Path:
+  """The file of benchmark `name` (BENCHMARKS) under math_eval_dir(data_dir)."""
+  if name not in BENCHMARKS:
+    raise ValueError(f"unknown benchmark {name!r}; known: {sorted(BENCHMARKS)} (or register_benchmark)")
+  bench = BENCHMARKS[name]
+  if Path(bench.file).is_absolute():
+    return Path(bench.file)
+  return math_eval_dir(data_dir) / bench.file
+
+
+def load_benchmark(name: str, data_dir: str | os.PathLike | None = None,
+                   limit: int | None = None) -> tuple[Problem, ...]:
+  """The rows of benchmark `name` as Problems (task = name, the benchmark's verifier, ids "<file
+  stem>:<line>"), every row kept (no dedupe: a benchmark's size is its row count)."""
+  bench = BENCHMARKS.get(name)
+  path = benchmark_path(name, data_dir)
+  if not path.is_file():
+    raise FileNotFoundError(f"benchmark {name!r}: no file {path}; point --config.eval.data_dir or "
+                            f"${MATH_EVAL_ENV} at a directory holding {bench.file}")
+  return load_problems(path, limit=limit, dedupe=False, verifier=bench.verifier, task=name)
 
 
 # ------------------------------------------------------------------------------------------ formatting

@@ -323,3 +323,51 @@ def test_chat_tasks_answers_follow_from_their_prompts():
       fn = rewards.get_reward(p.verifier)
       assert fn(p.solution, p.answer) == 1.0
       assert fn("12345", p.answer) == 0.0
+
+
+# ------------------------------------------------------------------------------ real benchmark files
+
+BENCHMARK_ROWS = {"aime24": 30, "aime25": 30, "amc23": 40, "math500": 500, "minerva": 272,
+                  "olympiadbench": 675, "gsm8k": 1319}
+
+
+def _math_eval_or_skip():
+  try:
+    return tasks.math_eval_dir()
+  except FileNotFoundError as e:
+    pytest.skip(f"the math-eval data directory is absent: {e}")
+
+
+@pytest.mark.parametrize("name", sorted(BENCHMARK_ROWS))
+def test_every_benchmark_file_loads_as_it_is(name):
+  _math_eval_or_skip()
+  problems = tasks.load_benchmark(name)
+  assert len(problems) == BENCHMARK_ROWS[name]
+  assert {p.task for p in problems} == {name} and {p.verifier for p in problems} == {"math"}
+  assert len({p.id for p in problems}) == len(problems) and all(p.prompt and p.answer for p in problems)
+
+
+def test_question_answer_rows_without_hashes_are_final_answers(tmp_path):
+  f = tmp_path / "qa.jsonl"
+  f.write_text('{"question": "2+2?", "answer": 4.0}\n{"question": "Area?", "answer": "$6 \\\\mathrm{~m}^2$"}\n')
+  a, b = load_problems(f)
+  assert (a.prompt, a.answer, b.answer) == ("2+2?", "4.0", "$6 \\mathrm{~m}^2$")
+  g = tmp_path / "g.jsonl"
+  g.write_text('{"question": "q", "answer": "because #### 1,024"}\n')
+  assert load_problems(g)[0].answer == "1024"  # still gsm8k when the answer carries '####'
+
+
+def test_a_missing_data_dir_says_where_to_point_it(tmp_path, monkeypatch):
+  monkeypatch.setenv(tasks.MATH_EVAL_ENV, str(tmp_path / "nowhere"))
+  with pytest.raises(FileNotFoundError, match="NEXT_JAX_MATH_EVAL.*aime24.jsonl"):
+    tasks.load_benchmark("aime24")
+  with pytest.raises(ValueError, match="unknown benchmark 'aime26'"):
+    tasks.load_benchmark("aime26", data_dir=tmp_path)
+
+
+def test_a_registered_benchmark_is_loaded_by_name(tmp_path, monkeypatch):
+  monkeypatch.setattr(tasks, "BENCHMARKS", dict(tasks.BENCHMARKS))
+  (tmp_path / "mine.jsonl").write_text('{"problem": "1+1?", "answer": "2"}\n')
+  tasks.register_benchmark("mine", "mine.jsonl", verifier="exact", instruction="Just the number.")
+  (p,) = tasks.load_benchmark("mine", data_dir=tmp_path)
+  assert (p.task, p.verifier, p.answer) == ("mine", "exact", "2")
