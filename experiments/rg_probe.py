@@ -106,12 +106,12 @@ def table(rows: list[dict]) -> str:
     r0 = rs[0]
     lines += [f"### {name}", "",
               f"{r0['task']} (extract={r0['extract']}), lr {r0['lr']:g}, {r0['samples']} samples/step, seed "
-              f"{r0['seed']}; test accuracy at T = 1 on {r0['n_test']} problems (s.e. ≈ "
-              f"{100 * (0.25 / r0['n_test']) ** 0.5:.1f} points at 50 %); median "
-              f"{secs[len(secs) // 2] if secs else float('nan'):.1f} s per RL step.", "",
+              f"{r0['seed']}; test accuracy at T = 1 on {r0['n_test']} problems, one sample each (± its "
+              f"binomial s.e.); median {secs[len(secs) // 2] if secs else float('nan'):.1f} s per RL step.", "",
               "| RL step | " + " | ".join(str(s) for s in sorted(acc)) + " |",
               "|---|" + "---:|" * len(acc),
-              "| accuracy % | " + " | ".join(f"{100 * acc[s]:.1f}" for s in sorted(acc)) + " |", ""]
+              "| accuracy % | " + " | ".join(f"{100 * a:.1f} ± {100 * (a * (1 - a) / r0['n_test']) ** 0.5:.1f}"
+                                           for a in (acc[s] for s in sorted(acc))) + " |", ""]
   return "\n".join(lines) + "\n"
 
 
