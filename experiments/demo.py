@@ -18,7 +18,6 @@ import os
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -94,7 +93,6 @@ def main(argv=None):
   print("\n" + table)
   print(f"\nlogs: {wd}/*/metrics.jsonl, TensorBoard: tensorboard --logdir {wd}; plot: {wd}/accuracy.png; "
         f"jump diagnostics: {wd}/next_{total}/results.json; total {time.time() - t0:.0f} s")
-  print(json.dumps(results["NExt"]["jumps"], indent=1, default=float)[:2000])
 
 
 if __name__ == "__main__":

@@ -150,7 +150,8 @@ def test_demo_quick_prints_backbone_grpo_and_next(char_model_dir, tmp_path, caps
   with recorded_figures() as figs:
     demo.main(["--quick", "--workdir", str(wd), "--model-dir", str(char_model_dir)])
   table = (wd / "summary.md").read_text()
-  assert table in capsys.readouterr().out
+  out = capsys.readouterr().out
+  assert table in out and out.rstrip().splitlines()[-1].startswith("logs: ")  # ends with where things are
   rows = {line.split(" | ")[0].strip("| "): line.split(" | ")[1:] for line in table.splitlines()[2:]}
   assert set(rows) == {"Backbone", "GRPO-LoRA", "NExt"}
   assert rows["GRPO-LoRA"][0] == rows["NExt"][0] == "12"
