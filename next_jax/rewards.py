@@ -54,6 +54,8 @@ MAX_LITERAL_DIGITS = 6
 
 _BOX_OPEN = re.compile(r"\\(?:boxed|fbox)\s*\{")
 _ANSWER_LINE = re.compile(r"answer\s*(?:is\b\s*:?|:)[ \t]*([^\n]*)", re.IGNORECASE)
+_DOLLAR = re.compile(r"(?<!\\)\$")  # a math delimiter, not an escaped \$ (MATH's "\$18.90")
+_FULL_STOP = re.compile(r"(?<![.\s])\.\s*$")  # one sentence-ending period ("…\cup\{1\}."), not "…"
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 _NUMBER = re.compile(r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)")
 _DIGIT_RUN = re.compile(r"[0-9]+")
@@ -107,12 +109,13 @@ def _last_boxed_span(text: str) -> tuple[int, int] | None:
 
 
 def _clean_answer_line(line: str) -> str:
-  """'**Answer:** $x=5$. Done' → 'x=5': markdown stars, the first $…$ group, trailing dots."""
+  """'**Answer:** $x=5$. Done' → 'x=5': markdown stars, the first $…$ group (an escaped \\$ is a
+  dollar sign, not a delimiter: '$\\$18.90$' → '\\$18.90'), trailing dots."""
   s = line.strip().strip("*").strip()
   if s.startswith("$"):
     inner = s.lstrip("$")
-    close = inner.find("$")
-    s = inner[:close] if close >= 0 else inner
+    close = _DOLLAR.search(inner)
+    s = inner[:close.start()] if close else inner
   return s.strip().rstrip(".").strip()
 
 
@@ -316,13 +319,19 @@ def _math_verify():
 # ------------------------------------------------------------------------------------------ verifiers
 
 
+def _bare(text: str) -> str:
+  """'$69$,$84$.' → '69,84': unescaped $ and one final period removed, stripped."""
+  return _FULL_STOP.sub("", _DOLLAR.sub("", text).strip()).strip()
+
+
 def math_reward(response: str, ground_truth: str, timeout_s: float | None = MATH_TIMEOUT_S) -> float:
   """1.0 iff math-verify finds the extracted answer equivalent to the ground truth, else 0.0.
 
   answer = extract_answer(response) (last \\boxed{}, else "Answer: X"); no answer → 0.0. Only the answer
   (≤ MAX_ANSWER_CHARS, passing `answer_guard`) is parsed, as `\\boxed{answer}`; the gold as
-  `\\boxed{ground_truth}`, by math-verify's LaTeX parser only (its plain-expression fallback calls
-  sympy's `parse_expr`, which evaluates text with `eval`); then `math_verify.verify(gold, answer)`. The
+  `\\boxed{ground_truth}`, both less their unescaped $ and one final period (`_bare`: OlympiadBench writes
+  "$69$,$84$" and "$(-\\infty, 0) \\cup\\{1\\}$."), by math-verify's LaTeX parser only (its plain-expression fallback
+  calls sympy's `parse_expr`, which evaluates text with `eval`); then `math_verify.verify(gold, answer)`. The
   whole call has one wall-clock budget of timeout_s seconds *on the main thread only* (a signal): called
   from another thread it has no wall-clock bound, only the input guards (see the module docstring).
   Timeout or any exception → 0.0.
@@ -331,8 +340,8 @@ def math_reward(response: str, ground_truth: str, timeout_s: float | None = MATH
     answer = extract_answer(response)
     if answer is None or answer_guard(answer) is not None:
       return 0.0
-    gold = str(ground_truth).strip().strip("$").strip()
-    if not gold:
+    gold, answer = _bare(str(ground_truth)), _bare(answer)
+    if not gold or not answer:
       return 0.0
     mv = _math_verify()
 

@@ -301,3 +301,61 @@ def test_registry_and_score_batch():
   assert out.tolist() == [1.0, 0.0]
   with pytest.raises(ValueError, match="2 responses but 1 truths"):
     rewards.score_batch("exact", ["1", "2"], ["1"])
+
+
+# --------------------------------------------------- real benchmark answers (../shared/data/math_eval)
+
+# rows every file is checked on (1-based lines), plus rows whose answers once tripped the verifier
+SAMPLE_LINES = (1, 2, 3, 7, 13, 29)
+TRICKY = ("math500:1", "math500:243", "math500:460", "minerva:73", "olympiadbench:14", "olympiadbench:77")
+
+
+def _benchmark_or_skip(name):
+  from next_jax import tasks  # noqa: PLC0415
+
+  try:
+    tasks.math_eval_dir()
+  except FileNotFoundError as e:
+    pytest.skip(f"the math-eval data directory is absent: {e}")
+  return tasks.load_benchmark(name)
+
+
+@pytest.mark.parametrize("name", ["aime24", "aime25", "amc23", "math500", "minerva", "olympiadbench", "gsm8k"])
+def test_ground_truths_written_as_a_model_would_score_one(name):
+  from experiments.verify_math_eval import model_forms  # noqa: PLC0415
+
+  problems = _benchmark_or_skip(name)
+  rows = [p for i, p in enumerate(problems, 1) if i in SAMPLE_LINES or p.id in TRICKY]
+  rows.append(max(problems, key=lambda p: len(p.answer)))  # the longest answer, under the time bound
+  for p in rows:
+    for form, text in model_forms(p.answer).items():
+      t0 = time.perf_counter()
+      assert math_reward(text, p.answer) == float(form != "wrong"), (p.id, form, text)
+      assert time.perf_counter() - t0 < rewards.MATH_TIMEOUT_S + SLACK_S, (p.id, form)
+
+
+@pytest.mark.parametrize("answer,gold", [
+    ("27", "27.0"), ("27.00", "27.0"),                                           # AMC23's JSON floats
+    ("\\frac{1}{2}", "0.5"), ("0.5", "\\frac{1}{2}"),
+    ("(3, \\pi/2)", "\\left( 3, \\frac{\\pi}{2} \\right)"),                    # MATH500's polar pair
+    ("\\left(3,\\dfrac{\\pi}{2}\\right)", "\\left( 3, \\frac{\\pi}{2} \\right)"),
+    ("18.90", "\\$18.90"), ("32348", "\\$32,\\!348"), ("1024", "1,024"),       # MATH's dollars, commas
+    ("69, 84", "$69$,$84$"), ("84, 69", "$69$,$84$"),                          # OlympiadBench's lists
+    ("(-\\infty, 0) \\cup \\{1\\}", "$(-\\infty, 0) \\cup\\{1\\}$."),
+    ("1.60", "1.6"),                                                           # Minerva's decimals
+])
+def test_equivalent_forms_of_real_answers_score_one(answer, gold):
+  assert math_reward(f"so \\boxed{{{answer}}}", gold) == 1.0
+  assert math_reward(f"The answer is ${answer}$.", gold) == 1.0
+
+
+@pytest.mark.parametrize("answer,gold", [
+    ("205", "204"),                                                            # AIME
+    ("28", "27.0"), ("2.7", "27.0"),                                           # AMC23
+    ("(3, \\pi)", "\\left( 3, \\frac{\\pi}{2} \\right)"), ("(\\pi/2, 3)", "\\left( 3, \\frac{\\pi}{2} \\right)"),
+    ("1.7", "1.6"), ("16", "1.6"),                                             # Minerva
+    ("69", "$69$,$84$"), ("\\frac{1}{2}", "$\\frac{32}{9}$,$\\frac{1}{2}$"),  # OlympiadBench: a part
+    ("19", "18"), ("180", "18"),                                               # GSM8K
+])
+def test_plausible_wrong_answers_score_zero(answer, gold):
+  assert math_reward(f"so \\boxed{{{answer}}}", gold) == 0.0
