@@ -4,6 +4,11 @@
         --config.model.dir=/data/Qwen2.5-7B-Instruct --config.task.path=/data/dapo-math-17k.parquet
 
 Nothing is downloaded: point model.dir at a local HF checkpoint and task.path at the data file.
+
+Evaluation (`python -m next_jax.evaluate --config=configs/qwen25_paper.py:size=7B --model=… --out=…`): the
+paper's benchmarks by name (tasks.BENCHMARKS, files under eval.data_dir / $NEXT_JAX_MATH_EVAL), avg@8 at
+temperature 1, top-p 1, 4096 new tokens. 1.5B/3B: AMC23 + Minerva (the paper's small-model tables); 7B/14B:
+AIME24, AIME25, AMC23, Minerva and OlympiadBench, which stands in for OlymMATH (no public copy at hand).
 Not stated by the paper (our choices, all fields here): KL off (verl default use_kl_loss=False), entropy
 bonus 0, clip 0.2 with dual-clip 3, no warmup, LoRA on all seven projections, RL after the jump keeps the
 adapter and optimiser state ("keep").
@@ -16,6 +21,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
 
 SIZES = ("1.5B", "3B", "7B", "14B")
+BENCHMARKS = {"1.5B": ("amc23", "minerva"), "3B": ("amc23", "minerva"),
+              "7B": ("aime24", "aime25", "amc23", "minerva", "olympiadbench"),
+              "14B": ("aime24", "aime25", "amc23", "minerva", "olympiadbench")}  # olympiadbench for OlymMATH
 
 
 def get_config(arg=None):
@@ -48,6 +56,7 @@ def get_config(arg=None):
   c.nxt.method = a.method
   c.nxt.extrapolate_at, c.nxt.interval, c.nxt.k, c.nxt.alpha, c.nxt.total_steps = 150, 10, 5, 1.5, 250
   c.eval.every, c.eval.chunk, c.eval.samples = 50, 64, 8  # avg@8 at temperature 1.0
+  c.eval.benchmarks = BENCHMARKS[a.size]
   c.ckpt.every = 10
   c.mesh.data = 0
   common.apply_algo(c, a.algo)

@@ -102,7 +102,8 @@ def schema_kinds(schema=None) -> dict[str, type]:
 def _check_kinds(c) -> None:
   """Types first, against the schema (a hand-built ConfigDict too), so the value checks below never meet
   a None, a string or a list where a number goes."""
-  names = {int: "an integer", float: "a finite number", str: "a string", bool: "True or False"}
+  names = {int: "an integer", float: "a finite number", str: "a string", bool: "True or False",
+           tuple: "a tuple"}
   for f, kind in schema_kinds().items():
     try:
       v = _get(c, f)
@@ -164,6 +165,8 @@ def validate(c) -> None:
   loss_config(c)
   nxt_config(c)
   _check(c.eval.chunk >= 1 and c.eval.samples >= 1, "eval.chunk", c.eval.chunk, "chunk and samples ≥ 1")
+  _check(set(c.eval.benchmarks) <= set(tasks.BENCHMARKS), "eval.benchmarks", c.eval.benchmarks,
+         f"names one that is not in {sorted(tasks.BENCHMARKS)}")
   _check(c.mesh.data >= 0, "mesh.data", c.mesh.data, "must be ≥ 0 (0 = all devices)")
   _check(c.model.preset in ("",) + tuple(policy.QWEN25), "model.preset", c.model.preset,
          f"use '' or one of {sorted(policy.QWEN25)}")

@@ -109,3 +109,23 @@ def test_the_command_runs_from_any_directory(chat_model_dir, data_dir, tmp_path)
   bad = subprocess.run(cmd[:4] + ["--benchmarks=aime26", "--out=ev2"], cwd=tmp_path, capture_output=True,
                        text=True, check=False, timeout=120)
   assert bad.returncode != 0 and "unknown ['aime26']" in bad.stderr
+
+
+@pytest.mark.parametrize("size,names", [("1.5B", ("amc23", "minerva")),
+                                        ("14B", ("aime24", "aime25", "amc23", "minerva", "olympiadbench"))])
+def test_paper_preset_evaluates_on_the_papers_benchmarks(size, names):
+  from configs import qwen25_paper  # noqa: PLC0415
+
+  c = qwen25_paper.get_config(f"size={size}")
+  assert tuple(c.eval.benchmarks) == names and set(names) <= set(tasks.BENCHMARKS)
+  assert (c.eval.samples, c.eval.temperature, c.rollout.max_new_tokens) == (8, 1.0, 4096)
+
+
+def test_an_unknown_benchmark_in_a_config_is_one_error():
+  from configs import toy_arith  # noqa: PLC0415
+  from next_jax import experiment  # noqa: PLC0415
+
+  c = toy_arith.get_config()
+  c.eval.benchmarks = ("aime24", "aime26")
+  with pytest.raises(experiment.ConfigError, match="eval.benchmarks"):
+    experiment.validate(c)
