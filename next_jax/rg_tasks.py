@@ -6,8 +6,9 @@ and `size`, which the split rule sets.
 
     Problem.prompt    the dataset's question, verbatim (the instruction comes from config.task.instruction)
     Problem.answer    a locator, JSON {"dataset", "config": knobs + seed + size, "index"}: the verifier
-                      regenerates the entry from it (exactly: reasoning-gym draws entry i from
-                      Random(seed + i)), so metadata never goes through a lossy JSON round trip
+                      uses the entry make_task drew, or regenerates it in another process (reasoning-gym
+                      draws entry i from Random(seed + i)), so metadata never goes through a lossy JSON
+                      round trip
     Problem.solution  the dataset's oracle answer
 
 Reward: 1.0 iff `dataset.score_answer(answer, entry) == 1.0`, else 0.0, where `answer` is extracted from
@@ -129,18 +130,24 @@ def make_task(name: str, n: int, seed: int, split: str, test_fraction: float, ma
     pid = f"{name}:{hashlib.sha256(f'{name}|{key}'.encode()).hexdigest()[:12]}"
     seen[key] = tasks.Problem(prompt=key, answer=locator, task=name, verifier=VERIFIERS[extract], id=pid,
                               solution=str(entry["answer"]))
+    _ENTRIES[locator] = entry
   if len(seen) < n:
     raise ValueError(f"task {name!r} split {split!r}: only {len(seen)} unique problems of the {n} asked for "
                      f"after {max_draws} draws; widen the knobs ({knobs}) or ask for fewer")
   return tuple(seen.values())
 
 
-@functools.lru_cache(maxsize=65536)
+_ENTRIES: dict[str, dict] = {}  # locator → the entry make_task drew it from, in this process
+
+
 def entry_of(locator: str) -> tuple[Any, dict]:
-  """(dataset, entry) that a Problem.answer locator names, regenerated."""
+  """(dataset, entry) that a Problem.answer locator names: the entry make_task saw when this process made
+  the problem (exact even for a generator that keeps state between items), else regenerated."""
   spec = json.loads(locator)
   ds = _dataset(spec["dataset"], json.dumps(spec["config"]))
-  return ds, ds[int(spec["index"])]
+  if locator not in _ENTRIES:
+    _ENTRIES[locator] = ds[int(spec["index"])]
+  return ds, _ENTRIES[locator]
 
 
 def extract_tag(response: str) -> str | None:

@@ -48,6 +48,14 @@ def test_right_answers_score_one_and_wrong_answers_zero(name):
     assert rewards.REWARDS["rg"]("", p.answer) == 0.0
 
 
+def test_a_locator_regenerates_the_entry_the_problem_was_made_from():
+  made = tasks.make_task("rg:leg_counting", 5, seed=3, split="train", **EASY["rg:leg_counting"])
+  rg_tasks._ENTRIES.clear()  # as in another process: regenerated from the locator alone
+  for p in made:
+    _, entry = rg_tasks.entry_of(p.answer)
+    assert entry["question"] == p.prompt and str(entry["answer"]) == p.solution
+
+
 def test_partial_credit_is_not_reward():
   (p,) = tasks.make_task("rg:countdown", 1, seed=0, split="train", **EASY["rg:countdown"])
   assert rg_tasks.raw_score("<answer>1 + 1</answer>", p.answer) == pytest.approx(0.05)
