@@ -244,7 +244,11 @@ def report(run: runs.CheckpointRun, res: dict, args, written: list[dict], argv: 
            f"- base: `{run.base_dir}` ({cfg.num_layers} layers, hidden {cfg.hidden_size}, vocab {cfg.vocab_size})",
            f"- checkpoints: {len(run.paths)}, {what}",
            f"- snapshots: step 0 (the base) and {', '.join(map(str, steps[1:]))} (every {run.interval} steps); "
-           f"k = {k} snapshots = {k * run.interval} steps", ""]
+           f"k = {k} snapshots = {k * run.interval} steps",
+           f"- SVD signs: `--sign {args.sign}`" + (
+               " (the SVD's own sign, as the official code keeps it)" if args.sign == "none" else
+               " (u's largest-|entry| made positive for G, L and T alike); the official code does not "
+               "canonicalise signs (`--sign none` reproduces it)"), ""]
   floor = e1_floor(run)
   lines += ["## E₁ of the global delta G_i = W_i − W₀", "",
             f"Median over every trained matrix; E₁ = 1 means the drift so far is exactly rank 1, and E₁ ≥ "
@@ -262,10 +266,6 @@ def report(run: runs.CheckpointRun, res: dict, args, written: list[dict], argv: 
   if res["r2"]:
     lines += ["R² = 1 − SSE/SST per matrix (the paper reports R² < 0 for more than half of the matrices). "
               "u and v depend on the SVD's arbitrary sign; σ and ΔW do not.", "",
-              f"Signs: this report ran with `--sign {args.sign}`"
-              + (" (the SVD's own sign, as the official code keeps it)." if args.sign == "none" else
-                 " (u's largest-|entry| made positive); the official code does not canonicalise signs "
-                 "(`--sign none` reproduces it)."), "",
               "| fitted quantity | median R² | share R² < 0 |", "|---|---|---|"]
     lines += [f"| {label} | {_f(float(np.median(v)))} | {np.mean(v < 0):.0%} |" for label, v in res["r2"].items()]
     lines += ["", "![R2](r2.png)", ""]

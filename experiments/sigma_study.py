@@ -2,6 +2,7 @@
 
     python -m experiments.sigma_study --toy --seeds 0,1,2,3,4            # the toy preset's trajectory
     python -m experiments.sigma_study --base BASE --checkpoints 'RUN/checkpoint-*' --k 2 --name trl
+    python -m experiments.sigma_study --probe experiments/results/real_rg/ckpt/RUN/collect --seeds 0,1
 
 For every predictor seed and every back-test origin t of the trajectory (a real future W_{t+k} exists),
 NExt is fitted on snapshots 0..t (`extrapolate.next_triplets`, official predictor settings) and scored
@@ -11,7 +12,8 @@ against W_{t+k} − W_t at α = 1 (`extrapolate.delta_agreement`):
     oracle σ    Δ̂ = σ·û·v̂ᵀ with σ the *true* top singular value of each matrix's W_{t+k} − W_t: an
                 analysis of what the σ predictor costs, not a method (it reads the future)
 Rows go to <out>/rows.jsonl as they finish (a killed run resumes where it stopped); <out>/sigma.md holds
-the table. The toy trajectory is the preset's COLLECT phase (150 steps, a snapshot every 10), seed 0.
+the table. The toy trajectory is the preset's COLLECT phase (150 steps, a snapshot every 10), seed 0; a
+--probe trajectory is SmolLM2's, the jump-point state `experiments.rg_probe` keeps (its default settings).
 """
 
 from __future__ import annotations
@@ -46,6 +48,23 @@ def toy_trajectory(seed: int):
   exp = experiment.build(rp.make_config(seed, rp.PAPER, quick=False))
   s_jump, _, _, _ = rp.collect(exp, rp.PAPER, f"toy seed {seed}: COLLECT")
   return sm.trajectory(exp.setup, exp.ncfg, s_jump), exp.ncfg.predictor, exp.ncfg.sign
+
+
+def probe_trajectory(ckpt_dir: str, task: str):
+  """SmolLM2's trajectory at the jump point of an `experiments.rg_probe` run (its default schedule: a
+  snapshot every 5 steps to step 75), restored from the checkpoint that run keeps."""
+  from experiments import rg_probe  # noqa: PLC0415
+  from next_jax.checkpoint import Checkpointer  # noqa: PLC0415
+
+  args = argparse.Namespace(task=task, extract="", lr=2e-5, max_new_tokens=0, prompts=8, group=8, seed=0,
+                            jump=75, interval=5, n_test=16)  # shapes only: the state is restored
+  exp = experiment.build(rg_probe.make_config(args))
+  reader = Checkpointer(Path(ckpt_dir), read_only=True)
+  state, _ = reader.restore(exp.state)
+  reader.close()
+  if int(state.phase) != sm.EXTRAPOLATE:
+    sys.exit(f"{ckpt_dir}: the latest checkpoint is at step {int(state.rl.step)}, not at the jump point yet")
+  return sm.trajectory(exp.setup, exp.ncfg, state), exp.ncfg.predictor, exp.ncfg.sign
 
 
 def score(traj, t: int, k: int, pcfg: PredictorConfig, key: jax.Array, sign: str) -> dict:
@@ -89,16 +108,19 @@ def main(argv=None):
   ap.add_argument("--toy", action="store_true", help="the toy preset's trajectory (seed 0 RL run)")
   ap.add_argument("--base", help="post-hoc: the base model's HF directory")
   ap.add_argument("--checkpoints", help="post-hoc: glob of checkpoint directories")
+  ap.add_argument("--probe", help="an experiments.rg_probe run's collect/ checkpoint directory (SmolLM2)")
+  ap.add_argument("--probe-task", default="rg:basic_arithmetic", help="that run's --task")
+  ap.add_argument("--origins", default="all", choices=("all", "last"), help="back-test origins")
   ap.add_argument("--name", default=None, help="the trajectory's name in the table (default: toy / posthoc)")
   ap.add_argument("--k", type=int, default=5, help="NExt's target k snapshots ahead")
   ap.add_argument("--seeds", default="0,1,2,3,4", help="predictor seeds")
   ap.add_argument("--out", default="experiments/results/sigma")
   args = ap.parse_args(argv)
-  if args.toy == bool(args.checkpoints):
-    ap.error("give --toy or --base/--checkpoints")
+  if args.toy + bool(args.checkpoints) + bool(args.probe) != 1:
+    ap.error("give one of --toy, --base/--checkpoints, --probe")
   from absl import logging as absl_logging  # noqa: PLC0415
   absl_logging.set_verbosity(absl_logging.WARNING)
-  name = args.name or ("toy" if args.toy else "posthoc")
+  name = args.name or ("toy" if args.toy else "SmolLM2 probe" if args.probe else "posthoc")
   out = Path(args.out)
   out.mkdir(parents=True, exist_ok=True)
   rows_path = out / "rows.jsonl"
@@ -106,10 +128,12 @@ def main(argv=None):
   done = {(r["source"], r["seed"], r["origin"]) for r in rows}
   if args.toy:
     traj, pcfg, sign = toy_trajectory(0)
+  elif args.probe:
+    traj, pcfg, sign = probe_trajectory(args.probe, args.probe_task)
   else:
     traj, pcfg, sign = runs.read(args.base, args.checkpoints).trajectory, PredictorConfig(), "max_abs_u"
   pcfg = dataclasses.replace(pcfg, pad_snapshots=traj.num - 1 - args.k)  # every origin: one compile
-  origins = posthoc.backtest_origins(traj.num, args.k)
+  origins = posthoc.backtest_origins(traj.num, args.k, args.origins)
   todo = [(int(s), t) for s in args.seeds.split(",") for t in origins if (name, int(s), t) not in done]
   bar = progress(len(todo), desc="σ study")
   for seed, t in todo:
