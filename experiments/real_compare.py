@@ -80,12 +80,15 @@ def drift_so_far(exp, state) -> dict[str, float]:
   return sm.drift_diagnostics(exp.ncfg, sm.trajectory(exp.setup, exp.ncfg, state).window(int(state.count) - 1))
 
 
+SAVED = ("rl", "trajectory", "phase", "count")  # what `resumable` checkpoints of a state
+
+
 def resumable(exp, state, until: int, ckpt: Checkpointer, tag: str, every: int, progress=None):
   """rp.advance to RL step `until` in chunks of `every` steps, checkpointing the state after each chunk
   (the base weights are the same at every step before a jump, so they are not saved); progress(state,
   seconds per step) runs after each chunk. → (state, median seconds per step of the steps run here)."""
   def saved(s):
-    return {"rl": s.rl, "trajectory": s.trajectory, "phase": s.phase, "count": s.count}
+    return {k: getattr(s, k) for k in SAVED}
 
   latest = ckpt.latest_step()
   if latest is not None and latest <= until:

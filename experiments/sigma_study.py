@@ -53,15 +53,16 @@ def toy_trajectory(seed: int):
 def probe_trajectory(ckpt_dir: str, task: str):
   """SmolLM2's trajectory at the jump point of an `experiments.rg_probe` run (its default schedule: a
   snapshot every 5 steps to step 75), restored from the checkpoint that run keeps."""
-  from experiments import rg_probe  # noqa: PLC0415
+  from experiments import real_compare, rg_probe  # noqa: PLC0415
   from next_jax.checkpoint import Checkpointer  # noqa: PLC0415
 
   args = argparse.Namespace(task=task, extract="", lr=2e-5, max_new_tokens=0, prompts=8, group=8, seed=0,
                             jump=75, interval=5, n_test=16)  # shapes only: the state is restored
   exp = experiment.build(rg_probe.make_config(args))
   reader = Checkpointer(Path(ckpt_dir), read_only=True)
-  state, _ = reader.restore(exp.state)
+  tree, _ = reader.restore({k: getattr(exp.state, k) for k in real_compare.SAVED})
   reader.close()
+  state = exp.state.replace(**tree)
   if int(state.phase) != sm.EXTRAPOLATE:
     sys.exit(f"{ckpt_dir}: the latest checkpoint is at step {int(state.rl.step)}, not at the jump point yet")
   return sm.trajectory(exp.setup, exp.ncfg, state), exp.ncfg.predictor, exp.ncfg.sign
