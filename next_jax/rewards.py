@@ -126,12 +126,12 @@ def last_boxed(text: str) -> str | None:
 
 
 def extract_answer(text: str) -> str | None:
-  """Content of the last \\boxed{…} (or \\fbox{…}, balanced braces); else the rest of the line after the
+  """Content of the last non-empty \\boxed{…} (or \\fbox{…}, balanced braces); else the rest of the line after the
   last "Answer:" / "answer is" (trimmed, $…$ unwrapped); else None. Linear time, no recursion."""
   if not isinstance(text, str) or not text:
     return None
   boxed = last_boxed(text)
-  if boxed is not None:
+  if boxed:  # an empty box is the instruction echoed ("put your final answer within \\boxed{}"), no answer
     return boxed
   last = None
   for last in _ANSWER_LINE.finditer(text):

@@ -359,3 +359,8 @@ def test_equivalent_forms_of_real_answers_score_one(answer, gold):
 ])
 def test_plausible_wrong_answers_score_zero(answer, gold):
   assert math_reward(f"so \\boxed{{{answer}}}", gold) == 0.0
+
+
+def test_an_echoed_empty_box_falls_back_to_the_answer_line():
+  text = "I put the final answer within \\boxed{}.\n12 x 2 = 24\nThe answer is 24 minutes."
+  assert extract_answer(text) == "24 minutes" and math_reward(text.replace(" minutes", ""), "24") == 1.0
