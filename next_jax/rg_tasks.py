@@ -24,6 +24,13 @@ The raw score gives partial credit to wrong answers (0.2 for a wrong number on b
 an empty one on countdown), which would pay GRPO for formatted wrong answers; so training and accuracy
 both use 1[score = 1]. `raw_score(response, answer)` returns the unthresholded score for analysis.
 
+Model text is never evaluated. Some reasoning-gym scorers pass the answer to eval() or sympy's parse_expr
+(countdown, puzzle24, n_queens, number_sorting, … in 0.1.25), which runs arbitrary Python. So every scorer
+runs under `_no_eval`: an audit hook that makes compile/exec raise (the reward is then 0) unless the answer
+passed the arithmetic gate first. ARITHMETIC names the datasets whose answer is an arithmetic expression
+(countdown, puzzle24): an answer made only of digits, + - * / ( ) and spaces, without "**", up to 200
+characters, is scored by the library as it is (such text names nothing and is cheap to evaluate).
+
 Split (the same rule as tasks.make_task): entries i = 0, 1, … of the dataset seeded by (task, seed,
 split) are kept iff split_of(task, question) is the asked split and the question is new, so train and
 test are disjoint by content whatever their seeds. `reasoning_gym` is imported on first use only
@@ -36,6 +43,9 @@ import dataclasses
 import functools
 import hashlib
 import json
+import re
+import sys
+import threading
 from typing import Any
 
 from next_jax import rewards
@@ -44,6 +54,8 @@ PREFIX = "rg:"
 VERIFIERS = {"tag": "rg", "number": "rg_number"}  # the `extract` knob → the verifier that scores it
 RESERVED = ("seed", "size")  # config fields the split rule sets
 VERSION = "0.1.25"
+ARITHMETIC = ("countdown", "puzzle24")  # answers are arithmetic expressions its scorer evaluates
+_ARITH = re.compile(r"[0-9+\-*/() ]{1,200}")
 
 
 def _rg():
@@ -131,6 +143,11 @@ def make_task(name: str, n: int, seed: int, split: str, test_fraction: float, ma
     seen[key] = tasks.Problem(prompt=key, answer=locator, task=name, verifier=VERIFIERS[extract], id=pid,
                               solution=str(entry["answer"]))
     _ENTRIES[locator] = entry
+  first = next(iter(seen.values()), None)
+  if first is not None and _oracle_blocked(first.answer, first.solution):
+    raise ValueError(f"task {name!r}: reasoning-gym's score_answer evaluates the answer text (eval or "
+                     "sympy parsing), so it cannot score even the oracle answer with eval blocked; next_jax "
+                     "never runs model text through eval (next_jax/rg_tasks.py)")
   if len(seen) < n:
     raise ValueError(f"task {name!r} split {split!r}: only {len(seen)} unique problems of the {n} asked for "
                      f"after {max_draws} draws; widen the knobs ({knobs}) or ask for fewer")
@@ -173,16 +190,63 @@ EXTRACTORS = {"rg": extract_tag, "rg_number": extract_number}
 
 def raw_score(response: str, locator: str, verifier: str = "rg") -> float:
   """dataset.score_answer(extracted answer, entry) as reasoning-gym returns it (partial credit kept)."""
+  return _score(locator, EXTRACTORS[verifier](response))
+
+
+class _EvalBlocked(RuntimeError):
+  pass
+
+
+_GUARD = threading.local()
+
+
+def _audit(event: str, args) -> None:
+  """compile/exec while a scorer runs under _no_eval raises, but for a lazily imported module's body."""
+  if getattr(_GUARD, "on", False) and event in ("compile", "exec"):
+    frame = sys._getframe(1)
+    while frame is not None:
+      if frame.f_code.co_filename.startswith("<frozen importlib"):
+        return
+      frame = frame.f_back
+    raise _EvalBlocked(f"reasoning-gym scorer tried to {event} text; next_jax never evaluates model text")
+
+
+sys.addaudithook(_audit)
+
+
+def _score(locator: str, answer: str | None) -> float:
+  """dataset.score_answer(answer, entry) with eval blocked (module docstring); an arithmetic-gated answer
+  of an ARITHMETIC dataset is scored unguarded."""
+  ds, entry = entry_of(locator)  # our own locator: a failure here is a bug, not model text
+  gated = (answer is not None and json.loads(locator)["dataset"] in ARITHMETIC
+           and _ARITH.fullmatch(answer) is not None and "**" not in answer)
+  _GUARD.on = not gated
+  try:
+    return float(ds.score_answer(answer, entry))
+  finally:
+    _GUARD.on = False
+
+
+def _oracle_blocked(locator: str, solution: str) -> bool:
+  """Whether the dataset's oracle answer fails only because its scorer's eval was blocked."""
+  try:
+    return _score(locator, solution) < 1.0 and _score_unguarded(locator, solution) == 1.0
+  except _EvalBlocked:
+    return True
+
+
+def _score_unguarded(locator: str, answer: str) -> float:
+  """The library's score of our own oracle answer (never model text)."""
   ds, entry = entry_of(locator)
-  return float(ds.score_answer(EXTRACTORS[verifier](response), entry))
+  return float(ds.score_answer(answer, entry))
 
 
 def _reward(verifier: str):
   def reward(response: str, ground_truth: str) -> float:
-    ds, entry = entry_of(ground_truth)  # our own locator: a failure here is a bug, not model text
+    entry_of(ground_truth)  # outside the try: a bad locator is our bug, not model text
     try:
-      return float(float(ds.score_answer(EXTRACTORS[verifier](response), entry)) == 1.0)
-    except Exception:  # noqa: BLE001
+      return float(_score(ground_truth, EXTRACTORS[verifier](response)) == 1.0)
+    except Exception:  # noqa: BLE001  (a blocked eval, or a scorer failing on model text)
       return 0.0
   reward.__name__ = f"{verifier}_reward"
   reward.__doc__ = (f"1.0 iff reasoning-gym scores the answer {EXTRACTORS[verifier].__name__} reads exactly "

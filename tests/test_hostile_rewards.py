@@ -3,6 +3,7 @@ LaTeX nesting, unbalanced braces, control characters, 1 MB strings, arbitrary un
 within its time limit, and never compiles or evaluates model text (an audit hook watches `compile`/`exec`)."""
 
 import json
+import re
 import sys
 import time
 import traceback
@@ -21,6 +22,15 @@ GOLDS = {"math": ["1", "\\frac{1}{2}", "x^2+2x+1", "2^{10}", "\\sqrt{2}"],
          "last_number": ["7", "953", "-3.5"],
          "countdown": [json.dumps({"target": 24, "numbers": [3, 8, 1]}),
                        json.dumps({"target": 10, "numbers": [2, 5, 7], "use_all": True})]}
+try:  # reasoning-gym's verifiers (registered when rg_tasks is imported): golds are our locators
+  from next_jax import rg_tasks, tasks
+  _RG = [p.answer for name in ("rg:basic_arithmetic", "rg:countdown") for p in tasks.make_task(name, 2, 0, "test")]
+  GOLDS.update({v: _RG for v in rg_tasks.EXTRACTORS})
+except ImportError:  # the test extra installs reasoning-gym; without it these verifiers are not registered
+  pass
+# what rg_tasks lets reach reasoning-gym's countdown scorer (its arithmetic gate) compiles, tokenised by sympy,
+# to integers and operators only
+RG_ARITHMETIC = re.compile(r"from sympy import \*|(Integer \(\d+ \)|[\s+\-*/()])*")
 COUNTS = {}
 # the deadline may fire inside a gc callback, where Python reports it as unraisable (rewards.py docstring)
 pytestmark = [pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning"),
@@ -51,7 +61,7 @@ class NoEval:
     caller = files[0]  # the frame that called compile/eval/exec
     if any(p in f for f in files for p in cls.PARSERS[:2]) or any(p in caller for p in cls.PARSERS[2:]) \
         or caller == __file__:
-      cls.seen.append(repr(args[0])[:80])
+      cls.seen.append(args[0] if isinstance(args[0], str) else args[0].decode("utf-8", "replace"))
 
 
 sys.addaudithook(NoEval.hook)
@@ -92,14 +102,20 @@ def check_all(text: str, key: str) -> None:
       finally:
         NoEval.armed = False
       took = time.perf_counter() - t
+      if name.startswith("rg"):
+        NoEval.seen[:] = [x for x in NoEval.seen if not RG_ARITHMETIC.fullmatch(x)]
       assert r in (0.0, 1.0) and isinstance(r, float), (name, r)
       assert took < (LIMIT_S if name == "math" else PLAIN_LIMIT_S) + SLACK_S, (name, took, text[:200])
-      assert not NoEval.seen, (name, NoEval.seen[:3], text[:200])
+      assert not NoEval.seen, (name, [x[:80] for x in NoEval.seen[:3]], text[:200])
 
 
 def _settings(n):
   return settings(max_examples=n, deadline=None, database=None, derandomize=True,
                   phases=[Phase.generate], suppress_health_check=list(HealthCheck))
+
+
+def test_every_registered_verifier_has_golds():
+  assert set(rewards.REWARDS) == set(GOLDS), "add golds for a new verifier here, or it goes unfuzzed"
 
 
 def test_verifiers_are_warm_and_the_audit_hook_sees_eval():

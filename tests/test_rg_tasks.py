@@ -145,3 +145,20 @@ def test_rg_select_summary_counts_pass_at_1_and_pass_at_k():
   assert s["pass@1"] == 10 / 32 and s["pass@8"] == 0.5 and s["complete"]
   assert s["guess_any"] == 0.25 and s["guess_best_pos"] == 0.25 and s["s_per_row"] == 1.0
   assert "| rg:x | I | rg_number | 16 | 4 | 31.2 ±" in rg_select.table([row])
+
+
+def test_model_text_never_reaches_a_scorer_that_evaluates_it(monkeypatch):
+  """reasoning-gym's countdown scorer runs sympy's parse_expr on the answer (arbitrary Python): the payload
+  runs when the library is called directly, never through our verifiers; a dataset whose scorer cannot
+  score even its oracle answer without eval is refused by name."""
+  monkeypatch.delenv("NEXT_JAX_PWNED", raising=False)
+  (p,) = tasks.make_task("rg:countdown", 1, seed=0, split="train", **EASY["rg:countdown"])
+  payload = "__import__('os').environ.__setitem__('NEXT_JAX_PWNED', '1')"
+  for verifier in rg_tasks.EXTRACTORS:
+    assert rewards.REWARDS[verifier](f"<answer>{payload}</answer>", p.answer) == 0.0
+  assert "NEXT_JAX_PWNED" not in __import__("os").environ
+  assert rewards.REWARDS["rg"](f"<answer>{p.solution}</answer>", p.answer) == 1.0  # the arithmetic gate
+  _library_score(p, payload)  # the library itself evaluates it: the check above can fail
+  assert __import__("os").environ.get("NEXT_JAX_PWNED") == "1"
+  with pytest.raises(ValueError, match="rg:number_sorting.*evaluates the answer text"):
+    tasks.make_task("rg:number_sorting", 2, seed=0, split="train")
