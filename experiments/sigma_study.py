@@ -86,7 +86,7 @@ def score(traj, t: int, k: int, pcfg: PredictorConfig, key: jax.Array, sign: str
 
 def table(rows: list[dict]) -> str:
   """Per source: fits, collapse rate, σ̂ vs true σ, and NExt vs oracle-σ agreement (medians over fits)."""
-  lines = ["| trajectory | fits (seeds × origins) | σ̂ collapsed | median σ̂ | true σ (min … max, median of fits) | "
+  lines = ["| trajectory | fits (seeds) | σ̂ collapsed | median σ̂ | true σ (min … max, median of fits) | "
            "median abs. rel. error of σ̂ | NExt cos / rel. err. | oracle-σ cos / rel. err. |",
            "|---|---|---|---|---|---|---|---|"]
   for name in dict.fromkeys(r["source"] for r in rows):
@@ -94,7 +94,7 @@ def table(rows: list[dict]) -> str:
     med = lambda f: float(np.median([f(r) for r in rs]))  # noqa: E731
     seeds = len({r["seed"] for r in rs})
     lines.append(
-        f"| {name} | {len(rs)} ({seeds} × {len(rs) // seeds}) | {sum(r['collapsed'] for r in rs)}/{len(rs)} | "
+        f"| {name} | {len(rs)} ({seeds} seeds) | {sum(r['collapsed'] for r in rs)}/{len(rs)} | "
         f"{med(lambda r: r['spread']['predicted']['median']):.4g} | "
         f"{med(lambda r: r['sigma_true']['min']):.4g} … {med(lambda r: r['sigma_true']['max']):.4g} | "
         f"{med(lambda r: r['sigma_relerr_median']):.2f} | "
@@ -116,8 +116,9 @@ def main(argv=None):
   ap.add_argument("--k", type=int, default=5, help="NExt's target k snapshots ahead")
   ap.add_argument("--seeds", default="0,1,2,3,4", help="predictor seeds")
   ap.add_argument("--out", default="experiments/results/sigma")
+  ap.add_argument("--report-only", action="store_true", help="re-render sigma.md from rows.jsonl")
   args = ap.parse_args(argv)
-  if args.toy + bool(args.checkpoints) + bool(args.probe) != 1:
+  if not args.report_only and args.toy + bool(args.checkpoints) + bool(args.probe) != 1:
     ap.error("give one of --toy, --base/--checkpoints, --probe")
   from absl import logging as absl_logging  # noqa: PLC0415
   absl_logging.set_verbosity(absl_logging.WARNING)
@@ -127,25 +128,26 @@ def main(argv=None):
   rows_path = out / "rows.jsonl"
   rows = [json.loads(x) for x in rows_path.read_text().splitlines()] if rows_path.exists() else []
   done = {(r["source"], r["seed"], r["origin"]) for r in rows}
-  if args.toy:
-    traj, pcfg, sign = toy_trajectory(0)
-  elif args.probe:
-    traj, pcfg, sign = probe_trajectory(args.probe, args.probe_task)
-  else:
-    traj, pcfg, sign = runs.read(args.base, args.checkpoints).trajectory, PredictorConfig(), "max_abs_u"
-  pcfg = dataclasses.replace(pcfg, pad_snapshots=traj.num - 1 - args.k)  # every origin: one compile
-  origins = posthoc.backtest_origins(traj.num, args.k, args.origins)
-  todo = [(int(s), t) for s in args.seeds.split(",") for t in origins if (name, int(s), t) not in done]
-  bar = progress(len(todo), desc="σ study")
-  for seed, t in todo:
-    r = {"source": name, "command": f"python -m experiments.sigma_study {shlex.join(argv)}", "seed": seed,
-         "origin": t, "step": int(traj.steps[t]), "k": args.k,
-         **score(traj, t, args.k, pcfg, jax.random.fold_in(jax.random.PRNGKey(seed), t), sign)}
-    with rows_path.open("a") as f:
-      f.write(json.dumps(r) + "\n")
-    rows.append(r)
-    bar.update(1)
-  bar.close()
+  if not args.report_only:  # the fits not yet in rows.jsonl, each appended as it comes
+    if args.toy:
+      traj, pcfg, sign = toy_trajectory(0)
+    elif args.probe:
+      traj, pcfg, sign = probe_trajectory(args.probe, args.probe_task)
+    else:
+      traj, pcfg, sign = runs.read(args.base, args.checkpoints).trajectory, PredictorConfig(), "max_abs_u"
+    pcfg = dataclasses.replace(pcfg, pad_snapshots=traj.num - 1 - args.k)  # every origin: one compile
+    origins = posthoc.backtest_origins(traj.num, args.k, args.origins)
+    todo = [(int(s), t) for s in args.seeds.split(",") for t in origins if (name, int(s), t) not in done]
+    bar = progress(len(todo), desc="σ study")
+    for seed, t in todo:
+      r = {"source": name, "command": f"python -m experiments.sigma_study {shlex.join(argv)}", "seed": seed,
+           "origin": t, "step": int(traj.steps[t]), "k": args.k,
+           **score(traj, t, args.k, pcfg, jax.random.fold_in(jax.random.PRNGKey(seed), t), sign)}
+      with rows_path.open("a") as f:
+        f.write(json.dumps(r) + "\n")
+      rows.append(r)
+      bar.update(1)
+    bar.close()
   commands = "\n".join(f"- {n}: `{c}`" for n, c in dict.fromkeys((r["source"], r["command"]) for r in rows))
   md = f"# σ̂ collapse and the oracle σ\n\n{commands}\n\n{table(rows)}\n"
   (out / "sigma.md").write_text(md)
