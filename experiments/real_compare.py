@@ -83,12 +83,13 @@ def drift_so_far(exp, state) -> dict[str, float]:
 SAVED = ("rl", "trajectory", "phase", "count")  # what `resumable` checkpoints of a state
 
 
-def resumable(exp, state, until: int, ckpt: Checkpointer, tag: str, every: int, progress=None):
-  """rp.advance to RL step `until` in chunks of `every` steps, checkpointing the state after each chunk
-  (the base weights are the same at every step before a jump, so they are not saved); progress(state,
-  seconds per step) runs after each chunk. → (state, median seconds per step of the steps run here)."""
+def resumable(exp, state, until: int, ckpt: Checkpointer, tag: str, every: int, progress=None, fields=SAVED):
+  """rp.advance to RL step `until` in chunks of `every` steps, checkpointing the state's `fields` after each
+  chunk (by default not the base weights: they are the same at every step before a jump; a branch after a
+  jump saves them too); progress(state, seconds per step) runs after each chunk.
+  → (state, median seconds per step of the steps run here)."""
   def saved(s):
-    return {k: getattr(s, k) for k in SAVED}
+    return {k: getattr(s, k) for k in fields}
 
   latest = ckpt.latest_step()
   if latest is not None and latest <= until:

@@ -285,9 +285,10 @@ def train_step(setup: RLSetup, base_params: Params, state: RLState, timer: Timer
 
 
 def evaluate(setup: RLSetup, base_params: Params, trainable: Params, problems: Sequence[Any], *,
-             chunk: int, samples: int = 1, temperature: float = 0.0, seed: int = 0) -> dict[str, float]:
-  """Accuracy over `problems` (avg@samples, i.e. pass@1), mean reward, and pass@samples (the share of
-  problems with ≥ 1 correct sample). Problems go in equal chunks (the last is padded with repeats and
+             chunk: int, samples: int = 1, temperature: float = 0.0, seed: int = 0) -> dict[str, Any]:
+  """Accuracy over `problems` (avg@samples, i.e. pass@1), mean reward, pass@samples (the share of
+  problems with ≥ 1 correct sample) and `solved`, each problem's share of correct samples (for paired
+  comparisons of two policies on the same problems). Problems go in equal chunks (the last is padded with repeats and
   ignored), so evaluation compiles once. temperature 0 = greedy. Like `collect`, each process encodes
   and verifies only its rows of a chunk; the rewards are then shared."""
   scores = []
@@ -302,4 +303,4 @@ def evaluate(setup: RLSetup, base_params: Params, trainable: Params, problems: S
   r = np.concatenate(scores)
   solved = (r > 0.5).reshape(-1, samples)
   return {"accuracy": float(solved.mean()), "reward_mean": float(r.mean()), "n": int(r.size),
-          f"pass@{samples}": float(solved.any(axis=1).mean())}
+          f"pass@{samples}": float(solved.any(axis=1).mean()), "solved": solved.mean(axis=1).tolist()}
