@@ -54,6 +54,7 @@ class ModelConfig:
   tie_embeddings: bool = False
   max_position_embeddings: int = 32768
   dtype: str = "float32"  # params and activations; "bfloat16" supported
+  kv_cache_dtype: str = ""  # the sampler's KV cache ("": dtype); bfloat16 halves it on accelerators
   remat: bool = False  # jax.checkpoint each layer (trade compute for activation memory)
 
   def __post_init__(self):
@@ -63,10 +64,16 @@ class ModelConfig:
       raise ValueError(f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}")
     if self.dtype not in _DTYPES:
       raise ValueError(f"dtype={self.dtype!r}; expected one of {sorted(_DTYPES)}")
+    if self.kv_cache_dtype and self.kv_cache_dtype not in _DTYPES:
+      raise ValueError(f"kv_cache_dtype={self.kv_cache_dtype!r}; expected '' (dtype) or one of {sorted(_DTYPES)}")
 
   @property
   def jnp_dtype(self):
     return _DTYPES[self.dtype]
+
+  @property
+  def kv_jnp_dtype(self):
+    return _DTYPES[self.kv_cache_dtype or self.dtype]
 
   def module_shape(self, name: str) -> tuple[int, int]:
     """(in, out) of one projection."""
@@ -214,7 +221,8 @@ def _layer(cfg: ModelConfig, scale: float, x, positions, mask, p, lora, cache_kv
   """One pre-norm decoder layer.
 
   cache_kv: None, or (layer i, k, v) with the whole stacked cache [L, B, S, KVH, hd]: the new keys/values
-  are written in place at [i, :, index:index+T] and layer i's slots are attended to. Returns (x, cache_kv).
+  are written in place at [i, :, index:index+T] and layer i's first W slots are attended to (W = the last
+  dim of `mask`: only those are read). Returns (x, cache_kv).
   """
   b, t, _ = x.shape
   lo = lambda name: None if lora is None else lora.get(name)  # noqa: E731
@@ -227,7 +235,9 @@ def _layer(cfg: ModelConfig, scale: float, x, positions, mask, p, lora, cache_kv
     i, ck, cv = cache_kv
     ck = jax.lax.dynamic_update_slice(ck, k[None].astype(ck.dtype), (i, 0, index, 0, 0))
     cv = jax.lax.dynamic_update_slice(cv, v[None].astype(cv.dtype), (i, 0, index, 0, 0))
-    k, v, cache_kv = ck[i], cv[i], (i, ck, cv)
+    window = (1, b, mask.shape[-1]) + ck.shape[3:]
+    k, v = (jax.lax.dynamic_slice(c, (i, 0, 0, 0, 0), window)[0] for c in (ck, cv))
+    cache_kv = (i, ck, cv)
   x = x + _linear(attention(q, k, v, mask), p["o"], lo("o"), scale)
   h = rms_norm(x, p["mlp_norm"], cfg.rms_norm_eps)
   gate, up = _linear(h, p["gate"], lo("gate"), scale), _linear(h, p["up"], lo("up"), scale)
@@ -244,8 +254,9 @@ def positions_from_mask(mask: jax.Array) -> jax.Array:
 
 
 def init_cache(cfg: ModelConfig, batch: int, size: int, dtype=None) -> KVCache:
+  """Empty cache of `size` slots in `dtype` (default cfg.kv_cache_dtype, else the model dtype)."""
   shape = (cfg.num_layers, batch, size, cfg.num_kv_heads, cfg.head_dim)
-  dtype = dtype or cfg.jnp_dtype
+  dtype = dtype or cfg.kv_jnp_dtype
   return KVCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
                  key_mask=jnp.zeros((batch, size), bool), index=jnp.zeros((), jnp.int32))
 
@@ -253,12 +264,13 @@ def init_cache(cfg: ModelConfig, batch: int, size: int, dtype=None) -> KVCache:
 def forward(params: Params, tokens: jax.Array, cfg: ModelConfig, *, mask: jax.Array | None = None,
             positions: jax.Array | None = None, lora: Params | None = None,
             lora_cfg: LoraConfig | None = None, cache: KVCache | None = None,
-            return_hidden: bool = False):
+            return_hidden: bool = False, window: int = 0):
   """Logits of a decoder. tokens: int32[B, T]; mask: bool[B, T] (real tokens; prompts left-padded).
 
   Without a cache, token t attends to real tokens s ≤ t. With a cache, the T new tokens are written at
-  slots [index, index+T) and attend to every real slot s ≤ index + t. Positions default to
-  `positions_from_mask(mask)` (no cache) and must be passed when decoding with a cache.
+  slots [index, index+T) and attend to every real slot s ≤ index + t; window > 0 (static, ≥ index + T)
+  reads only the first `window` slots, so a step costs the filled part of the cache, not all of it.
+  Positions default to `positions_from_mask(mask)` (no cache) and must be passed when decoding with a cache.
   Returns (logits fp32[B, T, V], new cache or None); with return_hidden, the final normed hidden state
   [B, T, D] instead of logits (for chunked log-prob computation).
   """
@@ -280,9 +292,9 @@ def forward(params: Params, tokens: jax.Array, cfg: ModelConfig, *, mask: jax.Ar
     key_mask = None
   else:
     key_mask = jax.lax.dynamic_update_slice_in_dim(cache.key_mask, mask, cache.index, axis=1)
-    slots = jnp.arange(cache.k.shape[2])
-    causal = slots[None, :] <= (cache.index + jnp.arange(t))[:, None]  # [T, S]
-    attn_mask = causal[None] & key_mask[:, None, :]
+    slots = jnp.arange(window or cache.k.shape[2])
+    causal = slots[None, :] <= (cache.index + jnp.arange(t))[:, None]  # [T, W]
+    attn_mask = causal[None] & key_mask[:, None, :slots.shape[0]]
     index = cache.index
 
   def body(carry, xs):

@@ -185,10 +185,10 @@ def test_prompt_chunks_give_the_greedy_rows_and_group_layout_of_one_call(gen, gr
 
 def test_temperature_and_top_p_are_traced_not_recompiled(gen):
   gen(temperature=0.5, top_p=0.9)  # compiled (or reused from an earlier test)
-  before = sampler.generate._cache_size()
+  before = sampler.compiled_programs()
   for temperature, top_p in ((0.0, 1.0), (0.7, 0.95), (1.3, 0.5)):
     gen(temperature=temperature, top_p=top_p)
-  assert sampler.generate._cache_size() == before
+  assert sampler.compiled_programs() == before
 
 
 # ------------------------------------------------------------------------------------ process_logits
