@@ -10,6 +10,13 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.11",
     packages=find_packages(include=["next_jax", "next_jax.*"]),
+    # every user command, runnable from any directory (also as `python -m next_jax.cli.<name>`)
+    entry_points={"console_scripts": [
+        "next-jax-run = next_jax.cli.run:cli",
+        "next-jax-posthoc = next_jax.cli.posthoc:cli",
+        "next-jax-convert = next_jax.cli.convert:main",
+        "next-jax-evaluate = next_jax.cli.evaluate:cli",
+    ]},
     install_requires=[
         # Resolves to jax 0.10.2 / flax 0.12.8 on Python 3.11 here; no upper pins so Colab's newer stack fits.
         "jax>=0.7.0",

@@ -11,25 +11,16 @@
 
 from __future__ import annotations
 
-import os
-
-# OpenBLAS (behind numpy and JAX's CPU QR/SVD) busy-waits its threads: on a small or shared machine a
-# 256×128 QR then takes seconds instead of milliseconds. One thread per process is far faster here.
-os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
-
 import argparse
 import os
-import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "configs"))
 
-import toy_arith  # noqa: E402
-
-from experiments.make_toy_base import build_toy_base  # noqa: E402
-from next_jax import experiment  # noqa: E402
+from next_jax import experiment
+from next_jax.configs import toy_arith
+from next_jax.toy_base import build_toy_base
 
 
 def config(method: str, total: int, seed: int, workdir: Path, quick: bool):

@@ -14,24 +14,21 @@ Writes <out>/predictor_fit.md and rows.jsonl.
 
 from __future__ import annotations
 
-import os
-
-os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # see experiments/demo.py
-
 import argparse
 import dataclasses
 import json
+import os
 from pathlib import Path
 
 import numpy as np
 
 from experiments import reproduce as rp
-from experiments.make_toy_base import build_toy_base
 from experiments.report import _table, mean_std
 from next_jax import driver, experiment
 from next_jax import extrapolate as ex
 from next_jax import predictor as pred_lib
 from next_jax import state_machine as sm
+from next_jax.toy_base import build_toy_base
 
 LRS = (2e-5, 1e-4, 1e-3)
 

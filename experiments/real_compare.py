@@ -22,15 +22,11 @@ its snapshots so far to <out>/compare_progress.jsonl (the partial record); its r
 
 from __future__ import annotations
 
-import os
-
-os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # see experiments/demo.py
-
 import argparse
 import dataclasses
 import json
+import os
 import shutil
-import sys
 import time
 from pathlib import Path
 
@@ -38,17 +34,17 @@ import jax
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "configs"))
 
-import smollm2  # noqa: E402
-import toy_arith  # noqa: E402
-
-from experiments import reproduce as rp  # noqa: E402
-from experiments.make_toy_base import build_toy_base  # noqa: E402
-from next_jax import driver, experiment, trained  # noqa: E402
-from next_jax import extrapolate as ex  # noqa: E402
-from next_jax import state_machine as sm  # noqa: E402
-from next_jax.checkpoint import Checkpointer  # noqa: E402
+from experiments import reproduce as rp
+from next_jax import driver, experiment, trained
+from next_jax import extrapolate as ex
+from next_jax import state_machine as sm
+from next_jax.checkpoint import Checkpointer
+from next_jax.configs import (
+  smollm2,
+  toy_arith,
+)
+from next_jax.toy_base import build_toy_base
 
 MODELS = ("toy", "smollm2")
 METHODS = {m: ex.label(m) for m in ex.METHODS}

@@ -1,6 +1,6 @@
 """The paper's comparison on a real pretrained model, sized for one accelerator: SmolLM2-135M-Instruct.
 
-    python -m experiments.real_repro                  # on a GPU/TPU: configs/smollm2.py:gpu, 512 samples/step
+    python -m experiments.real_repro                  # on a GPU/TPU: next_jax/configs/smollm2.py:gpu, 512 samples/step
     python -m experiments.real_repro --quick          # CPU smoke run: tiny schedule and batch
     python -m experiments.real_repro --seeds 0,1 --model-dir /path/to/hf_dir
 
@@ -15,27 +15,21 @@ experiments.report renders them, in <out>/tables.md.
 
 from __future__ import annotations
 
-import os
-
-os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # see experiments/demo.py
-
 import argparse
 import dataclasses
 import json
-import sys
+import os
 import time
 from pathlib import Path
 
 import jax
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "configs"))
 
-import smollm2  # noqa: E402
-
-from experiments import report  # noqa: E402
-from experiments import reproduce as rp  # noqa: E402
-from next_jax import experiment  # noqa: E402
+from experiments import report
+from experiments import reproduce as rp
+from next_jax import experiment
+from next_jax.configs import smollm2
 
 METHODS = ("next", "rl_extra")
 

@@ -3,7 +3,7 @@
     python -m experiments.real_tasks                    # 4 tasks × 256 test problems × 8 samples, T = 1
     python -m experiments.real_tasks --tasks add,compare --n 64
 
-Per task (configs/smollm2.py:task=…, posed through the chat template with its instruction): pass@1 = the
+Per task (next_jax/configs/smollm2.py:task=…, posed through the chat template with its instruction): pass@1 = the
 mean over 8 samples at temperature 1 (avg@8), pass@8 = the share of problems with ≥ 1 correct sample, and
 greedy accuracy. The regime RLVR sharpens is pass@1 ≈ 5–40 % with pass@8 ≥ 2 × pass@1. Rows go to
 <out>/tasks.jsonl as each task finishes (a rerun skips finished tasks); the table is <out>/tasks.md.
@@ -11,22 +11,16 @@ greedy accuracy. The regime RLVR sharpens is pass@1 ≈ 5–40 % with pass@8 ≥
 
 from __future__ import annotations
 
-import os
-
-os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # see experiments/demo.py
-
 import argparse
 import json
-import sys
+import os
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "configs"))
 
-import smollm2  # noqa: E402
-
-from next_jax import experiment, trainer  # noqa: E402
+from next_jax import experiment, trainer
+from next_jax.configs import smollm2
 
 
 def measure(task: str, n: int, samples: int, system: str | None = None, max_new_tokens: int | None = None,

@@ -4,7 +4,7 @@
     python -m experiments.regression_guard            # after it: reruns, compares, exits 1 on any difference
 
 Runs (seeded CPU runs are deterministic here, so every number must come back identical):
-  main       experiments.main --config=configs/toy_arith.py:quick → metrics.jsonl (every RL step's metrics)
+  main       next_jax.cli.run --config=toy_arith:quick → metrics.jsonl (every RL step's metrics)
              and results.json (evaluations, the jump's drift measures, the predictor's loss curve ends)
   reproduce  experiments.reproduce --quick --seeds 0 --families lora,cyclic,full → rows.jsonl (accuracies of
              every branch, Δ agreement with the true future, E₁, drift, R²)
@@ -13,10 +13,6 @@ About 1.5 minutes on 2 cores.
 """
 
 from __future__ import annotations
-
-import os
-
-os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # see experiments/demo.py
 
 import argparse
 import json
@@ -50,7 +46,7 @@ def _load(path: Path) -> list:
 def produce(out: Path) -> None:
   """Run the guarded commands with outputs under `out`."""
   py = sys.executable
-  cmds = [[py, "-m", "experiments.main", "--config=configs/toy_arith.py:quick", f"--config.workdir={out}/main",
+  cmds = [[py, "-m", "next_jax.cli.run", "--config=toy_arith:quick", f"--config.workdir={out}/main",
            "--config.log.progress=False"],
           [py, "-m", "experiments.reproduce", "--quick", "--seeds", "0", "--families", "lora,cyclic,full",
            "--out", str(out / "repro")]]

@@ -19,14 +19,10 @@ Rows go to <out>/rows.jsonl as each family finishes (a killed run resumes at fam
 
 from __future__ import annotations
 
-import os
-
-os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # see experiments/demo.py
-
 import argparse
 import dataclasses
 import json
-import sys
+import os
 import time
 from pathlib import Path
 
@@ -35,17 +31,15 @@ import jax.numpy as jnp
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "configs"))
 
-import toy_arith  # noqa: E402
-
-from experiments import report  # noqa: E402
-from experiments.make_toy_base import build_toy_base  # noqa: E402
-from next_jax import drift, driver, experiment, rank1, trained  # noqa: E402
-from next_jax import extrapolate as ex  # noqa: E402
-from next_jax import state_machine as sm  # noqa: E402
-from next_jax.metrics import progress  # noqa: E402
-from next_jax.trajectory import Trajectory  # noqa: E402
+from experiments import report
+from next_jax import drift, driver, experiment, rank1, trained
+from next_jax import extrapolate as ex
+from next_jax import state_machine as sm
+from next_jax.configs import toy_arith
+from next_jax.metrics import progress
+from next_jax.toy_base import build_toy_base
+from next_jax.trajectory import Trajectory
 
 FAMILIES = ("lora", "full", "rloo", "reinforce_pp", "cyclic", "alpha")
 

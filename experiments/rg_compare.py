@@ -19,13 +19,10 @@ come; <out>/compare.md and compare.png are rendered from them.
 
 from __future__ import annotations
 
-import os
-
-os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # see experiments/demo.py
-
 import argparse
 import dataclasses
 import json
+import os
 import time
 from pathlib import Path
 

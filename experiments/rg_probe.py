@@ -5,7 +5,7 @@ scaled comparison needs it to be (jump at 75, short mark 125, long mark 200)?
     python -m experiments.rg_probe --task add --lr 5e-5 --max-new-tokens 32 --until 120
     python -m experiments.rg_probe --report-only
 
-configs/smollm2.py poses the task (task=…, its easy knobs; --extract overrides the rg extraction); GRPO-LoRA at
+next_jax/configs/smollm2.py poses the task (task=…, its easy knobs; --extract overrides the rg extraction); GRPO-LoRA at
 --prompts × --group samples per step, one update per step. The state machine collects the trajectory (a
 snapshot every --interval steps) to the jump point --jump, whose state stays checkpointed under
 <out>/ckpt/<run>/collect/ (the shared jump-point state a NExt / RL-Extra branch starts from); then plain
@@ -17,24 +17,18 @@ appended to <out>/probe.jsonl as they come; <out>/probe.md is rendered from thos
 
 from __future__ import annotations
 
-import os
-
-os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # see experiments/demo.py
-
 import argparse
 import json
-import sys
+import os
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "configs"))
 
-import smollm2  # noqa: E402
-
-from experiments.real_compare import resumable  # noqa: E402
-from next_jax import driver, experiment  # noqa: E402
-from next_jax.checkpoint import Checkpointer  # noqa: E402
+from experiments.real_compare import resumable
+from next_jax import driver, experiment
+from next_jax.checkpoint import Checkpointer
+from next_jax.configs import smollm2
 
 
 def make_config(args):

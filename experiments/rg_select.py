@@ -5,7 +5,7 @@ easy settings and on our own `add` / `extract` (issue 27, study item 1).
     python -m experiments.rg_select --tasks rg:chain_sum,add --n 64
     python -m experiments.rg_select --report-only                    # re-render README table from the rows
 
-Each task is posed by configs/smollm2.py (task=…: system "Be brief.", the task's instruction; rg tasks ask
+Each task is posed by next_jax/configs/smollm2.py (task=…: system "Be brief.", the task's instruction; rg tasks ask
 for <answer></answer> tags; --instruction replaces it), --max-new-tokens new tokens, temperature 1, 8 samples
 per problem, on the task's test split (seed 1, disjoint by content from every train split). One sampling
 pass is scored by every verifier that can read the task (rg tasks: "rg" = the tag only, reasoning-gym's
@@ -24,15 +24,11 @@ copy strategy), "best position" = always copying the number at one fixed positio
 
 from __future__ import annotations
 
-import os
-
-os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # see experiments/demo.py
-
 import argparse
 import json
 import math
+import os
 import re
-import sys
 import time
 from pathlib import Path
 
@@ -40,11 +36,9 @@ import jax
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "configs"))
 
-import smollm2  # noqa: E402
-
-from next_jax import experiment, rewards, trainer  # noqa: E402
+from next_jax import experiment, rewards, trainer
+from next_jax.configs import smollm2
 
 CANDIDATES = ("rg:basic_arithmetic", "rg:leg_counting", "rg:chain_sum", "add", "extract", "rg:simple_equations")
 _NUM = re.compile(r"-?\d+")

@@ -18,10 +18,6 @@ the table. The toy trajectory is the preset's COLLECT phase (150 steps, a snapsh
 
 from __future__ import annotations
 
-import os
-
-os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # see experiments/demo.py
-
 import argparse
 import dataclasses
 import json
@@ -33,12 +29,12 @@ import jax
 import numpy as np
 
 from experiments import reproduce as rp
-from experiments.make_toy_base import build_toy_base
 from next_jax import experiment, posthoc, runs
 from next_jax import extrapolate as ex
 from next_jax import state_machine as sm
 from next_jax.metrics import progress
 from next_jax.predictor import PredictorConfig
+from next_jax.toy_base import build_toy_base
 
 
 def toy_trajectory(seed: int):

@@ -20,20 +20,17 @@ finishes (a killed study resumes there); the report is <out>/snr_study.md + CSV 
 
 from __future__ import annotations
 
-import os
-
-os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # see experiments/demo.py
-
 import argparse
 import dataclasses
 import json
+import os
 import time
 from pathlib import Path
 
 from experiments import reproduce as rp
 from experiments import snr_report
-from experiments.make_toy_base import build_toy_base
 from next_jax import driver, experiment
+from next_jax.toy_base import build_toy_base
 
 
 @dataclasses.dataclass(frozen=True)

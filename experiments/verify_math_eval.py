@@ -16,10 +16,6 @@ Prints the counts table (markdown), then each exception with its reason, and the
 
 from __future__ import annotations
 
-import os
-
-os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
-
 import argparse
 import re
 import time

@@ -27,7 +27,7 @@ from next_jax.sampler import generate, pad_prompts
 
 @dataclasses.dataclass(frozen=True)
 class RolloutConfig:
-  """config.rollout (configs/common.py holds the defaults; the batch shape has none here)."""
+  """config.rollout (next_jax/configs/common.py holds the defaults; the batch shape has none here)."""
 
   prompts_per_step: int
   prompt_len: int  # fixed (left-padded) prompt length: one compiled program
@@ -45,7 +45,7 @@ class RolloutConfig:
 @dataclasses.dataclass(frozen=True)
 class OptimConfig:
   """AdamW with linear warmup then constant or cosine decay, after global-norm clipping. Defaults are
-  config.rl's (configs/common.py); the learning rate has none."""
+  config.rl's (next_jax/configs/common.py); the learning rate has none."""
 
   lr: float
   warmup_steps: int = 0

@@ -1,4 +1,4 @@
-"""Child process of test_kill_resume: one toy run (configs/toy_arith.py:quick on a tiny model) that resumes
+"""Child process of test_kill_resume: one toy run (next_jax/configs/toy_arith.py:quick on a tiny model) that resumes
 whatever its workdir holds, optionally SIGKILLing itself at a chosen point.
 
     python tests/kill_child.py WORKDIR MODEL_DIR KILL
@@ -14,12 +14,11 @@ import threading
 
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path[:0] = [ROOT, os.path.join(ROOT, "configs")]
+sys.path[:0] = [ROOT]
 
-import toy_arith  # noqa: E402
-
-from next_jax import checkpoint, experiment  # noqa: E402
-from next_jax import state_machine as sm  # noqa: E402
+from next_jax import checkpoint, experiment
+from next_jax import state_machine as sm
+from next_jax.configs import toy_arith
 
 
 def die():

@@ -21,7 +21,7 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-import jax  # noqa: E402
+import jax
 
 STEPS = 2
 EVAL = dict(chunk=4, samples=8, temperature=1.0)  # the RL step's sampler shapes: no new compilation
@@ -115,8 +115,7 @@ def main(pid: int, port: str, out: str, workdir: str) -> None:
 
   written = []
   record_writes(workdir, written)
-  sys.path.insert(0, os.path.join(ROOT, "configs"))
-  import toy_arith  # noqa: PLC0415
+  from next_jax.configs import toy_arith
   c = toy_arith.get_config("quick")
   c.workdir = workdir
   errors = {}

@@ -23,13 +23,12 @@ import numpy as np
 import pytest
 
 from next_jax import experiment, hf, peft_io, policy, tasks, toy, workdir
-from next_jax.checkpoint import CheckpointWriteError, Checkpointer, CorruptCheckpoint
+from next_jax.checkpoint import Checkpointer, CheckpointWriteError, CorruptCheckpoint
 from next_jax.metrics import MetricWriter
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "configs"))
-import common  # noqa: E402
-import toy_arith  # noqa: E402
+from next_jax import config as common
+from next_jax.configs import toy_arith
 
 BAD_VALUES = (None, "x", -1, 0, 10**12, [], True, float("nan"), -0.5)
 
@@ -204,17 +203,18 @@ def test_workdir_and_resume_flags_that_cannot_work_are_refused_by_validate(case,
 FLAG_CASES = [
     (["--config.rl.nope=1"], "--config.rl.nope=1: unknown config key 'nope'"),
     (["--config.nope=1"], "--config.nope=1: unknown config key 'nope'"),
-    (["--config=configs/nope.py"], "--config=configs/nope.py: [Errno 2] No such file or directory"),
-    (["--config=configs/toy_arith.py:algo=nope"], "algo='nope'; choose from"),
-    (["--config=configs/toy_arith.py:bogus=1"], "config arg 'bogus' is not one of"),
-    (["--config=configs/toy_arith.py:seed=x"], "--config=configs/toy_arith.py:seed=x: invalid literal for int()"),
+    (["--config=nope"], "--config=nope: no preset 'nope': presets are qwen25_paper, smollm2, toy_arith"),
+    (["--config=nope.py"], "--config=nope.py: [Errno 2] No such file or directory"),
+    (["--config=toy_arith:algo=nope"], "algo='nope'; choose from"),
+    (["--config=toy_arith:bogus=1"], "config arg 'bogus' is not one of"),
+    (["--config=toy_arith:seed=x"], "--config=toy_arith:seed=x: invalid literal for int()"),
     (["--config.rl.lr=abc"], "--config.rl.lr=abc: could not convert string to float"),
 ]
 
 
 @pytest.mark.parametrize("argv, message", FLAG_CASES, ids=[a[0] for a, _ in FLAG_CASES])
 def test_entry_point_flag_errors_are_one_line_naming_the_flag(argv, message):
-  out = subprocess.run([sys.executable, "-m", "experiments.main", *argv], cwd=ROOT, capture_output=True, text=True,
+  out = subprocess.run([sys.executable, "-m", "next_jax.cli.run", *argv], cwd=ROOT, capture_output=True, text=True,
                        timeout=120, env={**os.environ, "OPENBLAS_NUM_THREADS": "1"})
   assert out.returncode != 0 and "Traceback" not in out.stderr, out.stderr[-2000:]
   assert out.stderr.strip().splitlines() == [f"config error: {out.stderr.split('config error: ')[-1].strip()}"]
@@ -224,9 +224,9 @@ def test_entry_point_flag_errors_are_one_line_naming_the_flag(argv, message):
 def test_entry_point_reports_a_corrupt_checkpoint_as_one_message(old_run):
   """The checkpoint in old_run holds another state's structure: resuming it is one error, no traceback."""
   c, wd, before = old_run
-  argv = ["--config=configs/toy_arith.py:quick", f"--config.workdir={c.workdir}", f"--config.model.dir={c.model.dir}",
+  argv = ["--config=toy_arith:quick", f"--config.workdir={c.workdir}", f"--config.model.dir={c.model.dir}",
           "--config.ckpt.resume=True"]
-  out = subprocess.run([sys.executable, "-m", "experiments.main", *argv], cwd=ROOT, capture_output=True, text=True,
+  out = subprocess.run([sys.executable, "-m", "next_jax.cli.run", *argv], cwd=ROOT, capture_output=True, text=True,
                        timeout=300, env={**os.environ, "OPENBLAS_NUM_THREADS": "1"})
   assert out.returncode != 0 and "Traceback" not in out.stderr, out.stderr[-3000:]
   assert "error: " in out.stderr and "ckpt/1: cannot restore the run state" in out.stderr
@@ -395,10 +395,10 @@ def test_a_pickled_peft_adapter_is_refused_with_a_conversion_hint(tmp_path):
 
 def test_entry_point_names_an_unknown_key_in_a_config_file(tmp_path):
   cfg = tmp_path / "typo.py"
-  cfg.write_text(f"import sys\nsys.path.insert(0, {str(ROOT / 'configs')!r})\nimport common\n\n"
+  cfg.write_text("from next_jax import config as common\n\n"
                  "def get_config():\n  c = common.base()\n  c.rl.learnig_rate = 1e-3\n  return c\n")
   env = {**os.environ, "OPENBLAS_NUM_THREADS": "1"}
-  out = subprocess.run([sys.executable, "-m", "experiments.main", f"--config={cfg}"], cwd=ROOT,
+  out = subprocess.run([sys.executable, "-m", "next_jax.cli.run", f"--config={cfg}"], cwd=ROOT,
                        capture_output=True, text=True, timeout=120, env=env)
   assert out.returncode != 0 and "learnig_rate" in out.stderr
 

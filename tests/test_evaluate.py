@@ -1,4 +1,4 @@
-"""next_jax.evaluate: a tiny chat model through the evaluate command on a few rows of two real benchmark
+"""next_jax.cli.evaluate: a tiny chat model through the evaluate command on a few rows of two real benchmark
 files; the JSONL rows and the table checked against a recomputation; resume; refusals."""
 
 from __future__ import annotations
@@ -10,7 +10,8 @@ import sys
 import numpy as np
 import pytest
 
-from next_jax import evaluate, policy, rewards, tasks, toy
+from next_jax import policy, rewards, tasks, toy
+from next_jax.cli import evaluate
 
 BENCHES = ("gsm8k", "amc23")
 
@@ -101,7 +102,7 @@ def test_other_settings_in_out_are_refused_naming_the_field(chat_model_dir, data
 
 
 def test_the_command_runs_from_any_directory(chat_model_dir, data_dir, tmp_path):
-  cmd = [sys.executable, "-m", "next_jax.evaluate", f"--model={chat_model_dir}", "--benchmarks=gsm8k",
+  cmd = [sys.executable, "-m", "next_jax.cli.evaluate", f"--model={chat_model_dir}", "--benchmarks=gsm8k",
          "--samples=1", "--max_new_tokens=2", "--limit=2", "--chunk=2", "--out=ev", "--noprogress"]
   done = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, check=False, timeout=120)
   assert done.returncode == 0, done.stderr[-2000:]
@@ -114,7 +115,7 @@ def test_the_command_runs_from_any_directory(chat_model_dir, data_dir, tmp_path)
 @pytest.mark.parametrize("size,names", [("1.5B", ("amc23", "minerva")),
                                         ("14B", ("aime24", "aime25", "amc23", "minerva", "olympiadbench"))])
 def test_paper_preset_evaluates_on_the_papers_benchmarks(size, names):
-  from configs import qwen25_paper  # noqa: PLC0415
+  from next_jax.configs import qwen25_paper  # noqa: PLC0415
 
   c = qwen25_paper.get_config(f"size={size}")
   assert tuple(c.eval.benchmarks) == names and set(names) <= set(tasks.BENCHMARKS)
@@ -122,7 +123,8 @@ def test_paper_preset_evaluates_on_the_papers_benchmarks(size, names):
 
 
 def test_an_unknown_benchmark_in_a_config_is_one_error():
-  from configs import toy_arith  # noqa: PLC0415
+  from next_jax.configs import toy_arith  # noqa: PLC0415
+
   from next_jax import experiment  # noqa: PLC0415
 
   c = toy_arith.get_config()

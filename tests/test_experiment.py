@@ -15,10 +15,11 @@ from next_jax import experiment, policy, workdir
 from next_jax.checkpoint import Checkpointer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "configs"))
-import common  # noqa: E402
-import qwen25_paper  # noqa: E402
-import toy_arith  # noqa: E402
+from next_jax import config as common
+from next_jax.configs import (
+  qwen25_paper,
+  toy_arith,
+)
 
 
 def test_arg_selects_variants_with_types_from_the_defaults():
@@ -58,7 +59,7 @@ def test_bad_values_raise_one_error_naming_the_field(field, value, match):
 
 
 def test_unknown_override_key_is_rejected_by_the_entry_point():
-  out = subprocess.run([sys.executable, "-m", "experiments.main", "--config=configs/toy_arith.py",
+  out = subprocess.run([sys.executable, "-m", "next_jax.cli.run", "--config=toy_arith",
                         "--config.rl.learning_rate=1e-3"], cwd=ROOT, capture_output=True, text=True)
   assert out.returncode != 0 and "learning_rate" in out.stderr
 
@@ -84,7 +85,7 @@ def char_model_dir(toy_model_dir):
 
 def test_entry_point_runs_quick_end_to_end(char_model_dir, tmp_path):
   wd = tmp_path / "run"
-  args = [sys.executable, "-m", "experiments.main", "--config=configs/toy_arith.py:quick",
+  args = [sys.executable, "-m", "next_jax.cli.run", "--config=toy_arith:quick",
           f"--config.model.dir={char_model_dir}", f"--config.workdir={wd}", "--config.log.progress=False",
           "--config.nxt.predictor.hidden=16", "--config.nxt.predictor.epochs=10"]
   out = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=900)
@@ -111,7 +112,7 @@ def test_entry_point_runs_quick_end_to_end(char_model_dir, tmp_path):
 
 def test_a_distributed_config_validates_without_starting_jax():
   """jax.distributed.initialize (in build) must come first: validate and workdir.check run no JAX work."""
-  code = ("import sys; sys.path.insert(0, 'configs'); import toy_arith, jax._src.xla_bridge as xb; "
+  code = ("import jax._src.xla_bridge as xb; from next_jax.configs import toy_arith; "
           "from next_jax import experiment, workdir; c = toy_arith.get_config('quick'); c.mesh.distributed = True; "
           "c.workdir = '/nonexistent/run'; experiment.validate(c); workdir.check(c); "
           "print(xb.backends_are_initialized())")

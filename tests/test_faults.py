@@ -3,8 +3,6 @@ good checkpoint, and a non-finite extrapolation is refused (no jump, weights unt
 
 import dataclasses
 import json
-import sys
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -15,9 +13,7 @@ from tiny_rl import CFG, fresh_state, low_token_reward, make_setup
 from next_jax import driver, experiment, hf, policy, trainer
 from next_jax import state_machine as sm
 from next_jax.checkpoint import Checkpointer
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "configs"))
-import toy_arith  # noqa: E402
+from next_jax.configs import toy_arith
 
 PLAIN = sm.NExtConfig(method="none", extrapolate_at=2, interval=2, total_steps=5)  # RL only
 LONG = dataclasses.replace(PLAIN, total_steps=8)

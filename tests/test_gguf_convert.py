@@ -14,8 +14,8 @@ import pytest
 
 gguf = pytest.importorskip("gguf")  # the `real` extra; `make test` installs it
 
-from experiments import convert_model  # noqa: E402
-from next_jax import gguf_convert, hf, model_files, policy, toy  # noqa: E402
+from next_jax import gguf_convert, hf, model_files, policy, toy
+from next_jax.cli import convert as convert_model
 
 Q = gguf.GGMLQuantizationType
 CYCLE = (Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1)
@@ -268,3 +268,15 @@ def test_convert_model_never_replaces_a_users_directory_or_the_working_directory
   with pytest.raises(SystemExit, match=r"--out \. is the working directory"):
     convert_model.main([str(src), "--out", ".", "--overwrite"])
   assert (user / "sub" / "keep.txt").read_text() == "mine" and not [p for p in tmp_path.iterdir() if p.name != "user"]
+
+
+def test_the_installed_command_runs_outside_the_checkout(tiny, tmp_path):
+  """`next-jax-convert` (setup.py's console script) from a directory that is not the checkout."""
+  import subprocess  # noqa: PLC0415
+  import sys  # noqa: PLC0415
+  src, _ = tiny
+  exe = Path(sys.executable).with_name("next-jax-convert")
+  out = subprocess.run([str(exe), str(src), "--out", "converted"], cwd=tmp_path, capture_output=True, text=True,
+                       timeout=300, check=False)
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert hf.load_config(tmp_path / "converted").num_layers == hf.load_config(tiny[1]).num_layers

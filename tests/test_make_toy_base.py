@@ -1,4 +1,4 @@
-"""experiments/make_toy_base.py on a tiny build (30 steps): the HF directory it writes, its character-level
+"""next_jax/toy_base.py on a tiny build (30 steps): the HF directory it writes, its character-level
 tokenizer through AutoTokenizer, caching, determinism from the seed, and loading through hf.load_model."""
 
 from __future__ import annotations
@@ -7,8 +7,8 @@ import json
 
 import pytest
 
-from experiments import make_toy_base as mtb
 from next_jax import hf, tasks, toy
+from next_jax import toy_base as mtb
 from next_jax.policy import count_params
 
 TINY = dict(seed=0, steps=30, n_train=512, n_test=64, show_progress=False)

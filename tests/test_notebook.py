@@ -86,7 +86,7 @@ def test_notebook_shows_the_real_qwen25_config_and_command(executed):
   text = stdout(executed[0])
   assert "Qwen2.5-1.5B: 28 layers, hidden 1536, 1.54B parameters" in text
   assert "73.9M trainable parameters" in text  # LoRA r 64 on all seven projections of 28 layers
-  assert ("python -m experiments.main --config=configs/qwen25_paper.py:size=1.5B \\\n"
+  assert ("python -m next_jax.cli.run --config=qwen25_paper:size=1.5B \\\n"
           "    --config.model.dir=/content/Qwen2.5-1.5B-Instruct "
           "--config.task.path=/content/dapo_math_17k.parquet") in text
   assert "skipped: put the checkpoint in /content/Qwen2.5-1.5B-Instruct" in text

@@ -18,8 +18,8 @@ import numpy as np
 import pytest
 from conftest import load_torch_model, torch_logits
 
-from experiments import posthoc as cli
 from next_jax import drift, extrapolate, hf, outdir, peft_io, policy, runs, toy, trained
+from next_jax.cli import posthoc as cli
 from next_jax.rank1 import Triplet, delta_pairs
 
 K = 2  # NExt's k in snapshots; TRL saves every 2 steps for 12 steps → 6 checkpoints + the base
@@ -441,7 +441,7 @@ def test_interval_zero_and_a_gguf_base_are_refused_with_what_to_do(runs_dir, tmp
   gguf_file.write_bytes(b"GGUF" + b"\0" * 64)
   _fails(["--base", str(gguf_file), "--checkpoints", trl], tmp_path,
          r"model.Q4_1.gguf: is a GGUF file, not a Hugging Face model directory; convert it once with "
-         r"`python -m experiments.convert_model")
+         r"`python -m next_jax.cli.convert")
 
 
 @pytest.mark.parametrize("case", ["not_utf8", "no_r", "r_text", "r_zero"])
@@ -461,3 +461,15 @@ def test_a_bad_adapter_config_is_one_line_naming_file_and_field(case, tmp_path):
     match = rf"{re.escape(str(path))}: field 'r' is {got}; expected a whole number ≥ 1"
   with pytest.raises(hf.CheckpointError, match=match):
     peft_io.load_peft_adapter(tmp_path, cfg, config_only=True)
+
+
+def test_the_installed_command_runs_outside_the_checkout(runs_dir, tmp_path):
+  """`next-jax-posthoc` (setup.py's console script) from a directory that is not the checkout."""
+  import subprocess  # noqa: PLC0415
+  import sys  # noqa: PLC0415
+  exe = Path(sys.executable).with_name("next-jax-posthoc")
+  out = subprocess.run([str(exe), "--base", str(runs_dir["base"]), "--checkpoints",
+                        str(runs_dir["trl"] / "checkpoint-*"), "--out", "out", "--k", str(K), "--epochs", "5",
+                        "--alphas", "1.5"], cwd=tmp_path, capture_output=True, text=True, timeout=600, check=False)
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert (tmp_path / "out" / "report.md").is_file() and (tmp_path / "out" / "jump" / "alpha_1.5").is_dir()

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from tiny_rl import LCFG, fresh_state, make_setup, run
 
-from configs import toy_arith
+from next_jax.configs import toy_arith
 from experiments import report
 from next_jax import driver, experiment, grpo, posthoc
 from next_jax import extrapolate as ex

@@ -4,15 +4,14 @@ extracted answer, knobs from the config reach the dataset, train and test disjoi
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
 rg = pytest.importorskip("reasoning_gym")
 
-import ml_collections  # noqa: E402
+import ml_collections
 
-from next_jax import config, experiment, rewards, rg_tasks, tasks  # noqa: E402
+from next_jax import config, experiment, rewards, rg_tasks, tasks
 
 EASY = {  # the knobs each checked task is built with
     "rg:basic_arithmetic": dict(min_terms=2, max_terms=2, max_digits=1, operators=("+", "-"),
@@ -122,8 +121,7 @@ def test_reasoning_gym_is_imported_only_when_used():
 
 
 def test_smollm2_preset_poses_rg_tasks_with_their_easy_knobs():
-  sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "configs"))
-  import smollm2  # noqa: PLC0415
+  from next_jax.configs import smollm2
   c = smollm2.get_config("task=rg:chain_sum")
   experiment.validate(c)
   assert c.task.knobs.to_dict() == {**smollm2.RG_EASY["chain_sum"], "extract": "number"}

@@ -13,9 +13,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.sharding import AbstractMesh, NamedSharding, PartitionSpec as P
-
 from conftest import MAIN
+from jax.sharding import AbstractMesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
 from next_jax import experiment, memory, policy, sharding, trainer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -303,8 +304,7 @@ def test_pad_to_multiple_leaves_exact_multiples_alone():
 
 
 def _toy_config():
-  sys.path.insert(0, str(ROOT / "configs"))
-  import toy_arith  # noqa: PLC0415
+  from next_jax.configs import toy_arith
   return toy_arith.get_config()
 
 

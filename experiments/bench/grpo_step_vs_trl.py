@@ -6,7 +6,7 @@ One HF directory (`toy.make_random_model_dir`: byte-level BPE tokenizer, fp32; o
 loaded by both stacks, ours through `hf.load_model`, theirs through `AutoModelForCausalLM.from_pretrained`.
 Same workload:
 
-  P text prompts (random presets: "Question: what is a+b*c?"; --model: configs/smollm2.py's chat prompts,
+  P text prompts (random presets: "Question: what is a+b*c?"; --model: next_jax/configs/smollm2.py's chat prompts,
   the chat template already applied, so TRL sees them as plain text) × G completions, temperature 1, top-p 1,
   top-k off,
   exactly max_new_tokens new tokens per row (ours: stop_ids=(); TRL: min_new_tokens = max_completion_length,
@@ -67,7 +67,13 @@ import numpy as np
 
 from experiments.bench import real_model
 from next_jax import grpo, hf, toy, trainer
-from next_jax.policy import ALL_MODULES, LoraConfig, ModelConfig, count_params, init_lora
+from next_jax.policy import (
+  ALL_MODULES,
+  LoraConfig,
+  ModelConfig,
+  count_params,
+  init_lora,
+)
 
 PRESETS = {
     "toy": dict(vocab_size=512, hidden_size=128, intermediate_size=352, num_layers=4, num_heads=4,

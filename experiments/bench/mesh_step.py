@@ -13,15 +13,14 @@ import sys
 _N = next((a.split("=")[1] for a in sys.argv if a.startswith("--devices=")), "2")
 os.environ.setdefault("XLA_FLAGS", f"--xla_force_host_platform_device_count={_N}")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
-import time  # noqa: E402
+import time
 
-import jax  # noqa: E402
-import numpy as np  # noqa: E402
-from absl import app, flags  # noqa: E402
+import jax
+import numpy as np
+from absl import app, flags
 
-from next_jax import grpo, policy, sampler, sharding, trainer  # noqa: E402
+from next_jax import grpo, policy, sampler, sharding, trainer
 
 flags.DEFINE_integer("devices", 2, "forced host devices")
 flags.DEFINE_string("meshes", "2x1x1,1x2x1,1x1x2", "comma-separated data×fsdp×tensor")

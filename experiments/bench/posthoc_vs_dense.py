@@ -5,7 +5,7 @@ PEFT LoRA checkpoints (r 64, lora_alpha 32, all seven projections, fp32 factors:
 and of A around its init) written as verl lays them out, RUN/global_step_{10..160}/actor/lora_adapter.
 Nothing here is trained: the factors are random with the real shapes, which is all the timing depends on.
 
-  ours      `python -m experiments.posthoc --backtest none --alphas 1 --write merged`, end to end in a fresh
+  ours      `python -m next_jax.cli.posthoc --backtest none --alphas 1 --write merged`, end to end in a fresh
             process: read and check the 16 adapters, E₁ / R² / drift analyses, the factored triplets of every
             G/L/T delta, the paper's predictor (1000 epochs), and one α written as a merged bf16 HF model.
   official  the official scripts' dense path: merge every checkpoint into a full model with peft
@@ -24,13 +24,10 @@ takes the SVD of differences of bf16-rounded merged weights, so it is not exact.
 
 from __future__ import annotations
 
-import os
-
-os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # see experiments/demo.py
-
 import argparse
 import json
 import math
+import os
 import resource
 import shutil
 import subprocess
@@ -107,7 +104,7 @@ def pattern(run: Path) -> str:
 
 
 def side_ours(base: Path, run: Path, work: Path) -> dict:
-  from experiments import posthoc  # noqa: PLC0415
+  from next_jax.cli import posthoc
   out = work / "ours"
   t0 = time.perf_counter()
   res = posthoc.main(["--base", str(base), "--checkpoints", pattern(run), "--out", str(out), "--overwrite",
@@ -226,7 +223,7 @@ def main():
   load1 = os.getloadavg()
   rows = [
       "| side | time (s) | peak RSS (GB) | kept on disk (GB) |", "|---|---|---|---|",
-      f"| ours: whole `experiments.posthoc` (read, analyses, triplets, predictor, one α) | {ours['wall_s']:.0f} "
+      f"| ours: whole `next_jax.cli.posthoc` (read, analyses, triplets, predictor, one α) | {ours['wall_s']:.0f} "
       f"| {ours['peak_rss_gb']:.1f} | {ours['out_gb']:.1f} (OUT: report + one merged model) |",
       f"| ours: read + NExt fit + write only | {comparable:.0f} | | |",
       f"| official: {CHECKPOINTS} merges+saves, {n_svd} dense SVDs, predictor, one α written (projected) "

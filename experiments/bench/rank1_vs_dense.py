@@ -17,12 +17,6 @@ measured in a fresh subprocess. σ error and |cos| of u, v compare the two on th
 
 from __future__ import annotations
 
-import os
-
-# OpenBLAS (behind numpy and JAX's CPU QR/SVD) busy-waits its threads: on a small or shared machine a
-# 256×128 QR then takes seconds instead of milliseconds. One thread per process is far faster here.
-os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
-
 import argparse
 import json
 import os

@@ -1,9 +1,8 @@
 """The real model of the speed benchmarks: SmolLM2-135M-Instruct (or any HF directory / GGUF) and the
-chat prompts `configs/smollm2.py` trains on, so both stacks in a benchmark see the same text and tokens."""
+chat prompts `next_jax/configs/smollm2.py` trains on, so both stacks in a benchmark see the same text and tokens."""
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 from next_jax import hf, model_files, tasks
@@ -20,9 +19,8 @@ def load(spec: str = DEFAULT):
 
 
 def chat_prompts(tok, n: int, seed: int = 0, task: str = "compare") -> list[str]:
-  """n problems of `task` posed as configs/smollm2.py poses them (system prompt, instruction, chat template)."""
-  sys.path.insert(0, str(ROOT / "configs"))
-  import smollm2  # noqa: PLC0415
+  """n problems of `task` posed as next_jax/configs/smollm2.py poses them (system prompt, instruction, chat template)."""
+  from next_jax.configs import smollm2
 
   c = smollm2.get_config(f"task={task}")
   problems = tasks.make_task(task, n, seed=seed, split="test")

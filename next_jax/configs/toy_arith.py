@@ -1,17 +1,13 @@
-"""CPU default: NExt on the synthetic a+b*c task with the toy Qwen2 base model (experiments/make_toy_base).
+"""CPU default: NExt on the synthetic a+b*c task with the toy Qwen2 base model (next_jax/toy_base.py).
 
-    python -m experiments.main --config=configs/toy_arith.py
-    python -m experiments.main --config=configs/toy_arith.py:algo=rloo,seed=1 --config.rl.lr=3e-3
-    python -m experiments.main --config=configs/toy_arith.py:quick        # CI-sized smoke run
+    python -m next_jax.cli.run --config=toy_arith
+    python -m next_jax.cli.run --config=toy_arith:algo=rloo,seed=1 --config.rl.lr=3e-3
+    python -m next_jax.cli.run --config=toy_arith:quick        # CI-sized smoke run
 
 The paper's schedule (150 steps, snapshot every 10, k = 5, α = 1.5, then 100 more) at toy scale.
 """
 
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import common  # noqa: E402
+from next_jax import config as common
 
 
 def get_config(arg=None):
@@ -19,7 +15,7 @@ def get_config(arg=None):
   c = common.base()
   c.seed = a.seed
   c.workdir = f"runs/toy_arith/{a.algo}_{a.method}_{a.trainable}_s{a.seed}"
-  c.model.dir = "artifacts/toy_base"  # built by `python -m experiments.make_toy_base` if missing
+  c.model.dir = "artifacts/toy_base"  # built by `python -m next_jax.toy_base` if missing
   c.model.trainable = a.trainable
   c.model.lora_rank, c.model.lora_alpha = 8, 16.0
   c.task.name, c.task.raw_prompt = "arith", True

@@ -1,20 +1,14 @@
 """Run one experiment config.
 
-    python -m experiments.main --config=configs/toy_arith.py
-    python -m experiments.main --config=configs/toy_arith.py:algo=rloo,seed=1 --config.rl.lr=3e-3
-    python -m experiments.main --config=configs/qwen25_paper.py:size=7B --config.model.dir=/data/Qwen2.5-7B-Instruct \
+    python -m next_jax.cli.run --config=toy_arith
+    python -m next_jax.cli.run --config=toy_arith:algo=rloo,seed=1 --config.rl.lr=3e-3
+    python -m next_jax.cli.run --config=qwen25_paper:size=7B --config.model.dir=/data/Qwen2.5-7B-Instruct \
         --config.task.path=/data/dapo-math-17k.parquet
 
+Installed as `next-jax-run`. --config takes a preset name (next_jax/configs/) or any config file.
 Every value is validated before any work starts; a bad value or an unknown key is one error naming it.
-The toy config builds its base model (experiments/make_toy_base.py) when artifacts/toy_base is missing.
+The toy config builds its base model (next_jax/toy_base.py) when artifacts/toy_base is missing.
 """
-
-import os
-
-# OpenBLAS (behind numpy and JAX's CPU QR/SVD) busy-waits its threads: on a small or shared machine a
-# 256×128 QR then takes seconds instead of milliseconds. One thread per process is far faster here.
-os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
-
 
 import json
 import re
@@ -22,6 +16,8 @@ import sys
 
 from absl import app, flags
 from ml_collections import config_flags
+
+from next_jax import configs
 
 
 def _flag_error(e: BaseException) -> str:
@@ -43,13 +39,14 @@ def _flag_error(e: BaseException) -> str:
 
 def _parse_flags(argv):
   try:
-    return flags.FLAGS(argv)
+    return flags.FLAGS(configs.resolve_argv(argv))
   except Exception as e:  # noqa: BLE001  (absl wraps every parse error; the message is the user's)
     sys.exit(_flag_error(e))
 
 
 try:  # ml_collections applies --config.x.y=… overrides here, at definition time
-  _CONFIG = config_flags.DEFINE_config_file("config", "configs/toy_arith.py", "experiment config file[:arg]")
+  _CONFIG = config_flags.DEFINE_config_file("config", configs.resolve("toy_arith"),
+                                            f"a preset ({', '.join(configs.PRESETS)}) or a config file, [:arg]")
 except Exception as e:  # noqa: BLE001
   sys.exit(_flag_error(e))
 
@@ -66,14 +63,14 @@ def main(argv):
   try:
     c = _CONFIG.value
     c.to_json  # noqa: B018  (ml_collections defers a config file's IOError to the first attribute access)
-  except Exception as e:  # noqa: BLE001
+  except Exception as e:  # noqa: BLE001  (absl wraps every parse error; the message is the user's)
     sys.exit(_flag_error(e))
   try:
     experiment.validate(c)
   except experiment.ConfigError as e:
     sys.exit(f"config error: {e}")
   if c.model.dir == "artifacts/toy_base":
-    from experiments.make_toy_base import build_toy_base  # noqa: PLC0415
+    from next_jax.toy_base import build_toy_base
     build_toy_base(c.model.dir)
   try:
     results = experiment.run(c)
@@ -93,5 +90,10 @@ def main(argv):
         print(f"warning: jump at step {jump['step']}: {warning}", file=sys.stderr)
 
 
-if __name__ == "__main__":
+def cli() -> None:
+  """The console script `next-jax-run`."""
   app.run(main, flags_parser=_parse_flags)
+
+
+if __name__ == "__main__":
+  cli()

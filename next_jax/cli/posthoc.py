@@ -1,10 +1,10 @@
 """NExt over a run trained elsewhere: point it at a verl / TRL / PEFT checkpoint sequence and ask whether
 extrapolation would pay on it, then write the jump for that stack.
 
-    python -m experiments.posthoc --base BASE_HF_DIR \\
+    python -m next_jax.cli.posthoc --base BASE_HF_DIR \\
         --checkpoints 'RUN/global_step_*/actor/lora_adapter' --out OUT            # verl, LoRA
-    python -m experiments.posthoc --base BASE --checkpoints 'trl_out/checkpoint-*' --out OUT --k 2
-    python -m experiments.posthoc --base BASE --checkpoints 'RUN/global_step_*/actor/huggingface' \\
+    python -m next_jax.cli.posthoc --base BASE --checkpoints 'trl_out/checkpoint-*' --out OUT --k 2
+    python -m next_jax.cli.posthoc --base BASE --checkpoints 'RUN/global_step_*/actor/huggingface' \\
         --out OUT --alphas 1.5 --backtest last                                     # merged / full-param
 
 Reads every checkpoint (next_jax.runs: safetensors only, the step from the directory name, rank, α,
@@ -19,10 +19,6 @@ Nothing is written when an input is wrong: the error names the path or the flag.
 """
 
 from __future__ import annotations
-
-import os
-
-os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # see experiments/demo.py
 
 import argparse
 import dataclasses
@@ -240,7 +236,7 @@ def report(run: runs.CheckpointRun, res: dict, args, written: list[dict], argv: 
   what = (f"LoRA r = {run.lora_cfg.rank}, lora_alpha = {run.lora_cfg.alpha:g} (s = {run.scale:g}), targets "
           f"{', '.join(run.lora_cfg.targets)}" if run.kind == "lora" else "merged full models (dense deltas)")
   lines = [f"# NExt post-hoc report: `{args.checkpoints}`", "",
-           f"Command: `python -m experiments.posthoc {shlex.join(argv)}`", "",
+           f"Command: `python -m next_jax.cli.posthoc {shlex.join(argv)}`", "",
            f"- base: `{run.base_dir}` ({cfg.num_layers} layers, hidden {cfg.hidden_size}, vocab {cfg.vocab_size})",
            f"- checkpoints: {len(run.paths)}, {what}",
            f"- snapshots: step 0 (the base) and {', '.join(map(str, steps[1:]))} (every {run.interval} steps); "
@@ -391,5 +387,10 @@ def run_posthoc(args, argv, alphas, write, out: Path) -> dict:
   return res
 
 
-if __name__ == "__main__":
+def cli() -> None:
+  """The console script `next-jax-posthoc`."""
   main()
+
+
+if __name__ == "__main__":
+  cli()

@@ -20,7 +20,7 @@ Output: an HF directory (config.json, model.safetensors, tokenizer files) and to
 results}, written atomically. The same settings give the same bytes; a directory whose toy_base.json holds
 the same settings is reused (force=True rebuilds).
 
-  python -m experiments.make_toy_base --out artifacts/toy_base [--seed 0] [--steps N] [--force]
+  python -m next_jax.toy_base --out artifacts/toy_base [--seed 0] [--steps N] [--force]
 """
 
 from __future__ import annotations
@@ -43,7 +43,14 @@ import numpy as np
 
 from next_jax import hf, rewards, tasks, toy
 from next_jax.metrics import progress
-from next_jax.policy import ModelConfig, Params, count_params, forward, init_params, token_logprobs
+from next_jax.policy import (
+  ModelConfig,
+  Params,
+  count_params,
+  forward,
+  init_params,
+  token_logprobs,
+)
 from next_jax.sampler import generate, pad_prompts
 from next_jax.trainer import OptimConfig, make_optimizer
 

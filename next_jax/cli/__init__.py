@@ -1,0 +1,8 @@
+"""The commands a user runs, installed as console scripts (setup.py) and runnable from any directory as
+`python -m next_jax.cli.<command>`:
+
+    next-jax-run          cli/run.py          train one config (`--config=<preset or file>[:arg]`)
+    next-jax-posthoc      cli/posthoc.py      NExt on the checkpoints of a finished TRL/verl/PEFT run
+    next-jax-convert      cli/convert.py      convert a model (HF folder, GGUF) once into the cache
+    next-jax-evaluate     cli/evaluate.py     accuracy of a model on the math benchmarks
+"""
