@@ -2,14 +2,15 @@
 the big_vision-style `arg` parser.
 
 Sections: model, task, rollout, rl, nxt (the jump schedule and its predictor), eval, log, ckpt, mesh.
-Presets (configs/toy_arith.py, qwen25_paper.py, smollm2.py, via configs/common.py) start from `base()` and
-change what differs; `arg` strings select variants: "algo=rloo,seed=1,quick". `experiment.validate` checks a
-config's types against this schema (so a hand-built ConfigDict is checked too), and the library's
-dataclasses (RolloutConfig, OptimConfig, LossConfig, NExtConfig, PredictorConfig) restate none of these
-defaults differently (tests/test_config.py). `ConfigError` is what every check of a config raises (its message
+Presets (next_jax/configs/: toy_arith, qwen25_paper, smollm2) start from `base()` and change what differs;
+`arg` strings select variants: "algo=rloo,seed=1,quick". `experiment.validate` checks a config's types
+against this schema (so a hand-built ConfigDict is checked too), and the library's dataclasses
+(RolloutConfig, OptimConfig, LossConfig, NExtConfig, PredictorConfig, LoraConfig) read their defaults from
+it through `defaults(section)`, never restating one (tests/test_config.py). `ConfigError` is what every check of a config raises (its message
 starts with the field: `check`).
 """
 
+import functools
 from typing import Any
 
 import ml_collections
@@ -52,6 +53,17 @@ def parse_arg(arg, **defaults):
   return out
 
 
+@functools.cache
+def defaults(section: str) -> ml_collections.FrozenConfigDict:
+  """The defaults of `section` of the schema ("rollout", "rl", "nxt", "nxt.predictor", "model"). The library
+  dataclasses (trainer.RolloutConfig, OptimConfig, grpo.LossConfig, NExtConfig, PredictorConfig, LoraConfig)
+  take their defaults from here, so every default is written once, in `base()`."""
+  c = base()
+  for part in section.split("."):
+    c = c[part]
+  return ml_collections.FrozenConfigDict(c)
+
+
 def base() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0
@@ -60,6 +72,7 @@ def base() -> ml_collections.ConfigDict:
   c.model = ml_collections.ConfigDict()
   c.model.dir = ""  # a local HF directory (config.json, *.safetensors, tokenizer files)
   c.model.dtype = ""  # "" = config.json's dtype; or float32 | bfloat16
+  c.model.kv_cache_dtype = ""  # the sampler's KV cache: "" = model.dtype; bfloat16 halves it (accelerators)
   c.model.trainable = "lora"  # lora | full
   c.model.lora_rank = 8
   c.model.lora_alpha = 16.0
@@ -128,6 +141,7 @@ def base() -> ml_collections.ConfigDict:
   c.nxt.k = 5
   c.nxt.alpha = 1.5  # a number; set nxt.alpha_auto=True to pick the best of the grid on validation
   c.nxt.alpha_auto = False
+  c.nxt.alpha_grid = tuple(0.5 * i for i in range(1, 9))  # α candidates of alpha_auto: 0.5 … 4.0
   c.nxt.total_steps = 250
   c.nxt.cycles = 1
   c.nxt.sign = "max_abs_u"
@@ -150,7 +164,7 @@ def base() -> ml_collections.ConfigDict:
   c.eval.chunk = 256  # prompts per sampler call (one compiled shape)
   c.eval.samples = 1  # avg@samples
   c.eval.temperature = 1.0  # the paper evaluates at temperature 1.0
-  c.eval.benchmarks = ()  # tasks.BENCHMARKS names for `python -m next_jax.evaluate` ("aime24", "amc23", …)
+  c.eval.benchmarks = ()  # tasks.BENCHMARKS names for `python -m next_jax.cli.evaluate` ("aime24", "amc23", …)
   c.eval.data_dir = ""  # the math-eval files ("": $NEXT_JAX_MATH_EVAL, else ../shared/data/math_eval)
 
   c.log = ml_collections.ConfigDict()

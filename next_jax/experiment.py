@@ -51,7 +51,8 @@ def nxt_config(c) -> sm.NExtConfig:
   try:
     pcfg = PredictorConfig(**p.to_dict())  # the schema's nxt.predictor fields are the dataclass's
     return sm.NExtConfig(method=n.method, extrapolate_at=n.extrapolate_at, interval=n.interval, k=n.k,
-                         alpha="auto" if n.alpha_auto else float(n.alpha), total_steps=n.total_steps,
+                         alpha="auto" if n.alpha_auto else float(n.alpha),
+                         alpha_grid=tuple(float(a) for a in n.alpha_grid), total_steps=n.total_steps,
                          cycles=n.cycles, sign=n.sign, continue_mode=n.continue_mode,
                          horizon=n.horizon or None, faithful=n.faithful, predictor=pcfg)
   except ValueError as e:
@@ -129,6 +130,8 @@ def validate(c) -> None:
          "trained leaves have no recorded deltas)")
   _check(c.model.dtype in ("", "float32", "bfloat16"), "model.dtype", c.model.dtype,
          "use '', 'float32' or 'bfloat16'")
+  _check(c.model.kv_cache_dtype in ("", "float32", "bfloat16"), "model.kv_cache_dtype", c.model.kv_cache_dtype,
+         "use '' (the model dtype), 'float32' or 'bfloat16'")
   lora_config(c)
   _check(tasks.known_task(c.task.name) or c.task.name == "file", "task.name", c.task.name,
          f"use one of {sorted(tasks.TASKS) + ['file']} or rg:<reasoning-gym dataset>")
@@ -275,7 +278,7 @@ def build(c, model_dir: str | None = None) -> Experiment:
          f"prompt_len + max_new_tokens = {total} exceeds the model's max_position_embeddings = "
          f"{model_cfg.max_position_embeddings} ({model_dir}/config.json)")
   cfg, params, tok = hf.load_model(model_dir, dtype=c.model.dtype or None)
-  cfg = dataclasses.replace(cfg, remat=c.model.remat)
+  cfg = dataclasses.replace(cfg, remat=c.model.remat, kv_cache_dtype=c.model.kv_cache_dtype)
   mesh = run_mesh(c)
   if mesh is not None:
     params = place(params, mesh)

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from next_jax import trained
+from next_jax import config, trained
 from next_jax.policy import LoraConfig, ModelConfig, Params, forward, head_logprobs
 
 # verl 0.9.1 (verl.trainer.ppo.core_algos: agg_loss, kl_penalty); tests/test_verl.py runs verl's own functions
@@ -236,32 +236,35 @@ def aggregate(loss: jax.Array, mask: jax.Array, mode: str, loss_scale_factor: fl
 # ------------------------------------------------------------------------------------------ update
 
 
+_RL = config.defaults("rl")  # every default below is the schema's (config.base)
+
+
 @dataclasses.dataclass(frozen=True)
 class LossConfig:
   """Static knobs of the policy objective (verl names in comments)."""
 
-  clip_low: float = 0.2  # clip_ratio_low
-  clip_high: float = 0.2  # clip_ratio_high (DAPO clip-higher: 0.28)
-  clip_c: float | None = 3.0  # clip_ratio_c, dual-clip for A < 0; None disables
-  kl_coef: float = 0.0  # kl_loss_coef (use_kl_loss when > 0)
-  kl_estimator: str = "k3"  # kl_loss_type
-  entropy_coef: float = 0.0  # entropy bonus: loss −= coef·entropy
-  agg_mode: str = "token-mean"  # loss_agg_mode
+  clip_low: float = _RL.clip_low  # clip_ratio_low
+  clip_high: float = _RL.clip_high  # clip_ratio_high (DAPO clip-higher: 0.28)
+  clip_c: float | None = _RL.clip_c  # clip_ratio_c, dual-clip for A < 0; None disables
+  kl_coef: float = _RL.kl_coef  # kl_loss_coef (use_kl_loss when > 0)
+  kl_estimator: str = _RL.kl_estimator  # kl_loss_type
+  entropy_coef: float = _RL.entropy_coef  # entropy bonus: loss −= coef·entropy
+  agg_mode: str = _RL.agg_mode  # loss_agg_mode
   # seq-mean-token-sum-norm's divisor (None: the loss mask's width; trainer.train_step sets the response
   # budget max_new_tokens, as verl's mask is [batch, response_length])
-  loss_scale_factor: int | None = None
+  loss_scale_factor: int | None = _RL.loss_scale_factor or None
   # an optimiser step whose update is larger than max_update_ratio·‖θ‖ is skipped like a non-finite one
   # (0: off): lr 1e4 or 1e30 gives finite updates that replace the weights (the policy is destroyed, not NaN)
-  max_update_ratio: float = 10.0
-  num_mini_batches: int = 1  # optimiser steps per RL step (ppo_mini_batch)
-  micro_batch_size: int | None = None  # rows per gradient-accumulation micro-batch (None: whole mini)
+  max_update_ratio: float = _RL.max_update_ratio
+  num_mini_batches: int = _RL.num_mini_batches  # optimiser steps per RL step (ppo_mini_batch)
+  micro_batch_size: int | None = _RL.micro_batch_size or None  # rows per gradient-accumulation micro-batch (None: whole mini)
   # only the last `logprob_tail` target positions get logits (0: all). Exact when loss_mask is zero before
   # them; trainer.train_step sets it to max_new_tokens (its batches are prompt ++ response), which saves
   # the [N, T_prompt, V] logits of the prompt, whose loss weight is zero anyway.
   logprob_tail: int = 0
   # positions per block of the lm_head + log-softmax (0: all at once): bounds the fp32 logits held at once by
   # [micro-batch, logprob_chunk, V] in the forward and the backward pass (policy.head_logprobs)
-  logprob_chunk: int = 0
+  logprob_chunk: int = _RL.logprob_chunk
 
   def __post_init__(self):
     if self.agg_mode not in AGG_MODES:

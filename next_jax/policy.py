@@ -28,6 +28,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
+from next_jax import config
 from next_jax.sharding import constrain_activation
 
 Params = dict[str, Any]
@@ -83,14 +84,17 @@ class ModelConfig:
             "down": (f, d)}[name]
 
 
+_MODEL = config.defaults("model")  # every default below is the schema's (config.base)
+
+
 @dataclasses.dataclass(frozen=True)
 class LoraConfig:
   """PEFT LoRA semantics: ΔW = s·B·A, s = alpha/r (rslora: alpha/√r); A Kaiming-uniform, B zeros."""
 
-  rank: int = 8
-  alpha: float = 16.0
+  rank: int = _MODEL.lora_rank
+  alpha: float = _MODEL.lora_alpha
   targets: tuple[str, ...] = ALL_MODULES
-  rslora: bool = False
+  rslora: bool = _MODEL.rslora
 
   def __post_init__(self):
     bad = [t for t in self.targets if t not in ALL_MODULES]

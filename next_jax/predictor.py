@@ -25,19 +25,23 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from next_jax import config
 from next_jax.rank1 import Triplet
+
+
+_NXT_PREDICTOR = config.defaults("nxt.predictor")  # every default below is the schema's (config.base)
 
 
 @dataclasses.dataclass(frozen=True)
 class PredictorConfig:
-  hidden: int = 256
-  epochs: int = 1000
-  lr: float = 2e-5
-  weight_decay: float = 0.01
-  final_lr_ratio: float = 0.1  # cosine decays lr to this fraction of lr over `epochs`
-  loss: str = "l1"  # "l1" (official) | "l2"
-  use_global: bool = True  # ablation "w/o global delta" when False
-  use_local: bool = True  # ablation "w/o local delta" when False
+  hidden: int = _NXT_PREDICTOR.hidden
+  epochs: int = _NXT_PREDICTOR.epochs
+  lr: float = _NXT_PREDICTOR.lr
+  weight_decay: float = _NXT_PREDICTOR.weight_decay
+  final_lr_ratio: float = _NXT_PREDICTOR.final_lr_ratio  # cosine decays lr to this fraction of lr over `epochs`
+  loss: str = _NXT_PREDICTOR.loss  # "l1" (official) | "l2"
+  use_global: bool = _NXT_PREDICTOR.use_global  # ablation "w/o global delta" when False
+  use_local: bool = _NXT_PREDICTOR.use_local  # ablation "w/o local delta" when False
   # > S: pad the S training snapshots to this many, with weight 0, so trajectories of different lengths
   # share one compiled program (the post-hoc back-test); same loss and gradients up to summation order,
   # which Adam amplifies slowly (measured: 8e-5 relative on the loss after 1000 epochs at the paper's lr)
@@ -46,7 +50,7 @@ class PredictorConfig:
   # computed through the a×b product wherever that needs fewer FLOPs, a·b·(H + N) < N·H·(a + b) for N rows
   # (`_pair`). Different summation order, so Adam drifts apart slowly (measured on the toy's dim-64 group
   # after 1000 epochs at the paper's lr: loss 8e-5 relative, predictions 4e-3 absolute on a 0.1 scale).
-  reassociate: bool = False
+  reassociate: bool = _NXT_PREDICTOR.reassociate
 
   def __post_init__(self):
     if self.loss not in ("l1", "l2"):

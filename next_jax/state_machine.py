@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from next_jax import drift, extrapolate, sharding, trained, trainer
+from next_jax import config, drift, extrapolate, sharding, trained, trainer
 from next_jax.metrics import Timer
 from next_jax.policy import Params
 from next_jax.predictor import PredictorConfig
@@ -38,25 +38,27 @@ log = logging.getLogger(__name__)
 
 COLLECT, EXTRAPOLATE, CONTINUE, DONE = 0, 1, 2, 3
 PHASES = ("COLLECT", "EXTRAPOLATE", "CONTINUE", "DONE")
-ALPHA_GRID = tuple(0.5 * i for i in range(1, 9))  # 0.5 … 4.0
+
+
+_NXT = config.defaults("nxt")  # every default below is the schema's (config.base)
 
 
 @dataclasses.dataclass(frozen=True)
 class NExtConfig:
   """The jump schedule (paper: 150 steps, snapshot every 10, k = 5, α = 1.5, then 100 steps)."""
 
-  method: str = "next"  # a name in extrapolate.METHODS (next, rl_extra, alpharl, relex), or none (plain RL)
-  extrapolate_at: int = 150  # COLLECT steps per cycle
-  interval: int = 10
-  k: int = 5  # target T_i = W_{i+k} − W_i, in snapshots
-  alpha: float | str = 1.5  # or "auto": best of alpha_grid on the validation set
-  alpha_grid: tuple[float, ...] = ALPHA_GRID
-  total_steps: int = 250  # real RL steps of the whole run
-  cycles: int = 1
-  sign: str = "max_abs_u"
-  continue_mode: str = "keep"  # keep | merge
-  faithful: bool = False  # NExt also moves never-trained parameters by their predicted deltas (official code)
-  horizon: int | None = None  # baselines extrapolate this many steps ahead (None: k·interval)
+  method: str = _NXT.method  # a name in extrapolate.METHODS (next, rl_extra, alpharl, relex), or none (plain RL)
+  extrapolate_at: int = _NXT.extrapolate_at  # COLLECT steps per cycle
+  interval: int = _NXT.interval
+  k: int = _NXT.k  # target T_i = W_{i+k} − W_i, in snapshots
+  alpha: float | str = _NXT.alpha  # or "auto": best of alpha_grid on the validation set
+  alpha_grid: tuple[float, ...] = _NXT.alpha_grid
+  total_steps: int = _NXT.total_steps  # real RL steps of the whole run
+  cycles: int = _NXT.cycles
+  sign: str = _NXT.sign
+  continue_mode: str = _NXT.continue_mode  # keep | merge
+  faithful: bool = _NXT.faithful  # NExt also moves never-trained parameters by their predicted deltas (official code)
+  horizon: int | None = _NXT.horizon or None  # baselines extrapolate this many steps ahead (None: k·interval)
   predictor: PredictorConfig = PredictorConfig()
 
   def __post_init__(self):
@@ -71,6 +73,8 @@ class NExtConfig:
     if self.method != "none" and self.cycles * self.extrapolate_at > self.total_steps:
       raise ValueError(f"nxt.cycles·extrapolate_at = {self.cycles * self.extrapolate_at} > "
                        f"nxt.total_steps = {self.total_steps}")
+    if not self.alpha_grid or any(not a > 0 for a in self.alpha_grid):
+      raise ValueError(f"nxt.alpha_grid={self.alpha_grid}: give one or more positive α values")
     if self.faithful and self.method != "next":
       raise ValueError(f"nxt.faithful=True applies to method 'next' only, not {self.method!r}")
     if self.continue_mode not in ("keep", "merge"):

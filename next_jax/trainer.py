@@ -19,44 +19,50 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from next_jax import grpo, sharding, trained
+from next_jax import config, grpo, sharding, trained
 from next_jax.metrics import Timer
 from next_jax.policy import LoraConfig, ModelConfig, Params
 from next_jax.sampler import generate, pad_prompts
 
 
+_ROLLOUT = config.defaults("rollout")  # every default below is the schema's (config.base)
+
+
 @dataclasses.dataclass(frozen=True)
 class RolloutConfig:
-  """config.rollout (next_jax/configs/common.py holds the defaults; the batch shape has none here)."""
+  """config.rollout (defaults: the schema's, config.base; the batch shape has none)."""
 
   prompts_per_step: int
   prompt_len: int  # fixed (left-padded) prompt length: one compiled program
   max_new_tokens: int
-  group_size: int = 8  # G responses per prompt
-  temperature: float = 1.0
-  top_p: float = 1.0
-  top_k: int = 0
-  dynamic_sampling: bool = False  # DAPO: keep only groups with reward spread, resample to fill
-  max_sampling_rounds: int = 4  # dynamic sampling gives up after this many rounds; the rest is masked
-  overlong_cache: int = 0  # DAPO overlong penalty window in tokens (0: off); max_len = max_new_tokens
-  sample_chunk: int = 0  # prompts per sampler call in `collect` (0: all): the KV cache holds sample_chunk·G rows
+  group_size: int = _ROLLOUT.group_size  # G responses per prompt
+  temperature: float = _ROLLOUT.temperature
+  top_p: float = _ROLLOUT.top_p
+  top_k: int = _ROLLOUT.top_k
+  dynamic_sampling: bool = _ROLLOUT.dynamic_sampling  # DAPO: keep only groups with reward spread, resample to fill
+  max_sampling_rounds: int = _ROLLOUT.max_sampling_rounds  # dynamic sampling gives up after this many rounds; the rest is masked
+  overlong_cache: int = _ROLLOUT.overlong_cache  # DAPO overlong penalty window in tokens (0: off); max_len = max_new_tokens
+  sample_chunk: int = _ROLLOUT.sample_chunk  # prompts per sampler call in `collect` (0: all): the KV cache holds sample_chunk·G rows
+
+
+_RL = config.defaults("rl")
 
 
 @dataclasses.dataclass(frozen=True)
 class OptimConfig:
   """AdamW with linear warmup then constant or cosine decay, after global-norm clipping. Defaults are
-  config.rl's (next_jax/configs/common.py); the learning rate has none."""
+  config.rl's (the schema, config.base); the learning rate has none."""
 
   lr: float
-  warmup_steps: int = 0
-  schedule: str = "constant"  # "constant" | "cosine"
+  warmup_steps: int = _RL.warmup_steps
+  schedule: str = _RL.schedule  # "constant" | "cosine"
   decay_steps: int = 1000  # optimiser steps of the cosine (RL steps × num_mini_batches)
   min_lr_ratio: float = 0.0
-  weight_decay: float = 0.01
-  b1: float = 0.9
-  b2: float = 0.99
+  weight_decay: float = _RL.weight_decay
+  b1: float = _RL.b1
+  b2: float = _RL.b2
   eps: float = 1e-8
-  grad_clip: float | None = 1.0
+  grad_clip: float | None = _RL.grad_clip
 
 
 def make_optimizer(oc: OptimConfig) -> optax.GradientTransformation:

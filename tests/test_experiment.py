@@ -44,6 +44,7 @@ def test_toy_config_validates():
     ("nxt.extrapolate_at", 155, "nxt.extrapolate_at"),
     ("nxt.k", 20, "nxt.k"),
     ("nxt.method", "magic", "nxt.method"),
+    ("nxt.alpha_grid", (1.0, 0.0), "nxt.alpha_grid"),
     ("rl.agg_mode", "mean", "agg_mode"),
     ("model.lora_targets", "q,attn", "lora"),
     ("task.name", "file", "task.path"),
