@@ -142,6 +142,8 @@ def base() -> ml_collections.ConfigDict:
   c.nxt.alpha = 1.5  # a number; set nxt.alpha_auto=True to pick the best of the grid on validation
   c.nxt.alpha_auto = False
   c.nxt.alpha_grid = tuple(0.5 * i for i in range(1, 9))  # α candidates of alpha_auto: 0.5 … 4.0
+  # the method's own knobs (extrapolate.register(..., knobs={name: default})): --config.nxt.knobs.<name>=…
+  c.nxt.knobs = ml_collections.ConfigDict()
   c.nxt.total_steps = 250
   c.nxt.cycles = 1
   c.nxt.sign = "max_abs_u"

@@ -53,6 +53,7 @@ def nxt_config(c) -> sm.NExtConfig:
     return sm.NExtConfig(method=n.method, extrapolate_at=n.extrapolate_at, interval=n.interval, k=n.k,
                          alpha="auto" if n.alpha_auto else float(n.alpha),
                          alpha_grid=tuple(float(a) for a in n.alpha_grid), total_steps=n.total_steps,
+                         knobs=tuple(sorted(n.knobs.to_dict().items())),
                          cycles=n.cycles, sign=n.sign, continue_mode=n.continue_mode,
                          horizon=n.horizon or None, faithful=n.faithful, predictor=pcfg)
   except ValueError as e:

@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -24,6 +25,7 @@ import numpy as np
 from next_jax import rank1
 from next_jax import predictor as pred_lib
 from next_jax.rank1 import Triplet
+from next_jax.registry import Registry, resolve_knobs
 from next_jax.trajectory import Trajectory
 
 # ------------------------------------------------------------------------------------ triplet → Δ
@@ -258,18 +260,28 @@ def delta_agreement(pred: dict[str, jax.Array], actual: dict[str, jax.Array]) ->
 @dataclasses.dataclass(frozen=True)
 class Method:
   """label: the name tables print; deltas(traj, ncfg, key) → ({module: Δ}, info), ncfg the run's
-  NExtConfig (unpacked here, at the boundary); alpha: whether the jump is scaled by nxt.alpha."""
+  NExtConfig (unpacked here, at the boundary); alpha: whether the jump is scaled by nxt.alpha; knobs: the
+  method's own settings and their defaults (set from config.nxt.knobs; read with `method_knobs(ncfg)`)."""
 
   label: str
   deltas: Callable
   alpha: bool = False
+  knobs: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
 
-METHODS: dict[str, Method] = {}
+METHODS = Registry("extrapolation method")
 
 
-def register(name: str, label: str, deltas: Callable, alpha: bool = False) -> None:
-  METHODS[name] = Method(label, deltas, alpha)
+def register(name: str, label: str, deltas: Callable, alpha: bool = False,
+             knobs: Mapping[str, Any] | None = None) -> None:
+  """Adding a method: its function and this one call (tests/test_registry.py adds one with a knob)."""
+  METHODS.register(name, Method(label, deltas, alpha, dict(knobs or {})))
+
+
+def method_knobs(ncfg) -> dict[str, Any]:
+  """The knobs of ncfg.method: its declared defaults updated by ncfg.knobs (config.nxt.knobs)."""
+  return resolve_knobs(METHODS.lookup(ncfg.method).knobs, dict(ncfg.knobs),
+                       f"method {ncfg.method!r} (nxt.knobs)")
 
 
 def label(name: str) -> str:
@@ -284,7 +296,7 @@ def target_step(traj: Trajectory, ncfg) -> float:
 
 def method_deltas(ncfg, traj: Trajectory, key: jax.Array):
   """Δ per module for the configured method (ncfg.method) → (deltas, info)."""
-  return METHODS[ncfg.method].deltas(traj, ncfg, key)
+  return METHODS.lookup(ncfg.method).deltas(traj, ncfg, key)
 
 
 register("next", "NExt", lambda traj, n, key: next_predict(traj, n.k, n.predictor, key, n.sign,

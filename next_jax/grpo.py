@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import optax
 
 from next_jax import config, trained
+from next_jax.registry import Registry
 from next_jax.policy import LoraConfig, ModelConfig, Params, forward, head_logprobs
 
 # verl 0.9.1 (verl.trainer.ppo.core_algos: agg_loss, kl_penalty); tests/test_verl.py runs verl's own functions
@@ -122,23 +123,21 @@ class Estimator:
   token_kl: bool = False
 
 
-ESTIMATORS: dict[str, Estimator] = {}
+ESTIMATORS = Registry("advantage estimator")
 
 
 def register_estimator(name: str, fn: Callable, token_kl: bool = False) -> None:
   """Adding an advantage estimator: its function, then one line at the bottom of this section; rl.estimator,
   config validation and the trainer read ESTIMATORS (tests/test_registry.py adds one)."""
-  ESTIMATORS[name] = Estimator(fn, token_kl)
+  ESTIMATORS.register(name, Estimator(fn, token_kl))
 
 
 def compute_advantages(estimator: str, rewards: jax.Array, mask: jax.Array, group_size: int, *,
                        token_kl: jax.Array | None = None, kl_in_reward: float = 0.0, gamma: float = 1.0,
                        eps: float = 1e-6) -> jax.Array:
   """Token-level advantages [N, T] of the registered `estimator` (ESTIMATORS)."""
-  if estimator not in ESTIMATORS:
-    raise ValueError(f"advantage estimator {estimator!r}; choose from {sorted(ESTIMATORS)}")
-  return ESTIMATORS[estimator].fn(rewards, mask, group_size, token_kl=token_kl, kl_in_reward=kl_in_reward,
-                                  gamma=gamma, eps=eps)
+  return ESTIMATORS.lookup(estimator).fn(rewards, mask, group_size, token_kl=token_kl,
+                                         kl_in_reward=kl_in_reward, gamma=gamma, eps=eps)
 
 
 register_estimator("grpo", lambda r, m, g, *, eps, **_: _on_tokens(grpo_advantages(r, g, eps), m))

@@ -11,14 +11,14 @@ from __future__ import annotations
 
 import importlib.util
 import os
-from collections.abc import Callable
 from pathlib import Path
 
 from next_jax.gguf_convert import convert_gguf
 from next_jax.hf import CheckpointError
+from next_jax.registry import Registry
 
 # file suffix → converter(file, out_dir=None, overwrite=False) → HF directory (cached, atomic)
-CONVERTERS: dict[str, Callable[..., Path]] = {".gguf": convert_gguf}
+CONVERTERS = Registry("model-file format", {".gguf": convert_gguf})
 
 # name → (importable package, file inside it, the pip command that installs it without its dependencies)
 PACKAGED = {

@@ -35,6 +35,8 @@ from fractions import Fraction
 
 import numpy as np
 
+from next_jax.registry import Registry
+
 RewardFn = Callable[[str, str], float]
 
 MATH_TIMEOUT_S = 2.0  # wall-clock budget of one math_reward call (main thread)
@@ -522,15 +524,13 @@ def last_number_reward(response: str, ground_truth: str) -> float:
 # ------------------------------------------------------------------------------------------ registry
 
 
-REWARDS: dict[str, RewardFn] = {"math": math_reward, "exact": exact_reward, "last_number": last_number_reward,
-                                "countdown": countdown_reward}
+REWARDS = Registry("reward", {"math": math_reward, "exact": exact_reward, "last_number": last_number_reward,
+                              "countdown": countdown_reward})  # REWARDS.register(name, fn) adds one
 
 
 def get_reward(name: str) -> RewardFn:
   """The verifier registered under `name`."""
-  if name not in REWARDS:
-    raise ValueError(f"unknown reward {name!r}; known: {sorted(REWARDS)}")
-  return REWARDS[name]
+  return REWARDS.lookup(name)
 
 
 def score_batch(fn: RewardFn | str, responses: Sequence[str], truths: Sequence[str]) -> np.ndarray:

@@ -255,4 +255,4 @@ def _reward(verifier: str):
 
 
 for _name in EXTRACTORS:
-  rewards.REWARDS[_name] = _reward(_name)
+  rewards.REWARDS.register(_name, _reward(_name))

@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+from typing import Any
 from collections.abc import Callable
 
 import flax.struct
@@ -60,6 +61,7 @@ class NExtConfig:
   faithful: bool = _NXT.faithful  # NExt also moves never-trained parameters by their predicted deltas (official code)
   horizon: int | None = _NXT.horizon or None  # baselines extrapolate this many steps ahead (None: k·interval)
   predictor: PredictorConfig = PredictorConfig()
+  knobs: tuple[tuple[str, Any], ...] = ()  # the method's own knobs (config.nxt.knobs), sorted (name, value)
 
   def __post_init__(self):
     if self.method not in (*extrapolate.METHODS, "none"):
@@ -73,6 +75,10 @@ class NExtConfig:
     if self.method != "none" and self.cycles * self.extrapolate_at > self.total_steps:
       raise ValueError(f"nxt.cycles·extrapolate_at = {self.cycles * self.extrapolate_at} > "
                        f"nxt.total_steps = {self.total_steps}")
+    if self.method != "none":
+      extrapolate.method_knobs(self)  # a knob the method does not declare is refused, naming it
+    elif self.knobs:
+      raise ValueError(f"nxt.knobs={dict(self.knobs)}: method 'none' has no knobs")
     if not self.alpha_grid or any(not a > 0 for a in self.alpha_grid):
       raise ValueError(f"nxt.alpha_grid={self.alpha_grid}: give one or more positive α values")
     if self.faithful and self.method != "next":

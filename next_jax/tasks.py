@@ -47,6 +47,7 @@ from typing import Any
 import numpy as np
 
 from next_jax import chat_tasks, rewards, rg_tasks
+from next_jax.registry import Registry
 
 SPLITS = ("train", "test")
 TEST_FRACTION = 0.1  # share of each synthetic task's problem space that belongs to the test split
@@ -188,11 +189,12 @@ def _sample_countdown(rng: np.random.Generator, spec: CountdownSpec) -> tuple[st
   return key, {"prompt": prompt, "answer": answer, "solution": expr}
 
 
-TASKS: dict[str, tuple[type, Callable, str]] = {
+# name → (spec dataclass: the task's knobs (config.task.knobs) and their defaults, sample(rng, spec), verifier)
+TASKS = Registry("task", {
     "arith": (ArithSpec, _sample_arith, "exact"),
     "countdown": (CountdownSpec, _sample_countdown, "countdown"),
     **chat_tasks.TASKS,  # posed in words, for pretrained chat models: add, compare, extract, countdown3
-}
+})
 
 
 def known_task(name: str) -> bool:

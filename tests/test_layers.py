@@ -9,7 +9,7 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "next_jax"
 LAYERS = (  # lowest first
-    ("core", {"config", "sharding", "metrics", "checkpoint"}),
+    ("core", {"config", "registry", "sharding", "metrics", "checkpoint"}),
     ("models and files", {"policy", "hf", "outdir", "peft_io", "gguf_convert", "model_files", "toy", "sampler"}),
     ("RL", {"trained", "grpo", "trainer", "rewards", "chat_tasks", "tasks", "rg_tasks"}),
     ("NExt", {"rank1", "trajectory", "drift", "predictor", "extrapolate", "runs", "plots"}),

@@ -1,17 +1,20 @@
 """Adding an extrapolation method is one function and one `extrapolate.register` line: the state machine,
-the post-hoc back-test and the reports pick it up with no other change. Likewise an advantage estimator is
-one function and one `grpo.register_estimator` line: config validation and the trainer pick it up."""
+the post-hoc back-test and the reports pick it up with no other change, and a knob it declares is set from
+config.nxt.knobs. Likewise an advantage estimator is one function and one `grpo.register_estimator` line,
+and a task with a knob is one spec dataclass, one sampler and one `tasks.TASKS.register` line (its knob set
+from config.task.knobs). Every registry is a `next_jax.registry.Registry`."""
 
 import dataclasses
 
 import jax
+import ml_collections
 import numpy as np
 import pytest
 from tiny_rl import LCFG, fresh_state, make_setup, run
 
 from next_jax.configs import toy_arith
 from experiments import report
-from next_jax import driver, experiment, grpo, posthoc
+from next_jax import driver, experiment, grpo, posthoc, tasks
 from next_jax import extrapolate as ex
 from next_jax import state_machine as sm
 from next_jax.predictor import PredictorConfig
@@ -25,7 +28,7 @@ def half_step(traj: Trajectory, t_target: float) -> dict:
 
 @pytest.fixture
 def fifth(monkeypatch):
-  monkeypatch.setattr(ex, "METHODS", dict(ex.METHODS))  # the registration is undone after the test
+  monkeypatch.setattr(ex, "METHODS", ex.METHODS.copy())  # the registration is undone after the test
   ex.register("half", "Half-step", lambda traj, n, key: (half_step(traj, ex.target_step(traj, n)), {}))
   return "half"
 
@@ -60,6 +63,72 @@ def test_a_registered_method_is_back_tested_and_reported(fifth):
   assert "Half-step" in report.main_order() and "Half-step" in report.method_labels()
 
 
+def scaled_step(traj: Trajectory, ncfg) -> dict:
+  """A method with a knob: Δ = β·(W_t − W_{t−1}), β = nxt.knobs.beta (default 0.5)."""
+  beta = ex.method_knobs(ncfg)["beta"]
+  return {m: beta * d for m, d in traj.deltas(traj.num - 1, traj.num - 2).items()}
+
+
+def test_a_method_with_a_knob_is_one_registration_and_its_knob_a_config_field(model, monkeypatch):
+  monkeypatch.setattr(ex, "METHODS", ex.METHODS.copy())
+  ex.register("scaled", "Scaled step", lambda traj, n, key: (scaled_step(traj, n), {}), knobs={"beta": 0.5})
+  c = toy_arith.get_config("quick")
+  c.nxt.method, c.nxt.knobs = "scaled", ml_collections.ConfigDict({"beta": 0.25})
+  experiment.validate(c)
+  ncfg = dataclasses.replace(experiment.nxt_config(c), extrapolate_at=4, interval=2, k=1, total_steps=6)
+  assert ex.method_knobs(ncfg) == {"beta": 0.25}
+  assert ex.method_knobs(dataclasses.replace(ncfg, knobs=())) == {"beta": 0.5}  # the declared default
+  params, lora = model
+  setup = make_setup()
+  state = driver.advance(setup, ncfg, sm.init(setup, ncfg, params, fresh_state(lora)), None)
+  snaps = jax.tree.map(np.asarray, state.trajectory)
+  jumped, _ = driver.jump(setup, ncfg, driver.fork(state))
+  w = lambda i: LCFG.scale * np.einsum("lri,lor->lio", snaps["q"]["a"][i], snaps["q"]["b"][i])  # noqa: E731
+  moved = np.asarray(jumped.base_params["layers"]["q"]["kernel"]) - np.asarray(params["layers"]["q"]["kernel"])
+  np.testing.assert_allclose(moved, 0.25 * (w(2) - w(1)), rtol=0, atol=1e-7)
+  c.nxt.knobs = ml_collections.ConfigDict({"betta": 0.25})
+  with pytest.raises(experiment.ConfigError, match=r"method 'scaled' \(nxt\.knobs\): unknown knobs \['betta'\]; known: \['beta'\]"):
+    experiment.validate(c)
+
+
+@dataclasses.dataclass(frozen=True)
+class MulSpec:
+  """Knob of the made-up task `mul`: both factors uniform in 0..max_factor."""
+
+  max_factor: int = 9
+
+
+def _sample_mul(rng, spec: MulSpec):
+  a, b = (int(rng.integers(0, spec.max_factor + 1)) for _ in range(2))
+  prompt = f"{a}*{b}="
+  return prompt, {"prompt": prompt, "answer": str(a * b), "solution": str(a * b)}
+
+
+def test_a_task_with_a_knob_is_one_registration_and_its_knob_a_config_field(monkeypatch):
+  monkeypatch.setattr(tasks, "TASKS", tasks.TASKS.copy())
+  tasks.TASKS.register("mul", (MulSpec, _sample_mul, "exact"))
+  c = toy_arith.get_config("quick")
+  c.task.name, c.task.knobs = "mul", ml_collections.ConfigDict({"max_factor": 3})
+  c.task.n_train, c.task.n_test, c.task.n_val = 8, 4, 0
+  experiment.validate(c)
+  train = tasks.make_task(c.task.name, c.task.n_train, seed=c.seed, split="train", **c.task.knobs.to_dict())
+  factors = [int(x) for p in train for x in p.prompt.rstrip("=").split("*")]
+  assert max(factors) <= 3 and all(p.answer == str(eval(p.prompt[:-1])) for p in train)  # noqa: S307
+  with pytest.raises(ValueError, match=r"task 'mul': unknown knobs \['max_factr'\]; known: \['max_factor'\]"):
+    tasks.make_task("mul", 4, seed=0, split="train", max_factr=3)
+
+
+def test_every_registry_names_its_kind_for_an_unknown_name():
+  from next_jax import model_files, registry, rewards  # noqa: PLC0415
+  for reg, kind in ((ex.METHODS, "extrapolation method"), (grpo.ESTIMATORS, "advantage estimator"),
+                    (rewards.REWARDS, "reward"), (tasks.TASKS, "task"), (model_files.CONVERTERS, "model-file format")):
+    assert isinstance(reg, registry.Registry)
+    with pytest.raises(ValueError, match=f"unknown {kind} 'nope'; known: "):
+      reg.lookup("nope")
+  with pytest.raises(ValueError, match="reward 'math' is already registered"):
+    rewards.REWARDS.copy().register("math", rewards.exact_reward)
+
+
 def test_the_config_accepts_exactly_the_registered_names(fifth):
   assert sm.NExtConfig(method=fifth).method == fifth
   with pytest.raises(ValueError, match="choose from"):
@@ -83,7 +152,7 @@ def min_baseline(rewards, mask, group_size, *, token_kl, kl_in_reward, **_):
 
 @pytest.fixture
 def new_estimator(monkeypatch):
-  monkeypatch.setattr(grpo, "ESTIMATORS", dict(grpo.ESTIMATORS))  # undone after the test
+  monkeypatch.setattr(grpo, "ESTIMATORS", grpo.ESTIMATORS.copy())  # undone after the test
   grpo.register_estimator("min_baseline", min_baseline, token_kl=True)
   SEEN.clear()
   return "min_baseline"
