@@ -7,7 +7,8 @@
 The model comes from `config.model.preset` (a Qwen2.5 size: no checkpoint needed) or model.dir's
 config.json. mesh.data=0 ("all devices") is planned as --chips // (fsdp·tensor), or 1 without --chips.
 --sweep prints, for a list of meshes, each one's peak per device and whether it fits each accelerator;
---summary does so for every Qwen2.5 size, LoRA and full (the README table).
+--summary does so for every Qwen2.5 size, LoRA and full (the README table); --kv_cache prints, for every
+Qwen2.5 size, the sampler's KV cache and sample-phase total per device with an fp32 and a bf16 cache.
 """
 
 import os
@@ -25,6 +26,7 @@ _CONFIG = config_flags.DEFINE_config_file("config", "configs/qwen25_paper.py", "
 _CHIPS = flags.DEFINE_integer("chips", 0, "devices in the slice, for mesh.data=0")
 _SWEEP = flags.DEFINE_bool("sweep", False, "plan every mesh of SWEEP_MESHES instead of config.mesh")
 _SUMMARY = flags.DEFINE_bool("summary", False, "peak per device of every Qwen2.5 preset, LoRA and full")
+_KV = flags.DEFINE_bool("kv_cache", False, "sampler memory of every Qwen2.5 preset, fp32 vs bf16 KV cache")
 
 SWEEP_MESHES = ((1, 1, 1), (1, 8, 1), (1, 4, 4), (1, 16, 1), (1, 8, 4), (2, 8, 4), (1, 8, 8), (4, 8, 4),
                 (1, 16, 8), (4, 8, 8))  # (data, fsdp, tensor)
@@ -39,7 +41,8 @@ def model_config(c):
     cfg = policy.QWEN25[c.model.preset]
   else:
     cfg = hf.load_config(c.model.dir)
-  return dataclasses.replace(cfg, dtype=c.model.dtype or cfg.dtype)
+  return dataclasses.replace(cfg, dtype=c.model.dtype or cfg.dtype,
+                             kv_cache_dtype=c.model.get("kv_cache_dtype", "") or cfg.kv_cache_dtype)
 
 
 def workload(c):
@@ -123,6 +126,20 @@ def summary_table(c, tx) -> str:
 def main(argv):
   del argv
   from next_jax import experiment, memory, trainer  # noqa: PLC0415
+def kv_table(c, tx, sizes) -> str:
+  """Every Qwen2.5 preset at this config's workload and mesh: KV cache and sample total GB/device with the
+  cache in float32 and in bfloat16 (the presets' own dtype)."""
+  from next_jax import experiment, memory, policy  # noqa: PLC0415
+  lines = ["| preset | KV cache fp32 | KV cache bf16 | sample fp32 cache | sample bf16 cache |",
+           "|---|---:|---:|---:|---:|"]
+  for size, cfg in policy.QWEN25.items():
+    p = {d: memory.plan(dataclasses.replace(cfg, kv_cache_dtype=d), experiment.lora_config(c), tx, workload(c),
+                        sizes) for d in ("float32", "bfloat16")}
+    lines.append(f"| {size} | " + " | ".join(f"{p[d][k] / 1e9:.1f}" for k in ("kv_cache", "sample")
+                                             for d in ("float32", "bfloat16")) + " |")
+  return "\n".join(lines)
+
+
   c = _CONFIG.value
   try:
     lcfg, cfg, w = experiment.lora_config(c), model_config(c), workload(c)
@@ -136,6 +153,9 @@ def main(argv):
   print(describe(c, cfg, lcfg, w, sizes))
   if _SWEEP.value:
     print(sweep_table(cfg, lcfg, tx, w))
+  if _KV.value:
+    print(describe(c, cfg, lcfg, w, sizes) + "\n" + kv_table(c, tx, sizes))
+    return
   else:
     print(plan_table(memory.plan(cfg, lcfg, tx, w, sizes)))
 

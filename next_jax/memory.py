@@ -16,8 +16,11 @@ Update activations, one micro-batch of b rows and T = seq − 1 tokens, per laye
                × L without remat, × 1 with remat (the layer being recomputed)
     head       3 · [b, C, V] fp32                              (logits, log-softmax, its exp for entropy)
                C = min(logprob_chunk or max_new, max_new): only response targets get logits (logprob_tail)
-Sampler, P prompts of Tp tokens per call (sample_chunk, or all), N = P·G rows, S = Tp + max_new slots:
-    KV cache   2 · [L, N, S, KVH, hd] + 2 · [L, P, S, KVH, hd] (the prefill cache before it is tiled G×)
+Sampler, P prompts of Tp tokens per call (sample_chunk, or all), N = P·G rows, S = Tp + max_new slots,
+in cfg.kv_cache_dtype (default the model dtype):
+    KV cache   2 · [L, N, S, KVH, hd] + 2 · [L, max(P·[G > 1], ⌊N/2⌋), S, KVH, hd]
+               (the second term: the prefill cache before it is tiled G×, or the copy that compacting the
+               live rows into ≤ N/2 rows makes between decode segments, whichever is larger)
     prefill    one layer's scores fp32 + probs [P, H, Tp, S] + q,k,v,o,gate,up,act + [P, 1, V] logits
     decode     3 · [N, V] fp32 (logits, processed, log-softmax)
 Batch dims are split over data×fsdp, heads/F/V over tensor, with the same divisibility rule as the params.
@@ -104,13 +107,14 @@ def update_activations(cfg: ModelConfig, b: int, t: int, sizes, remat: bool, hea
 
 
 def sampler_bytes(cfg: ModelConfig, w: Workload, sizes) -> dict[str, int]:
-  """KV cache (prefill + tiled) and the larger of the prefill / decode transients."""
-  it = np.dtype(cfg.jnp_dtype).itemsize
+  """KV cache (tiled, plus the prefill cache or a compaction's copy) and the larger of the prefill / decode
+  transients."""
+  it = np.dtype(cfg.kv_jnp_dtype).itemsize
   p = w.prompts_per_call
   n, s = p * w.group_size, w.seq
   kv = lambda rows: 2 * _bytes((cfg.num_layers, rows, s, cfg.num_kv_heads, cfg.head_dim),  # noqa: E731
                                sharding.CACHE_DIMS, it, sizes)
-  cache = kv(n) + (kv(p) if w.group_size > 1 else 0)
+  cache = kv(n) + max(kv(p) if w.group_size > 1 else 0, kv(n // 2))
   prefill = (_layer_internals(cfg, p, w.prompt_len, s, sizes)
              + _bytes((p, 1, cfg.vocab_size), (B, None, TENSOR), 4, sizes))
   decode = 3 * _bytes((n, cfg.vocab_size), (B, TENSOR), 4, sizes)

@@ -260,12 +260,25 @@ def _live(state: SamplingState) -> jax.Array:
   return jnp.sum(~state.done, dtype=jnp.int32)
 
 
+def _rows_of(state: SamplingState) -> SampleOutput:
+  return SampleOutput(tokens=state.tokens, logprobs=state.logprobs, mask=state.mask,
+                      lengths=state.mask.sum(axis=1).astype(jnp.int32))
+
+
+def _write_back(out: SampleOutput, state: SamplingState) -> SampleOutput:
+  """out's rows state.rows ← state's tokens, logprobs, mask (padding rows, index n_rows, are dropped)."""
+  put = lambda full, part: full.at[state.rows].set(part, mode="drop")  # noqa: E731
+  tokens, logprobs, mask = (put(getattr(out, k), getattr(state, k)) for k in ("tokens", "logprobs", "mask"))
+  return SampleOutput(tokens=tokens, logprobs=logprobs, mask=mask, lengths=mask.sum(axis=1).astype(jnp.int32))
+
+
 @functools.partial(jax.jit, static_argnames=("rows", "n_rows"))
-def _compact(out: SamplingState | None, state: SamplingState, *, rows: int, n_rows: int):
-  """Write `state`'s rows into the full-batch `out` (None: state is the full batch), then keep the first
-  `rows` of a stable done-last order: the live rows in their order, padded with stopped rows marked as
-  padding (rows = n_rows, done, dropped on write-back). → (out, state with `rows` rows)."""
-  out = state if out is None else _write_back(out, state)
+def _compact(out: SampleOutput | None, state: SamplingState, *, rows: int, n_rows: int):
+  """Write `state`'s rows into the full-batch output `out` (None: state is the full batch), then keep the
+  first `rows` of a stable done-last order: the live rows in their order, padded with stopped rows marked
+  as padding (rows = n_rows, done, dropped on write-back). → (out, state with `rows` rows). The old cache
+  is freed when the caller drops `state`: the peak is the cache plus its compacted copy."""
+  out = _rows_of(state) if out is None else _write_back(out, state)
   keep = jnp.argsort(state.done, stable=True)[:rows]
   real = jnp.arange(rows) < jnp.sum(~state.done)
   c = state.cache
@@ -274,13 +287,6 @@ def _compact(out: SamplingState | None, state: SamplingState, *, rows: int, n_ro
       tokens=state.tokens[keep], logprobs=state.logprobs[keep], mask=state.mask[keep],
       done=state.done[keep] | ~real, last=state.last[keep], position=state.position[keep],
       rows=jnp.where(real, state.rows[keep], n_rows), cache=cache)
-
-
-def _write_back(out: SamplingState, state: SamplingState) -> SamplingState:
-  """out.{tokens, logprobs, mask}[state.rows] = state's (padding rows, index n_rows, are dropped)."""
-  put = lambda full, part: full.at[state.rows].set(part, mode="drop")  # noqa: E731
-  return out.replace(tokens=put(out.tokens, state.tokens), logprobs=put(out.logprobs, state.logprobs),
-                     mask=put(out.mask, state.mask))
 
 
 _finish = jax.jit(_write_back, donate_argnums=0)
@@ -304,9 +310,7 @@ def _generate(params, prompts, prompt_mask, rng, *, temperature, top_p, num_samp
     rows = batch_bucket(live, quantum)
     if compact and rows <= state.done.shape[0] // 2:
       out, state = _compact(out, state, rows=rows, n_rows=n)
-  out = state if out is None else _finish(out, state)
-  return SampleOutput(tokens=out.tokens, logprobs=out.logprobs, mask=out.mask,
-                      lengths=out.mask.sum(axis=1).astype(jnp.int32))
+  return _rows_of(state) if out is None else _finish(out, state)
 
 
 def compiled_programs() -> int:

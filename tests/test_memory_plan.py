@@ -45,9 +45,18 @@ def test_14b_lora_optimizer_and_trajectory_bytes_match_hand_count(plan_14b):
 
 
 def test_14b_kv_cache_bytes_match_hand_count(plan_14b):
+  """The tiled cache of 1024 rows plus a compaction's copy of ≤ 512 (larger than the 128-prompt prefill)."""
   L, kvh, hd, s = 48, 8, 128, 1024 + 4096
   rows = lambda n: 2 * L * (n // 8) * s * (kvh // 4) * hd * 2  # noqa: E731 (k and v, bf16)
-  assert plan_14b["kv_cache"] == rows(128 * 8) + rows(128)
+  assert plan_14b["kv_cache"] == rows(128 * 8) + rows(128 * 8 // 2)
+
+
+def test_kv_cache_dtype_sets_the_cache_bytes():
+  """kv_cache_dtype float32 doubles the bf16 preset's cache; "" (the default) is the model dtype."""
+  cfg = policy.QWEN25["7B"]
+  kv = {d: memory.sampler_bytes(dataclasses.replace(cfg, kv_cache_dtype=d), PAPER, MESH)["kv_cache"]
+        for d in ("", "bfloat16", "float32")}
+  assert kv[""] == kv["bfloat16"] and kv["float32"] == 2 * kv["bfloat16"]
 
 
 def test_totals_add_up_and_remat_saves_memory(plan_14b):

@@ -360,10 +360,10 @@ def bench_preset(preset: str, args) -> tuple[str, list[dict], dict | None]:
     for mode, k, temp, top_p in modes:
       print(f"  {mode}: {b}·{k} rows × {n} new tokens ...", flush=True)
       ours = ours_fn(params, cfg, tokens, mask, n, k, temp, top_p, pad_id=pad)
-      programs = sampler.generate._cache_size()  # noqa: SLF001 - tells a compile from a cache hit
+      programs = sampler.compiled_programs()  # tells a compile from a cache hit
       res = race(ours, theirs_fn(model, tokens, mask, n, k, temp == 0.0, top_p, pad_id=pad), args.reps, b * k * n)
       rows.append(dict(res, preset=preset, mode=mode, shape=f"{b}·{k} × {n}" if k > 1 else f"{b} × {n}",
-                       shape_tokens=b * k * n, compiled=sampler.generate._cache_size() > programs))
+                       shape_tokens=b * k * n, compiled=sampler.compiled_programs() > programs))
       if temp == 0.0:
         rows[-1]["agree"] = agreement(res["out_ours"], res["out_theirs"])
       if args.profile:
