@@ -1,8 +1,8 @@
 """Per-device memory plan of a config on a mesh, without devices (next_jax.memory).
 
-    python -m experiments.memory_plan --config=configs/qwen25_paper.py:size=7B \
+    python -m experiments.memory_plan --config=qwen25_paper:size=7B \
         --config.mesh.fsdp=8 --config.mesh.tensor=4
-    python -m experiments.memory_plan --config=configs/qwen25_paper.py:size=14B,trainable=full --sweep
+    python -m experiments.memory_plan --config=qwen25_paper:size=14B,trainable=full --sweep
 
 The model comes from `config.model.preset` (a Qwen2.5 size: no checkpoint needed) or model.dir's
 config.json. mesh.data=0 ("all devices") is planned as --chips // (fsdp·tensor), or 1 without --chips.
@@ -22,7 +22,10 @@ import sys  # noqa: E402
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/qwen25_paper.py", "experiment config file[:arg]")
+from next_jax import configs  # noqa: E402
+
+_CONFIG = config_flags.DEFINE_config_file("config", configs.resolve("qwen25_paper"),
+                                          "a preset (next_jax/configs/) or a config file, [:arg]")
 _CHIPS = flags.DEFINE_integer("chips", 0, "devices in the slice, for mesh.data=0")
 _SWEEP = flags.DEFINE_bool("sweep", False, "plan every mesh of SWEEP_MESHES instead of config.mesh")
 _SUMMARY = flags.DEFINE_bool("summary", False, "peak per device of every Qwen2.5 preset, LoRA and full")
@@ -123,9 +126,6 @@ def summary_table(c, tx) -> str:
   return "\n".join(lines)
 
 
-def main(argv):
-  del argv
-  from next_jax import experiment, memory, trainer  # noqa: PLC0415
 def kv_table(c, tx, sizes) -> str:
   """Every Qwen2.5 preset at this config's workload and mesh: KV cache and sample total GB/device with the
   cache in float32 and in bfloat16 (the presets' own dtype)."""
@@ -140,6 +140,9 @@ def kv_table(c, tx, sizes) -> str:
   return "\n".join(lines)
 
 
+def main(argv):
+  del argv
+  from next_jax import experiment, memory, trainer  # noqa: PLC0415
   c = _CONFIG.value
   try:
     lcfg, cfg, w = experiment.lora_config(c), model_config(c), workload(c)
@@ -150,15 +153,15 @@ def kv_table(c, tx, sizes) -> str:
   if _SUMMARY.value:
     print(summary_table(c, tx))
     return
-  print(describe(c, cfg, lcfg, w, sizes))
-  if _SWEEP.value:
-    print(sweep_table(cfg, lcfg, tx, w))
   if _KV.value:
     print(describe(c, cfg, lcfg, w, sizes) + "\n" + kv_table(c, tx, sizes))
     return
+  print(describe(c, cfg, lcfg, w, sizes))
+  if _SWEEP.value:
+    print(sweep_table(cfg, lcfg, tx, w))
   else:
     print(plan_table(memory.plan(cfg, lcfg, tx, w, sizes)))
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=lambda argv: flags.FLAGS(configs.resolve_argv(argv)))

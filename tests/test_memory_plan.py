@@ -133,12 +133,12 @@ def test_sample_and_logprob_chunks_shrink_the_plan_where_they_should():
 
 def test_command_line_prints_the_plan_and_fit():
   out = subprocess.run([sys.executable, "-m", "experiments.memory_plan",
-                        "--config=configs/qwen25_paper.py:size=14B", "--config.mesh.fsdp=8",
+                        "--config=qwen25_paper:size=14B", "--config.mesh.fsdp=8",
                         "--config.mesh.tensor=4", "--config.mesh.data=1"],
                        cwd=ROOT, capture_output=True, text=True, timeout=300,
                        env={**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu"})
   assert out.returncode == 0, out.stderr[-3000:]
-  paper_config = dataclasses.replace(PAPER, sample_chunk=32, logprob_chunk=512)  # configs/qwen25_paper.py
+  paper_config = dataclasses.replace(PAPER, sample_chunk=32, logprob_chunk=512)  # next_jax/configs/qwen25_paper.py
   p = memory.plan(policy.QWEN25["14B"], policy.LoraConfig(rank=64, alpha=32.0), TX, paper_config, MESH)
   assert "mesh data=1 fsdp=8 tensor=4 (32 devices)" in out.stdout
   assert "32 prompts per sampler call, 512 logit positions at once" in out.stdout

@@ -2,7 +2,7 @@
 preset or the real SmolLM2-135M-Instruct (`--preset smollm2`).
 
 One HF directory (random presets: `toy.make_random_model_dir`; smollm2: the converted GGUF, with the chat
-prompts configs/smollm2.py trains on) is loaded by both stacks: ours through `hf.load_model`, theirs
+prompts next_jax/configs/smollm2.py trains on) is loaded by both stacks: ours through `hf.load_model`, theirs
 through `AutoModelForCausalLM.from_pretrained` (fp32, eval, all cores). Both decode the same left-padded
 prompt batch for exactly N new tokens (one row set per --new-tokens value) with the KV cache on and no
 stop ids:
@@ -299,7 +299,7 @@ def report(args, models: dict[str, str], rows: list[dict], early: list[dict]) ->
           f"- date: {datetime.datetime.now().astimezone().isoformat(timespec='seconds')}\n"
           f"- command: `{cmd.strip()}`\n- machine: {machine_info()}\n{model_lines}\n"
           f"- prompts: batch {args.batch} (left-padded; random presets: {args.prompt_len} random tokens; "
-          f"smollm2: chat prompts of configs/smollm2.py), {new} new tokens per row, KV cache, no stop ids; "
+          f"smollm2: chat prompts of next_jax/configs/smollm2.py), {new} new tokens per row, KV cache, no stop ids; "
           f"{args.reps} alternating timed reps per side; fp32\n\n"
           f"{table(rows)}\nFirst calls (compile):\n{compile_lines}\n{early_text}")
 
@@ -311,7 +311,7 @@ def load_both(preset: str, args):
   """→ (cfg, our params, transformers model in eval mode, prompt tokens, mask, stop ids of the early-stop
   call, pad id, description).
   Random presets: a fresh random HF directory and random prompts; smollm2: the real checkpoint and chat
-  prompts, left-padded to the longest rounded up to a multiple of 8 (40 tokens, as configs/smollm2.py)."""
+  prompts, left-padded to the longest rounded up to a multiple of 8 (40 tokens, as next_jax/configs/smollm2.py)."""
   import torch  # noqa: PLC0415
   import transformers  # noqa: PLC0415
 
