@@ -228,27 +228,28 @@ def table(rows: list[dict]) -> str:
   return "\n".join(lines)
 
 
-def plot(rows: list[dict], path: Path) -> None:
-  """Accuracy against real RL steps, each branch from the jump point, error bars the binomial s.e."""
+def plot(rows: list[dict], path: Path, probe: list[dict] = ()) -> None:
+  """Accuracy against real RL steps: GRPO-LoRA from the backbone, each branch from the step-75 state (its
+  jump a vertical move at 75), error bars the binomial s.e.; the probe's curve (512 problems) for context."""
   import matplotlib  # noqa: PLC0415
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # noqa: PLC0415
-  fig, ax = plt.subplots(figsize=(6.5, 4))
   ev = [r for r in rows if r["kind"] == "eval"]
-  for method in dict.fromkeys(r["method"] for r in ev):
-    rs = sorted((r for r in ev if r["method"] in (method, "backbone") or
-                 (method != "GRPO-LoRA" and r["method"] == "GRPO-LoRA" and r["step"] == SCHED.jump)),
-                key=lambda r: (r["step"], r["when"] == ""))
-    if method == "backbone":
-      continue
-    x = [r["step"] for r in rs]
-    y = [100 * r["acc"] for r in rs]
-    se = [100 * (r["acc"] * (1 - r["acc"]) / r["n"]) ** 0.5 for r in rs]
-    ax.errorbar(x, y, yerr=se, marker="o", capsize=3, label=method)
+  at = {(r["method"], r["step"], r["when"]): r for r in ev}
+  shared = [at[k] for k in (("backbone", 0, ""), ("GRPO-LoRA", SCHED.jump, "")) if k in at]
+  fig, ax = plt.subplots(figsize=(6.5, 4))
+  if probe:
+    pts = sorted((r["step"], 100 * r["acc"]) for r in probe if "acc" in r)
+    ax.plot(*zip(*pts), ls="--", color="grey", alpha=0.6, label=f"GRPO-LoRA probe ({probe[0]['n_test']} problems)")
+  for method in dict.fromkeys(r["method"] for r in ev if r["method"] != "backbone"):
+    own = sorted((r for r in ev if r["method"] == method and r not in shared), key=lambda r: (r["step"], r["when"] == ""))
+    line = shared + own
+    ax.errorbar([r["step"] for r in line], [100 * r["acc"] for r in line], marker="o", capsize=3, label=method,
+                yerr=[100 * (r["acc"] * (1 - r["acc"]) / r["n"]) ** 0.5 for r in line])
   ax.axvline(SCHED.jump, color="grey", lw=0.8, ls=":")
   ax.set_xlabel("real RL steps")
   ax.set_ylabel("held-out accuracy % (T = 1)")
-  ax.set_title("SmolLM2-135M, rg:basic_arithmetic: jump at 75")
+  ax.set_title(f"SmolLM2-135M, {rows[0]['task']}: jump at {SCHED.jump}")
   ax.legend()
   fig.tight_layout()
   fig.savefig(path, dpi=120)
@@ -280,7 +281,8 @@ def main(argv=None):
   rows = read(out / "compare.jsonl")
   if rows:
     (out / "compare.md").write_text(table(rows))
-    plot(rows, out / "compare.png")
+    probe = [r for r in rg_probe.read(out / "probe.jsonl") if r["seed"] == rows[0]["seed"]]
+    plot(rows, out / "compare.png", probe)
     print((out / "compare.md").read_text())
 
 
