@@ -1,5 +1,6 @@
 """next_jax.sampler: KV-cache sampling against cache-free full forwards, stop masking, group tiling, logits
-processing. Every `generate` call below shares one of four static signatures, so it compiles four times."""
+processing. Every `generate` call below shares one of four static signatures (MAX_NEW is under one decode
+segment, so each is a prefill and one decode program). Long responses: tests/test_sampler_length.py."""
 
 import jax
 import jax.numpy as jnp
