@@ -26,8 +26,9 @@ both use 1[score = 1]. `raw_score(response, answer)` returns the unthresholded s
 
 Model text is never evaluated. Some reasoning-gym scorers pass the answer to eval() or sympy's parse_expr
 (countdown, puzzle24, n_queens, number_sorting, … in 0.1.25), which runs arbitrary Python. So every scorer
-runs under `_no_eval`: an audit hook that makes compile/exec raise (the reward is then 0) unless the answer
-passed the arithmetic gate first. ARITHMETIC names the datasets whose answer is an arithmetic expression
+runs with eval blocked (`_score`: an audit hook makes compile/exec raise, and the reward is 0) unless the
+answer passed the arithmetic gate first; make_task refuses a dataset whose scorer cannot score even its
+own oracle answer that way. ARITHMETIC names the datasets whose answer is an arithmetic expression
 (countdown, puzzle24): an answer made only of digits, + - * / ( ) and spaces, without "**", up to 200
 characters, is scored by the library as it is (such text names nothing and is cheap to evaluate).
 
@@ -201,7 +202,7 @@ _GUARD = threading.local()
 
 
 def _audit(event: str, args) -> None:
-  """compile/exec while a scorer runs under _no_eval raises, but for a lazily imported module's body."""
+  """compile/exec while `_score` blocks eval raises, but for a lazily imported module's body."""
   if getattr(_GUARD, "on", False) and event in ("compile", "exec"):
     frame = sys._getframe(1)
     while frame is not None:
