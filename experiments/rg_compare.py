@@ -242,8 +242,9 @@ def plot(rows: list[dict], path: Path, probe: list[dict] = ()) -> None:
     pts = sorted((r["step"], 100 * r["acc"]) for r in probe if "acc" in r)
     ax.plot(*zip(*pts), ls="--", color="grey", alpha=0.6, label=f"GRPO-LoRA probe ({probe[0]['n_test']} problems)")
   for method in dict.fromkeys(r["method"] for r in ev if r["method"] != "backbone"):
-    own = sorted((r for r in ev if r["method"] == method and r not in shared), key=lambda r: (r["step"], r["when"] == ""))
-    line = shared + own
+    own = sorted((r for r in ev if r["method"] == method and r not in shared),
+                 key=lambda r: (r["step"], r["when"] == ""))
+    line = (shared if method == "GRPO-LoRA" else shared[1:]) + own  # a branch starts at the jump point
     ax.errorbar([r["step"] for r in line], [100 * r["acc"] for r in line], marker="o", capsize=3, label=method,
                 yerr=[100 * (r["acc"] * (1 - r["acc"]) / r["n"]) ** 0.5 for r in line])
   ax.axvline(SCHED.jump, color="grey", lw=0.8, ls=":")
