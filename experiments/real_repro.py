@@ -30,8 +30,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 from experiments import report
 from experiments import reproduce as rp
-from next_jax import experiment
 from next_jax.configs import smollm2
+from next_jax.run import experiment
 
 METHODS = ("next", "rl_extra")
 

@@ -19,8 +19,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
-from next_jax import experiment, trainer
 from next_jax.configs import smollm2
+from next_jax.rl import trainer
+from next_jax.run import experiment
 
 
 def measure(task: str, n: int, samples: int, system: str | None = None, max_new_tokens: int | None = None,

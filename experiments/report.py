@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from next_jax import extrapolate
+from next_jax.nxt import extrapolate
 
 MARKERS = "*v^sDPX<>"  # one per registered method, in registry order
 

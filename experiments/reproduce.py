@@ -33,13 +33,15 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 
 from experiments import report
-from next_jax import drift, driver, experiment, rank1, trained
-from next_jax import extrapolate as ex
-from next_jax import state_machine as sm
 from next_jax.configs import toy_arith
-from next_jax.metrics import progress
-from next_jax.toy_base import build_toy_base
-from next_jax.trajectory import Trajectory
+from next_jax.core.metrics import progress
+from next_jax.nxt import drift, rank1
+from next_jax.nxt import extrapolate as ex
+from next_jax.nxt.trajectory import Trajectory
+from next_jax.rl import trained
+from next_jax.run import driver, experiment
+from next_jax.run import state_machine as sm
+from next_jax.run.toy_base import build_toy_base
 
 FAMILIES = ("lora", "full", "rloo", "reinforce_pp", "cyclic", "alpha")
 

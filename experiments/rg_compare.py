@@ -31,10 +31,11 @@ import numpy as np
 from experiments import reproduce as rp
 from experiments import rg_probe
 from experiments.real_compare import SAVED, resumable
-from next_jax import driver, experiment, trainer
-from next_jax import extrapolate as ex
-from next_jax import state_machine as sm
-from next_jax.checkpoint import Checkpointer
+from next_jax.core.checkpoint import Checkpointer
+from next_jax.nxt import extrapolate as ex
+from next_jax.rl import trainer
+from next_jax.run import driver, experiment
+from next_jax.run import state_machine as sm
 
 ROOT = Path(__file__).resolve().parents[1]
 SCHED = rp.Schedule(jump=75, interval=5, k=5, extra=50, long=200)

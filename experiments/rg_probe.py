@@ -26,9 +26,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 from experiments.real_compare import resumable
-from next_jax import driver, experiment
-from next_jax.checkpoint import Checkpointer
 from next_jax.configs import smollm2
+from next_jax.core.checkpoint import Checkpointer
+from next_jax.run import driver, experiment
 
 
 def make_config(args):

@@ -37,8 +37,9 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 
-from next_jax import experiment, rewards, trainer
 from next_jax.configs import smollm2
+from next_jax.rl import rewards, trainer
+from next_jax.run import experiment
 
 CANDIDATES = ("rg:basic_arithmetic", "rg:leg_counting", "rg:chain_sum", "add", "extract", "rg:simple_equations")
 _NUM = re.compile(r"-?\d+")

@@ -29,12 +29,13 @@ import jax
 import numpy as np
 
 from experiments import reproduce as rp
-from next_jax import experiment, posthoc, runs
-from next_jax import extrapolate as ex
-from next_jax import state_machine as sm
-from next_jax.metrics import progress
-from next_jax.predictor import PredictorConfig
-from next_jax.toy_base import build_toy_base
+from next_jax.core.metrics import progress
+from next_jax.nxt import extrapolate as ex
+from next_jax.nxt import posthoc, runs
+from next_jax.nxt.predictor import PredictorConfig
+from next_jax.run import experiment
+from next_jax.run import state_machine as sm
+from next_jax.run.toy_base import build_toy_base
 
 
 def toy_trajectory(seed: int):
@@ -50,7 +51,7 @@ def probe_trajectory(ckpt_dir: str, task: str):
   """SmolLM2's trajectory at the jump point of an `experiments.rg_probe` run (its default schedule: a
   snapshot every 5 steps to step 75), restored from the checkpoint that run keeps."""
   from experiments import real_compare, rg_probe  # noqa: PLC0415
-  from next_jax.checkpoint import Checkpointer  # noqa: PLC0415
+  from next_jax.core.checkpoint import Checkpointer  # noqa: PLC0415
 
   args = argparse.Namespace(task=task, extract="", lr=2e-5, max_new_tokens=0, prompts=8, group=8, seed=0,
                             jump=75, interval=5, n_test=16)  # shapes only: the state is restored

@@ -9,7 +9,7 @@ A *point* is one setting of the knobs that move the gradient signal-to-noise rat
 per step (prompts × G), mini-batch updates per step, learning rate (POINTS). Per (point, seed), on the toy
 task with the paper's schedule (reproduce.PAPER: jump at 150, snapshot every 10, k = 5, +100):
   1. one COLLECT run from the backbone to the jump point; the trajectory's drift measures there
-     (next_jax.drift: increment cosine, growth exponent, linear-fit R² and skill vs hold-last, E₁);
+     (next_jax.nxt.drift: increment cosine, growth exponent, linear-fit R² and skill vs hold-last, E₁);
   2. GRPO-LoRA continued to 400 (accuracy at 250 and 400; W₂₀₀ − W₁₅₀ is the true future);
   3. NExt, RL-Extra, AlphaRL and RELEX each jump from that same state (accuracy right after the jump) and
      continue to 250; each Δ's agreement with the true future.
@@ -29,8 +29,8 @@ from pathlib import Path
 
 from experiments import reproduce as rp
 from experiments import snr_report
-from next_jax import driver, experiment
-from next_jax.toy_base import build_toy_base
+from next_jax.run import driver, experiment
+from next_jax.run.toy_base import build_toy_base
 
 
 @dataclasses.dataclass(frozen=True)

@@ -20,7 +20,7 @@ import argparse
 import re
 import time
 
-from next_jax import rewards, tasks
+from next_jax.rl import rewards, tasks
 
 _DIGIT = re.compile(r"[0-9]")
 

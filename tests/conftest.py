@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from next_jax import hf, policy
+from next_jax.models import hf, policy
 
 # Parity with torch's fp32 matmuls: never let XLA pick a lower-precision algorithm.
 jax.config.update("jax_default_matmul_precision", "highest")
@@ -206,7 +206,7 @@ def model():
 @pytest.fixture(scope="session")
 def toy_model_dir(tmp_path_factory):
   """A tiny random Qwen2 with the arithmetic task's character tokenizer (toy configs run on it in seconds)."""
-  from next_jax import toy  # noqa: PLC0415
+  from next_jax.models import toy  # noqa: PLC0415
 
   d = tmp_path_factory.mktemp("charmodel") / "model"
   cfg = policy.ModelConfig(vocab_size=17, hidden_size=32, intermediate_size=64, num_layers=1, num_heads=2,
@@ -222,7 +222,7 @@ def first_char_reward():
   answer's first character, else 0. With exact match the random toy model never scores, so its advantages,
   its LoRA's motion, every Δ, drift measure and agreement of a quick experiment are exactly 0, and checks
   on them hold whatever the code computes; this reward gives it ~5% accuracy and real gradients."""
-  from next_jax import rewards
+  from next_jax.rl import rewards
 
   def first_char(response: str, answer: str) -> float:
     return float(response[:1] == str(answer)[:1])
@@ -246,7 +246,7 @@ def frozen_heap():
 @pytest.fixture(scope="session")
 def chat_model_dir(tmp_path_factory):
   """A tiny random Llama with the byte-level BPE chat tokenizer: stands in for SmolLM2 in quick runs."""
-  from next_jax import toy  # noqa: PLC0415
+  from next_jax.models import toy  # noqa: PLC0415
 
   d = tmp_path_factory.mktemp("chatmodel") / "model"
   cfg = policy.ModelConfig(vocab_size=512, hidden_size=32, intermediate_size=64, num_layers=1, num_heads=2,

@@ -16,9 +16,10 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [ROOT]
 
-from next_jax import checkpoint, experiment
-from next_jax import state_machine as sm
 from next_jax.configs import toy_arith
+from next_jax.core import checkpoint
+from next_jax.run import experiment
+from next_jax.run import state_machine as sm
 
 
 def die():

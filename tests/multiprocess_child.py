@@ -79,7 +79,7 @@ def record_writes(root: str, written: list) -> None:
 
 def main(pid: int, port: str, out: str, workdir: str) -> None:
   jax.config.update("jax_cpu_collectives_implementation", "gloo")
-  from next_jax import sharding  # noqa: PLC0415
+  from next_jax.core import sharding  # noqa: PLC0415
   sharding.initialize_distributed(f"localhost:{port}", 2, pid)
   import dataclasses  # noqa: PLC0415
 
@@ -87,10 +87,11 @@ def main(pid: int, port: str, out: str, workdir: str) -> None:
   from jax.experimental import multihost_utils  # noqa: PLC0415
   from tiny_rl import PROBLEMS, fresh_state, init_model, make_setup, run  # noqa: PLC0415
 
-  from next_jax import experiment, trainer  # noqa: PLC0415
-  from next_jax.checkpoint import Checkpointer  # noqa: PLC0415
-  from next_jax.metrics import MetricWriter  # noqa: PLC0415
-  from next_jax.workdir import prepare, write_results  # noqa: PLC0415
+  from next_jax.core.checkpoint import Checkpointer  # noqa: PLC0415
+  from next_jax.core.metrics import MetricWriter  # noqa: PLC0415
+  from next_jax.rl import trainer  # noqa: PLC0415
+  from next_jax.run import experiment  # noqa: PLC0415
+  from next_jax.run.workdir import prepare, write_results  # noqa: PLC0415
 
   def host(tree):
     """Every leaf's global value as nested lists (host-local, replicated or split over processes)."""

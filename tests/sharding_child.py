@@ -12,8 +12,11 @@ import numpy as np
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
-from next_jax import grpo, policy, rank1, sampler, sharding, trainer  # noqa: E402
-from next_jax.checkpoint import Checkpointer  # noqa: E402
+from next_jax.core import sharding  # noqa: E402
+from next_jax.core.checkpoint import Checkpointer  # noqa: E402
+from next_jax.models import policy, sampler  # noqa: E402
+from next_jax.nxt import rank1  # noqa: E402
+from next_jax.rl import grpo, trainer  # noqa: E402
 
 CFG = policy.ModelConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
                          num_kv_heads=2, rope_theta=10_000.0, tie_embeddings=False, dtype="float32")

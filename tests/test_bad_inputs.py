@@ -22,13 +22,19 @@ import ml_collections
 import numpy as np
 import pytest
 
-from next_jax import experiment, hf, peft_io, policy, tasks, toy, workdir
-from next_jax.checkpoint import Checkpointer, CheckpointWriteError, CorruptCheckpoint
-from next_jax.metrics import MetricWriter
+from next_jax.core.checkpoint import (
+  Checkpointer,
+  CheckpointWriteError,
+  CorruptCheckpoint,
+)
+from next_jax.core.metrics import MetricWriter
+from next_jax.models import hf, peft_io, policy, toy
+from next_jax.rl import tasks
+from next_jax.run import experiment, workdir
 
 ROOT = Path(__file__).resolve().parents[1]
-from next_jax import config as common
 from next_jax.configs import toy_arith
+from next_jax.core import config as common
 
 BAD_VALUES = (None, "x", -1, 0, 10**12, [], True, float("nan"), -0.5)
 

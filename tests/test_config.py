@@ -9,9 +9,12 @@ import re
 import ml_collections
 import pytest
 
-from next_jax import config, experiment, grpo, policy, trainer
-from next_jax.predictor import PredictorConfig
-from next_jax.state_machine import NExtConfig
+from next_jax.core import config
+from next_jax.models import policy
+from next_jax.nxt.extrapolate import NExtConfig
+from next_jax.nxt.predictor import PredictorConfig
+from next_jax.rl import grpo, trainer
+from next_jax.run import experiment
 
 # dataclass → (schema section, {dataclass field: schema field} where the names differ). The schema writes
 # "off" as 0 where the dataclass writes None (clip_c, loss_scale_factor, micro_batch_size, horizon, grad_clip).

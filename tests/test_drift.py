@@ -1,4 +1,4 @@
-"""next_jax.drift: Γ-based drift measures equal their dense definitions, and read 1 / 0.5 / 0 where a straight
+"""next_jax.nxt.drift: Γ-based drift measures equal their dense definitions, and read 1 / 0.5 / 0 where a straight
 drift, a random walk and a reversal say they must."""
 
 from __future__ import annotations
@@ -7,8 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from next_jax import drift
-from next_jax.trajectory import Trajectory
+from next_jax.nxt import drift
+from next_jax.nxt.trajectory import Trajectory, delta_gram
 
 
 def dense_traj(ws):
@@ -25,13 +25,13 @@ def random_lora(seed, k=7, layers=2, r=3, m=6, n=5):
 def test_lora_gram_equals_the_dense_gram_of_merged_snapshots():
   mod = random_lora(0)
   dense = {"kernel": 2.0 * jnp.einsum("klri,klor->klio", mod["a"], mod["b"])}
-  np.testing.assert_allclose(drift.delta_gram(mod, 2.0, lora=True), drift.delta_gram(dense, 1.0, lora=False), rtol=1e-4, atol=1e-3)
+  np.testing.assert_allclose(delta_gram(mod, 2.0, lora=True), delta_gram(dense, 1.0, lora=False), rtol=1e-4, atol=1e-3)
 
 
 def test_gram_by_hand():
   ws = np.random.default_rng(1).normal(size=(4, 3, 2))
   d = (ws - ws[0]).reshape(4, -1)
-  np.testing.assert_allclose(drift.delta_gram(dense_traj(ws), 1.0, lora=False)[0], d @ d.T, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(delta_gram(dense_traj(ws), 1.0, lora=False)[0], d @ d.T, rtol=1e-5, atol=1e-5)
 
 
 def test_a_straight_drift_scores_one_everywhere():
@@ -55,7 +55,7 @@ def test_a_random_walk_has_uncorrelated_increments_and_sqrt_growth():
 def test_a_reversal_has_negative_increment_cosine():
   d = np.ones((2, 2))
   ws = np.array([0.0, 1, 2, 1, 0])[:, None, None] * d
-  gram = drift.delta_gram(dense_traj(ws), 1.0, lora=False)
+  gram = delta_gram(dense_traj(ws), 1.0, lora=False)
   assert float(drift.increment_cos(gram, 4, 2, 0)[0]) == pytest.approx(-1.0, abs=1e-6)
 
 
@@ -67,7 +67,7 @@ def test_linear_fit_scores_by_hand():
   pred = slope * steps[4:] + icpt
   r2 = 1 - ((pred - y[4:]) ** 2).sum() / ((y[4:] - y[4:].mean()) ** 2).sum()
   skill = 1 - ((pred - y[4:]) ** 2).sum() / ((y[3] - y[4:]) ** 2).sum()
-  gram = drift.delta_gram(dense_traj(y[:, None, None]), 1.0, lora=False)
+  gram = delta_gram(dense_traj(y[:, None, None]), 1.0, lora=False)
   got_r2, got_skill = drift.linear_fit_scores(gram, steps, 2)
   assert float(got_r2[0]) == pytest.approx(r2, rel=1e-4)
   assert float(got_skill[0]) == pytest.approx(skill, rel=1e-4)

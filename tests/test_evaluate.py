@@ -10,8 +10,9 @@ import sys
 import numpy as np
 import pytest
 
-from next_jax import policy, rewards, tasks, toy
 from next_jax.cli import evaluate
+from next_jax.models import policy, toy
+from next_jax.rl import rewards, tasks
 
 BENCHES = ("gsm8k", "amc23")
 
@@ -124,8 +125,7 @@ def test_paper_preset_evaluates_on_the_papers_benchmarks(size, names):
 
 def test_an_unknown_benchmark_in_a_config_is_one_error():
   from next_jax.configs import toy_arith  # noqa: PLC0415
-
-  from next_jax import experiment  # noqa: PLC0415
+  from next_jax.run import experiment  # noqa: PLC0415
 
   c = toy_arith.get_config()
   c.eval.benchmarks = ("aime24", "aime26")

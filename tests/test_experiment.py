@@ -11,15 +11,16 @@ import numpy as np
 import pytest
 from figures import assert_png_of, lines, recorded_figures
 
-from next_jax import experiment, policy, workdir
-from next_jax.checkpoint import Checkpointer
+from next_jax.core.checkpoint import Checkpointer
+from next_jax.models import policy
+from next_jax.run import experiment, workdir
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-from next_jax import config as common
 from next_jax.configs import (
   qwen25_paper,
   toy_arith,
 )
+from next_jax.core import config as common
 
 
 def test_arg_selects_variants_with_types_from_the_defaults():

@@ -1,4 +1,4 @@
-"""next_jax.extrapolate: the baselines on hand-computed trajectories (dense and LoRA give the same jump),
+"""next_jax.nxt.extrapolate: the baselines on hand-computed trajectories (dense and LoRA give the same jump),
 `delta_agreement` by hand, the Δ orientation, and NExt's premise: on a nonlinear (rotating) rank-1 trajectory
 the trained predictor beats every linear extrapolation of the same snapshots."""
 
@@ -11,10 +11,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from next_jax import extrapolate as ex
-from next_jax import policy, rank1
-from next_jax import predictor as pred_lib
-from next_jax.trajectory import Trajectory
+from next_jax.models import policy
+from next_jax.nxt import extrapolate as ex
+from next_jax.nxt import predictor as pred_lib
+from next_jax.nxt import rank1
+from next_jax.nxt.trajectory import Trajectory
 
 # A predictor config that trains in well under a second; test_predictor.py uses the same config and the same
 # row shapes ([5, 4, 1] and [5, 8, 16]), so the ~10 s compile of `train_predictor` happens once per session.
@@ -406,8 +407,8 @@ def test_qwen25_15b_shape_groups_are_the_official_codes_seven_predictors():
   """Abstractly (jax.eval_shape, no weights): the group keys and row counts of a Qwen2.5-1.5B r-64 LoRA
   trajectory, in LoRA mode and in faithful mode (the official table: "1536;1", "256;1", "8960;1",
   "1;1536", "1;8960", "151936;1", "1;1")."""
-  from next_jax import trained  # noqa: PLC0415
-  from next_jax.trajectory import untrained_leaves  # noqa: PLC0415
+  from next_jax.nxt.trajectory import untrained_leaves  # noqa: PLC0415
+  from next_jax.rl import trained  # noqa: PLC0415
 
   cfg, lcfg = policy.QWEN25["1.5B"], policy.LoraConfig(rank=64, alpha=32.0)
   lora = jax.eval_shape(lambda: policy.init_lora(cfg, lcfg, jax.random.key(0)))  # {module: {"a", "b"}}

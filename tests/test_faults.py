@@ -10,14 +10,17 @@ import numpy as np
 import pytest
 from tiny_rl import CFG, fresh_state, low_token_reward, make_setup
 
-from next_jax import driver, experiment, hf, policy, trainer
-from next_jax import state_machine as sm
-from next_jax.checkpoint import Checkpointer
 from next_jax.configs import toy_arith
+from next_jax.core.checkpoint import Checkpointer
+from next_jax.models import hf, policy
+from next_jax.nxt.extrapolate import NExtConfig
+from next_jax.rl import trainer
+from next_jax.run import driver, experiment
+from next_jax.run import state_machine as sm
 
-PLAIN = sm.NExtConfig(method="none", extrapolate_at=2, interval=2, total_steps=5)  # RL only
+PLAIN = NExtConfig(method="none", extrapolate_at=2, interval=2, total_steps=5)  # RL only
 LONG = dataclasses.replace(PLAIN, total_steps=8)
-JUMP = sm.NExtConfig(method="rl_extra", extrapolate_at=4, interval=2, k=1, total_steps=6)
+JUMP = NExtConfig(method="rl_extra", extrapolate_at=4, interval=2, k=1, total_steps=6)
 PER_STEP = 4 * 8  # reward calls per RL step (prompts_per_step × group_size of make_setup)
 
 

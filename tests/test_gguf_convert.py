@@ -14,8 +14,8 @@ import pytest
 
 gguf = pytest.importorskip("gguf")  # the `real` extra; `make test` installs it
 
-from next_jax import gguf_convert, hf, model_files, policy, toy
 from next_jax.cli import convert as convert_model
+from next_jax.models import gguf_convert, hf, model_files, policy, toy
 
 Q = gguf.GGMLQuantizationType
 CYCLE = (Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1)

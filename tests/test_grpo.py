@@ -8,7 +8,8 @@ import numpy as np
 import optax
 import pytest
 
-from next_jax import grpo, policy
+from next_jax.models import policy
+from next_jax.rl import grpo
 
 
 def close(a, b, tol=1e-5):

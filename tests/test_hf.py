@@ -1,4 +1,4 @@
-"""next_jax.hf: HF directory round trips, PEFT adapters against the real `peft`, loader errors, tokenizer."""
+"""next_jax.models.hf: HF directory round trips, PEFT adapters against the real `peft`, loader errors, tokenizer."""
 
 import json
 import re
@@ -14,7 +14,8 @@ import safetensors.torch
 import torch
 from conftest import MAIN, load_torch_model, torch_logits
 
-from next_jax import hf, outdir, peft_io, policy, toy
+from next_jax.core import outdir
+from next_jax.models import hf, peft_io, policy, toy
 
 EXPORT_ATOL = 1e-4
 HEADER_TOO_LONG = r"model\.safetensors: header length \d+ exceeds the file size"

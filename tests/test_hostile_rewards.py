@@ -12,7 +12,7 @@ import pytest
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
-from next_jax import rewards
+from next_jax.rl import rewards
 
 LIMIT_S = 0.5  # math_reward's budget in these tests (its default is MATH_TIMEOUT_S = 2 s)
 SLACK_S = 1.0  # signal delivery + a loaded shared machine
@@ -23,7 +23,7 @@ GOLDS = {"math": ["1", "\\frac{1}{2}", "x^2+2x+1", "2^{10}", "\\sqrt{2}"],
          "countdown": [json.dumps({"target": 24, "numbers": [3, 8, 1]}),
                        json.dumps({"target": 10, "numbers": [2, 5, 7], "use_all": True})]}
 try:  # reasoning-gym's verifiers (registered when rg_tasks is imported): golds are our locators
-  from next_jax import rg_tasks, tasks
+  from next_jax.rl import rg_tasks, tasks
   _RG = [p.answer for name in ("rg:basic_arithmetic", "rg:countdown") for p in tasks.make_task(name, 2, 0, "test")]
   GOLDS.update({v: _RG for v in rg_tasks.EXTRACTORS})
 except ImportError:  # the test extra installs reasoning-gym; without it these verifiers are not registered

@@ -16,7 +16,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from next_jax import policy, toy
+from next_jax.models import policy, toy
 
 ROOT = Path(__file__).resolve().parents[1]
 SEED = int(os.environ.get("KILL_SEED", random.randrange(10**6)))  # rerun a failure with KILL_SEED=<seed>

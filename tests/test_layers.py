@@ -1,6 +1,6 @@
-"""The package's layers (docs/design.md, "Module map"): a module imports only from its own layer or the ones
-below, lazy imports inside functions included, and nothing in next_jax imports experiments/ or tests/.
-A new module must be placed in a layer here."""
+"""The package's layers are its folders (docs/design.md, "Module map"): a module imports only from its own
+folder or the ones below, lazy imports inside functions included, and nothing in next_jax imports
+experiments/ or tests/. A new folder or top-level module must be placed in LAYERS."""
 
 from __future__ import annotations
 
@@ -8,19 +8,13 @@ import ast
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "next_jax"
-LAYERS = (  # lowest first
-    ("core", {"config", "registry", "sharding", "metrics", "checkpoint"}),
-    ("models and files", {"policy", "hf", "outdir", "peft_io", "gguf_convert", "model_files", "toy", "sampler"}),
-    ("RL", {"trained", "grpo", "trainer", "rewards", "chat_tasks", "tasks", "rg_tasks"}),
-    ("NExt", {"rank1", "trajectory", "drift", "predictor", "extrapolate", "runs", "plots"}),
-    ("orchestration", {"state_machine", "driver", "experiment", "workdir", "memory", "posthoc", "toy_base"}),
-    ("entry points", {"cli", "configs"}),
-)
+LAYERS = (("core",), ("models",), ("rl",), ("nxt",), ("run",), ("cli", "configs"))  # lowest first
+FOLDERS = {f for layer in LAYERS for f in layer}
 
 
 def _layer(module: str) -> int:
-  top = module.split(".")[0]
-  return next(i for i, (_, names) in enumerate(LAYERS) if top in names)
+  """The layer of a module named relative to the package ("rl.trainer" → 2; "rl" → 2)."""
+  return next(i for i, folders in enumerate(LAYERS) if module.split(".")[0] in folders)
 
 
 def _modules() -> dict[str, Path]:
@@ -38,7 +32,8 @@ def _imports(path: Path) -> set[str]:
   for node in ast.walk(ast.parse(path.read_text())):
     names = []
     if isinstance(node, ast.ImportFrom) and node.module:
-      names = [f"{node.module}.{a.name}" if node.module == "next_jax" else node.module for a in node.names]
+      package = node.module == "next_jax" or node.module.removeprefix("next_jax.") in FOLDERS
+      names = [f"{node.module}.{a.name}" if package else node.module for a in node.names]
     elif isinstance(node, ast.Import):
       names = [a.name for a in node.names]
     for n in names:
@@ -49,9 +44,9 @@ def _imports(path: Path) -> set[str]:
   return found
 
 
-def test_every_module_has_a_layer():
-  unplaced = sorted(m for m in _modules() if not any(m.split(".")[0] in names for _, names in LAYERS))
-  assert not unplaced, f"place these modules in a layer in tests/test_layers.py: {unplaced}"
+def test_every_module_is_in_a_layer_folder():
+  unplaced = sorted(m for m in _modules() if m.split(".")[0] not in FOLDERS)
+  assert not unplaced, f"put these modules in a layer folder (tests/test_layers.py LAYERS): {unplaced}"
 
 
 def test_no_module_imports_a_higher_layer_or_the_experiments():
@@ -61,13 +56,13 @@ def test_no_module_imports_a_higher_layer_or_the_experiments():
       if dep.split(".")[0] in ("experiments", "tests"):
         bad.append(f"{module} imports {dep}")
       elif _layer(dep) > _layer(module):
-        bad.append(f"{module} ({LAYERS[_layer(module)][0]}) imports {dep} ({LAYERS[_layer(dep)][0]})")
+        bad.append(f"{module} (layer {_layer(module)}) imports {dep} (layer {_layer(dep)})")
   assert not bad, bad
 
 
 def test_the_check_sees_an_upward_import(tmp_path):
   """The checker itself: a lower-layer file importing a higher layer is found (lazily, inside a function)."""
   f = tmp_path / "m.py"
-  f.write_text("def f():\n  from next_jax import experiment\n  import experiments.demo\n")
+  f.write_text("def f():\n  from next_jax.run import experiment\n  import experiments.demo\n")
   deps = _imports(f)
-  assert deps == {"experiment", "experiments.demo"} and _layer("experiment") > _layer("policy")
+  assert deps == {"run.experiment", "experiments.demo"} and _layer("run.experiment") > _layer("models.policy")

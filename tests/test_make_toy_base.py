@@ -1,4 +1,4 @@
-"""next_jax/toy_base.py on a tiny build (30 steps): the HF directory it writes, its character-level
+"""next_jax/run/toy_base.py on a tiny build (30 steps): the HF directory it writes, its character-level
 tokenizer through AutoTokenizer, caching, determinism from the seed, and loading through hf.load_model."""
 
 from __future__ import annotations
@@ -7,9 +7,10 @@ import json
 
 import pytest
 
-from next_jax import hf, tasks, toy
-from next_jax import toy_base as mtb
-from next_jax.policy import count_params
+from next_jax.models import hf, toy
+from next_jax.models.policy import count_params
+from next_jax.rl import tasks
+from next_jax.run import toy_base as mtb
 
 TINY = dict(seed=0, steps=30, n_train=512, n_test=64, show_progress=False)
 

@@ -1,4 +1,4 @@
-"""next_jax.memory and experiments/memory_plan.py: per-device bytes of the paper presets against hand counts,
+"""next_jax.run.memory and experiments/memory_plan.py: per-device bytes of the paper presets against hand counts,
 the activation estimate against XLA's own buffer assignment, and the command line."""
 
 import dataclasses
@@ -10,7 +10,9 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from next_jax import grpo, memory, policy, trainer
+from next_jax.models import policy
+from next_jax.rl import grpo, trainer
+from next_jax.run import memory
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MESH = {"data": 1, "fsdp": 8, "tensor": 4}

@@ -30,7 +30,7 @@ def one_process_reference(steps: int) -> dict:
   import jax  # noqa: PLC0415
   from tiny_rl import PROBLEMS, fresh_state, init_model, make_setup, run  # noqa: PLC0415
 
-  from next_jax import trainer  # noqa: PLC0415
+  from next_jax.rl import trainer  # noqa: PLC0415
 
   params, lora = init_model()
   log = {"encoded": [], "verified": 0}

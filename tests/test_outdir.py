@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from next_jax import outdir
+from next_jax.core import outdir
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -122,7 +122,7 @@ def test_a_kill_between_the_renames_is_repaired_by_the_next_run(tmp_path):
   _child(f"""
       import os, signal
       from pathlib import Path
-      from next_jax import outdir
+      from next_jax.core import outdir
       real = os.rename
       def rename(a, b):
         real(a, b)
@@ -140,7 +140,7 @@ def test_a_kill_while_writing_leaves_no_lock_that_blocks_and_the_temp_dir_is_rem
   _child(f"""
       import os, signal
       from pathlib import Path
-      from next_jax import outdir
+      from next_jax.core import outdir
       def write(tmp):
         (tmp / "half.bin").write_bytes(b"0" * 1000)
         os.kill(os.getpid(), signal.SIGKILL)

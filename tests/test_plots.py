@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from next_jax import plots
-from next_jax.trajectory import Trajectory
+from next_jax.nxt import plots
+from next_jax.nxt.trajectory import Trajectory
 
 K, L, R, N_IN, N_OUT = 4, 2, 3, 6, 5
 

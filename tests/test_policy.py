@@ -1,4 +1,4 @@
-"""next_jax.policy: parity with transformers' PyTorch Qwen2/Llama, KV cache, LoRA, paper-scale shapes."""
+"""next_jax.models.policy: parity with transformers' PyTorch Qwen2/Llama, KV cache, LoRA, paper-scale shapes."""
 
 import dataclasses
 import math
@@ -7,9 +7,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 from conftest import HF_SPECS, MAIN, torch_logits
-from next_jax import hf, policy
+
+from next_jax.models import hf, policy
 
 PARITY_ATOL = 1e-4  # fp32, std-0.2 weights: logits are O(1)-O(6), observed max error ~1e-5
 # Two fp32 evaluation orders of one function (x·W + s·(x·Aᵀ)·Bᵀ vs x·(W + s·(B·A)ᵀ), or a row with and

@@ -18,9 +18,12 @@ import numpy as np
 import pytest
 from conftest import load_torch_model, torch_logits
 
-from next_jax import drift, extrapolate, hf, outdir, peft_io, policy, runs, toy, trained
 from next_jax.cli import posthoc as cli
-from next_jax.rank1 import Triplet, delta_pairs
+from next_jax.core import outdir
+from next_jax.models import hf, peft_io, policy, toy
+from next_jax.nxt import drift, extrapolate, runs
+from next_jax.nxt.rank1 import Triplet, delta_pairs
+from next_jax.rl import trained
 
 K = 2  # NExt's k in snapshots; TRL saves every 2 steps for 12 steps → 6 checkpoints + the base
 HF_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]

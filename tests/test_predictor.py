@@ -1,4 +1,4 @@
-"""next_jax.predictor: MatrixPredict's shapes, PyTorch-default init, layer order against a numpy forward, the
+"""next_jax.nxt.predictor: MatrixPredict's shapes, PyTorch-default init, layer order against a numpy forward, the
 official L1 loss by hand, the optimiser schedule, training (loss falls, deterministic), the ablation switch,
 rows ↔ triplets, and the paper's default config."""
 
@@ -13,8 +13,8 @@ import numpy as np
 import optax
 import pytest
 
-from next_jax import predictor as pred_lib
-from next_jax.rank1 import Triplet
+from next_jax.nxt import predictor as pred_lib
+from next_jax.nxt.rank1 import Triplet
 
 # Same config and row shapes as test_extrapolate.py's NExt test ([S=5, R=8, 16] and [5, 4, 1]): the ~10 s
 # compile of `train_predictor` per (shape, config) is shared by the session.

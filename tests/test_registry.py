@@ -2,7 +2,7 @@
 the post-hoc back-test and the reports pick it up with no other change, and a knob it declares is set from
 config.nxt.knobs. Likewise an advantage estimator is one function and one `grpo.register_estimator` line,
 and a task with a knob is one spec dataclass, one sampler and one `tasks.TASKS.register` line (its knob set
-from config.task.knobs). Every registry is a `next_jax.registry.Registry`."""
+from config.task.knobs). Every registry is a `next_jax.core.registry.Registry`."""
 
 import dataclasses
 
@@ -12,13 +12,15 @@ import numpy as np
 import pytest
 from tiny_rl import LCFG, fresh_state, make_setup, run
 
-from next_jax.configs import toy_arith
 from experiments import report
-from next_jax import driver, experiment, grpo, posthoc, tasks
-from next_jax import extrapolate as ex
-from next_jax import state_machine as sm
-from next_jax.predictor import PredictorConfig
-from next_jax.trajectory import Trajectory
+from next_jax.configs import toy_arith
+from next_jax.nxt import extrapolate as ex
+from next_jax.nxt import posthoc
+from next_jax.nxt.predictor import PredictorConfig
+from next_jax.nxt.trajectory import Trajectory
+from next_jax.rl import grpo, tasks
+from next_jax.run import driver, experiment
+from next_jax.run import state_machine as sm
 
 
 def half_step(traj: Trajectory, t_target: float) -> dict:
@@ -36,7 +38,7 @@ def fifth(monkeypatch):
 def test_a_registered_method_jumps_through_the_state_machine(model, fifth):
   params, lora = model
   setup = make_setup()
-  ncfg = sm.NExtConfig(method=fifth, extrapolate_at=4, interval=2, k=1, total_steps=6)
+  ncfg = ex.NExtConfig(method=fifth, extrapolate_at=4, interval=2, k=1, total_steps=6)
   state = sm.init(setup, ncfg, params, fresh_state(lora))
   state = driver.advance(setup, ncfg, state, None)
   assert int(state.phase) == sm.EXTRAPOLATE and int(state.rl.step) == 4
@@ -119,7 +121,9 @@ def test_a_task_with_a_knob_is_one_registration_and_its_knob_a_config_field(monk
 
 
 def test_every_registry_names_its_kind_for_an_unknown_name():
-  from next_jax import model_files, registry, rewards  # noqa: PLC0415
+  from next_jax.core import registry  # noqa: PLC0415
+  from next_jax.models import model_files  # noqa: PLC0415
+  from next_jax.rl import rewards  # noqa: PLC0415
   for reg, kind in ((ex.METHODS, "extrapolation method"), (grpo.ESTIMATORS, "advantage estimator"),
                     (rewards.REWARDS, "reward"), (tasks.TASKS, "task"), (model_files.CONVERTERS, "model-file format")):
     assert isinstance(reg, registry.Registry)
@@ -130,10 +134,10 @@ def test_every_registry_names_its_kind_for_an_unknown_name():
 
 
 def test_the_config_accepts_exactly_the_registered_names(fifth):
-  assert sm.NExtConfig(method=fifth).method == fifth
+  assert ex.NExtConfig(method=fifth).method == fifth
   with pytest.raises(ValueError, match="choose from"):
-    sm.NExtConfig(method="halve")
-  assert dataclasses.replace(sm.NExtConfig(), method="none").method == "none"
+    ex.NExtConfig(method="halve")
+  assert dataclasses.replace(ex.NExtConfig(), method="none").method == "none"
 
 
 # ------------------------------------------------------------------------------------ advantage estimators

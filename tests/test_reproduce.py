@@ -15,7 +15,7 @@ import pytest
 from figures import assert_png_of, errorbars, lines, recorded_figures
 
 from experiments import report, reproduce
-from next_jax import driver, experiment
+from next_jax.run import driver, experiment
 
 FIGURES = {}  # file name → (Figure, dpi) of the quick run's plots
 

@@ -11,9 +11,15 @@ import time
 import numpy as np
 import pytest
 
-from next_jax import rewards
-from next_jax.rewards import (ExprError, countdown_reward, eval_expression, exact_reward, extract_answer,
-                              math_reward)
+from next_jax.rl import rewards
+from next_jax.rl.rewards import (
+  ExprError,
+  countdown_reward,
+  eval_expression,
+  exact_reward,
+  extract_answer,
+  math_reward,
+)
 
 LIMIT_S = 1.0
 SLACK_S = 1.0  # signal delivery + a loaded shared machine (as in test_hostile_rewards)
@@ -290,7 +296,7 @@ def test_last_number_reward_scans_only_the_tail_of_huge_responses():
 
 
 def test_registry_and_score_batch():
-  # next_jax.rg_tasks (imported by next_jax.tasks) registers its two verifiers
+  # next_jax.rl.rg_tasks (imported by next_jax.rl.tasks) registers its two verifiers
   assert set(rewards.REWARDS) - {"rg", "rg_number"} == {"math", "exact", "last_number", "countdown"}
   assert rewards.get_reward("exact") is exact_reward
   with pytest.raises(ValueError, match="known: \\['countdown', 'exact', 'last_number', 'math'"):
@@ -311,7 +317,7 @@ TRICKY = ("math500:1", "math500:243", "math500:460", "minerva:73", "olympiadbenc
 
 
 def _benchmark_or_skip(name):
-  from next_jax import tasks  # noqa: PLC0415
+  from next_jax.rl import tasks  # noqa: PLC0415
 
   try:
     tasks.math_eval_dir()

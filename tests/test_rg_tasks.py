@@ -1,4 +1,4 @@
-"""next_jax/rg_tasks.py: reasoning-gym datasets as tasks `rg:<dataset>`: reward = 1[score_answer = 1] on the
+"""next_jax/rl/rg_tasks.py: reasoning-gym datasets as tasks `rg:<dataset>`: reward = 1[score_answer = 1] on the
 extracted answer, knobs from the config reach the dataset, train and test disjoint by content."""
 
 import json
@@ -11,7 +11,9 @@ rg = pytest.importorskip("reasoning_gym")
 
 import ml_collections
 
-from next_jax import config, experiment, rewards, rg_tasks, tasks
+from next_jax.core import config
+from next_jax.rl import rewards, rg_tasks, tasks
+from next_jax.run import experiment
 
 EASY = {  # the knobs each checked task is built with
     "rg:basic_arithmetic": dict(min_terms=2, max_terms=2, max_digits=1, operators=("+", "-"),

@@ -1,4 +1,4 @@
-"""next_jax.sampler: KV-cache sampling against cache-free full forwards, stop masking, group tiling, logits
+"""next_jax.models.sampler: KV-cache sampling against cache-free full forwards, stop masking, group tiling, logits
 processing. Every `generate` call below shares one of four static signatures (MAX_NEW is under one decode
 segment, so each is a prefill and one decode program). Long responses: tests/test_sampler_length.py."""
 
@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from next_jax import policy, sampler
+from next_jax.models import policy, sampler
 
 PROMPTS = [[5, 17, 99, 3, 250, 42, 8, 61], [7, 7, 130, 2, 19], [201, 33]]  # left-padded to 8
 MAX_NEW = 6

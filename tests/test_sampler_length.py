@@ -1,4 +1,4 @@
-"""next_jax.sampler at long lengths: decode segments whose attention window grows in buckets and compaction of
+"""next_jax.models.sampler at long lengths: decode segments whose attention window grows in buckets and compaction of
 finished rows change no token. The reference is the same sampler with one segment over the whole cache and
 no compaction (`first_segment=0, compact=False`: today's single `while_loop`); tests/test_sampler.py checks
 that one against cache-free full forwards."""
@@ -13,9 +13,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 from conftest import MAIN
-from next_jax import policy, sampler
+
+from next_jax.models import policy, sampler
 
 PROMPTS = [[5, 17, 99, 3, 250, 42, 8, 61], [7, 7, 130, 2, 19], [201, 33]]  # left-padded to 8
 MAX_NEW = 8  # first_segment=2 → windows 8 + (2, 4, 8): three segments
@@ -135,7 +135,8 @@ def test_kv_cache_dtype_is_the_sampler_cache_dtype(main_model):
 _CHILD = """
 import json, sys
 import jax, jax.numpy as jnp, numpy as np
-from next_jax import hf, sampler, sharding
+from next_jax.models import hf, sampler
+from next_jax.core import sharding
 jax.config.update("jax_default_matmul_precision", "highest")
 cfg, params, _ = hf.load_model(sys.argv[1], tokenizer=False)
 tokens, mask = (jnp.asarray(x) for x in sampler.pad_prompts(json.loads(sys.argv[2]), pad_id=0, length=8))

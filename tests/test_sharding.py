@@ -1,4 +1,4 @@
-"""next_jax.sharding: meshes; data parallelism over 4 forced CPU devices (in a subprocess, since the device
+"""next_jax.core.sharding: meshes; data parallelism over 4 forced CPU devices (in a subprocess, since the device
 count is fixed when jax initialises); partition rules; abstract shardings of the paper presets; a tiny model
 sharded data=2 × fsdp=2 × tensor=2 on 8 forced CPU devices (in a subprocess: tests/sharding_child.py) giving
 the same logits, GRPO updates, sampled tokens and rank-1 triplets as one device; pmap padding helpers."""
@@ -17,7 +17,10 @@ from conftest import MAIN
 from jax.sharding import AbstractMesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from next_jax import experiment, memory, policy, sharding, trainer
+from next_jax.core import sharding
+from next_jax.models import policy
+from next_jax.rl import trainer
+from next_jax.run import experiment, memory
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZES = {"data": 2, "fsdp": 4, "tensor": 8}
@@ -31,7 +34,8 @@ _CHILD = r"""
 import json, sys
 import jax, numpy as np
 jax.config.update("jax_default_matmul_precision", "highest")
-from next_jax import hf, policy, sharding
+from next_jax.models import hf, policy
+from next_jax.core import sharding
 
 out = {"device_count": jax.device_count()}
 mesh = sharding.make_mesh()

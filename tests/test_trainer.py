@@ -10,11 +10,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from tiny_rl import PROBLEMS, SETUP_FLAGS, fresh_state, low_token_reward, make_setup, run
+from tiny_rl import (
+  PROBLEMS,
+  SETUP_FLAGS,
+  fresh_state,
+  low_token_reward,
+  make_setup,
+  run,
+)
 
-from next_jax import grpo, trainer
-from next_jax.checkpoint import Checkpointer
-from next_jax.metrics import MetricWriter
+from next_jax.core.checkpoint import Checkpointer
+from next_jax.core.metrics import MetricWriter
+from next_jax.rl import grpo, trainer
 
 
 def test_grpo_raises_a_learnable_reward(model):
@@ -132,7 +139,7 @@ def test_data_parallel_step_matches_one_device():
       sys.path.insert(0, os.path.join(os.getcwd(), "tests"))  # not "tests.": verl installs a package by that name
       import jax, numpy as np
       from tiny_rl import make_setup, fresh_state, init_model, run
-      from next_jax import sharding
+      from next_jax.core import sharding
       import dataclasses
       assert jax.device_count() == 4
       params, lora = init_model()

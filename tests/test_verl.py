@@ -14,7 +14,7 @@ import torch
 import verl
 from verl.trainer.ppo import core_algos
 
-from next_jax import grpo
+from next_jax.rl import grpo
 
 N, T, G = 8, 7, 4
 

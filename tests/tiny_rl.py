@@ -11,7 +11,8 @@ from __future__ import annotations
 import jax
 import numpy as np
 
-from next_jax import grpo, policy, trainer
+from next_jax.models import policy
+from next_jax.rl import grpo, trainer
 
 CFG = policy.ModelConfig(vocab_size=16, hidden_size=32, intermediate_size=64, num_layers=1, num_heads=2,
                          num_kv_heads=1)

@@ -32,7 +32,7 @@ import jax
 import numpy as np
 
 from experiments.bench import real_model
-from next_jax import sampler
+from next_jax.models import sampler
 
 RESULTS = Path(__file__).resolve().parents[1] / "results" / "bench_decode_length.md"
 SIDES = ("segmented", "one segment", "transformers")

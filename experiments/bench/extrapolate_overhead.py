@@ -26,10 +26,11 @@ import jax
 
 from experiments import reproduce as rp
 from experiments.bench.common import first_and_median, matmul_peak
-from next_jax import driver, experiment, extrapolate, rank1
-from next_jax import predictor as pred_lib
-from next_jax import state_machine as sm
-from next_jax.toy_base import build_toy_base
+from next_jax.nxt import extrapolate, rank1
+from next_jax.nxt import predictor as pred_lib
+from next_jax.run import driver, experiment
+from next_jax.run import state_machine as sm
+from next_jax.run.toy_base import build_toy_base
 
 
 def random_trajectory(state: sm.NExtState, key: jax.Array, scale: float = 0.02) -> sm.NExtState:

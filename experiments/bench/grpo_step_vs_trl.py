@@ -66,14 +66,15 @@ import jax
 import numpy as np
 
 from experiments.bench import real_model
-from next_jax import grpo, hf, toy, trainer
-from next_jax.policy import (
+from next_jax.models import hf, toy
+from next_jax.models.policy import (
   ALL_MODULES,
   LoraConfig,
   ModelConfig,
   count_params,
   init_lora,
 )
+from next_jax.rl import grpo, trainer
 
 PRESETS = {
     "toy": dict(vocab_size=512, hidden_size=128, intermediate_size=352, num_layers=4, num_heads=4,

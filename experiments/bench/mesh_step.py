@@ -20,7 +20,9 @@ import jax
 import numpy as np
 from absl import app, flags
 
-from next_jax import grpo, policy, sampler, sharding, trainer
+from next_jax.core import sharding
+from next_jax.models import policy, sampler
+from next_jax.rl import grpo, trainer
 
 flags.DEFINE_integer("devices", 2, "forced host devices")
 flags.DEFINE_string("meshes", "2x1x1,1x2x1,1x1x2", "comma-separated data×fsdp×tensor")

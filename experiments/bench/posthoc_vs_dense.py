@@ -46,7 +46,7 @@ HF = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj",
 def model_cfg(layers: int):
   import dataclasses  # noqa: PLC0415
 
-  from next_jax.policy import QWEN25  # noqa: PLC0415
+  from next_jax.models.policy import QWEN25  # noqa: PLC0415
   return dataclasses.replace(QWEN25["1.5B"], num_layers=layers)
 
 
@@ -65,8 +65,9 @@ def make_run(work: Path, layers: int, seed: int = 0) -> tuple[Path, Path]:
   """(base dir, run dir) under work/, written once and reused while the manifest matches."""
   import ml_dtypes  # noqa: PLC0415
 
-  from next_jax import hf, outdir, peft_io  # noqa: PLC0415
-  from next_jax.policy import LoraConfig  # noqa: PLC0415
+  from next_jax.core import outdir  # noqa: PLC0415
+  from next_jax.models import hf, peft_io  # noqa: PLC0415
+  from next_jax.models.policy import LoraConfig  # noqa: PLC0415
   base, run = work / "base", work / "run"
   manifest = {"layers": layers, "rank": RANK, "checkpoints": CHECKPOINTS, "seed": seed}
   if (work / "manifest.json").exists() and json.loads((work / "manifest.json").read_text()) == manifest:
@@ -151,7 +152,8 @@ def side_official(base: Path, run: Path, work: Path, merges: int, svds: int) -> 
 
 def exact_triplet(run: Path, m: str, i: int, j: int):
   """Our factored top triplet of layer 0's W_i − W_j from the adapters (snapshot 0 = the base)."""
-  from next_jax import hf, rank1  # noqa: PLC0415
+  from next_jax.models import hf  # noqa: PLC0415
+  from next_jax.nxt import rank1  # noqa: PLC0415
   pre = f"base_model.model.model.layers.0.{HF[m]}"
 
   def factors(s: int):

@@ -29,8 +29,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from next_jax import policy, rank1
-from next_jax.trajectory import Trajectory
+from next_jax.models import policy
+from next_jax.nxt import rank1
+from next_jax.nxt.trajectory import Trajectory
 
 SHAPES = {m: policy.QWEN25["1.5B"].module_shape(m) for m in policy.ALL_MODULES}  # (in, out)
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from next_jax import hf, model_files, tasks
+from next_jax.models import hf, model_files
+from next_jax.rl import tasks
 
 ROOT = Path(__file__).resolve().parents[2]
 DEFAULT = "smollm2-135m-instruct"

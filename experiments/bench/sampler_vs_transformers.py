@@ -42,8 +42,8 @@ import jax
 import numpy as np
 
 from experiments.bench import real_model
-from next_jax import hf, sampler, toy
-from next_jax.policy import ModelConfig, count_params
+from next_jax.models import hf, sampler, toy
+from next_jax.models.policy import ModelConfig, count_params
 
 # toy-rl: make_toy_base's "S" (char vocab of 17); toy: the demo / BPE-tokenizer toy (GQA, 512 tokens);
 # small: ~8× toy's compute per token.

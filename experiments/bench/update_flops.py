@@ -27,8 +27,9 @@ import numpy as np
 import optax
 
 from experiments.bench.common import first_and_median, matmul_peak
-from next_jax import grpo, hf, model_files, policy
-from next_jax.policy import ALL_MODULES, LoraConfig, ModelConfig
+from next_jax.models import hf, model_files, policy
+from next_jax.models.policy import ALL_MODULES, LoraConfig, ModelConfig
+from next_jax.rl import grpo
 
 RESULTS = Path(__file__).resolve().parents[1] / "results" / "bench_update_flops.md"
 

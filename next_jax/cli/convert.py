@@ -13,7 +13,7 @@ import argparse
 import sys
 import time
 
-from next_jax import hf, model_files
+from next_jax.models import hf, model_files
 
 
 def main(argv=None):

@@ -42,7 +42,8 @@ from typing import Any
 
 import numpy as np
 
-from next_jax import outdir, rewards, tasks
+from next_jax.core import outdir
+from next_jax.rl import rewards, tasks
 
 PROMPT_NOTE = "chat template + problem + '\\n' + instruction"
 
@@ -190,7 +191,7 @@ class Policy:
 
 def load_policy(model: str, adapter: str = "", dtype: str = "") -> Policy:
   """model_files.resolve(model) → hf.load_model; a PEFT adapter directory on top when given."""
-  from next_jax import hf, model_files, peft_io  # noqa: PLC0415
+  from next_jax.models import hf, model_files, peft_io  # noqa: PLC0415
 
   cfg, params, tok = hf.load_model(model_files.resolve(model), dtype=dtype or None)
   if not adapter:
@@ -205,7 +206,7 @@ def sample_rows(policy: Policy, problems: Sequence[tasks.Problem], settings: Eva
   with repeats, so every call has one shape), scored by each problem's verifier → rows, k per problem."""
   import jax  # noqa: PLC0415
 
-  from next_jax import sampler  # noqa: PLC0415
+  from next_jax.models import sampler  # noqa: PLC0415
 
   tok, k = policy.tokenizer, settings.samples
   part = list(problems) + [problems[-1]] * (settings.chunk - len(problems))
@@ -259,7 +260,7 @@ def evaluate_benchmark(policy: Policy, name: str, settings: EvalSettings, out: P
 def run(settings: EvalSettings, out: str | os.PathLike, data_dir=None, overwrite: bool = False,
         progress: bool = True) -> dict[str, dict]:
   """Evaluate on every benchmark of `settings` into OUT (module docstring) → {benchmark: summary}."""
-  from next_jax import metrics  # noqa: PLC0415
+  from next_jax.core import metrics  # noqa: PLC0415
 
   settings.check()
   sizes = {n: len(select(tasks.load_benchmark(n, data_dir), settings.limit, settings.subset_seed))
@@ -339,7 +340,7 @@ def main(argv) -> None:
   del argv
   from absl import flags  # noqa: PLC0415
 
-  from next_jax.hf import CheckpointError  # noqa: PLC0415
+  from next_jax.models.hf import CheckpointError  # noqa: PLC0415
 
   FLAGS = flags.FLAGS
   try:

@@ -7,7 +7,7 @@ extrapolation would pay on it, then write the jump for that stack.
     python -m next_jax.cli.posthoc --base BASE --checkpoints 'RUN/global_step_*/actor/huggingface' \\
         --out OUT --alphas 1.5 --backtest last                                     # merged / full-param
 
-Reads every checkpoint (next_jax.runs: safetensors only, the step from the directory name, rank, α,
+Reads every checkpoint (next_jax.nxt.runs: safetensors only, the step from the directory name, rank, α,
 targets and shapes checked against each other and the base), then writes, atomically, OUT/:
     report.md, results.json   E₁ over steps, the R² linearity analysis, the drift measures, the offline
                               back-test of NExt, RL-Extra, AlphaRL and RELEX, and one verdict per method
@@ -32,13 +32,16 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from next_jax import drift, outdir, peft_io, posthoc, runs, trained
-from next_jax import extrapolate as ex
-from next_jax.hf import CheckpointError
-from next_jax.metrics import progress
-from next_jax.policy import merge_lora
-from next_jax.predictor import PredictorConfig, group_order
-from next_jax.rank1 import SIGN_MODES
+from next_jax.core import outdir
+from next_jax.core.metrics import progress
+from next_jax.models import peft_io
+from next_jax.models.hf import CheckpointError
+from next_jax.models.policy import merge_lora
+from next_jax.nxt import drift, posthoc, runs
+from next_jax.nxt import extrapolate as ex
+from next_jax.nxt.predictor import PredictorConfig, group_order
+from next_jax.nxt.rank1 import SIGN_MODES
+from next_jax.rl import trained
 
 OFFICIAL_ALPHAS = "0.5,1.0,1.5,2.0,2.5,3.0,3.5,4.0"
 
@@ -267,7 +270,7 @@ def report(run: runs.CheckpointRun, res: dict, args, written: list[dict], argv: 
     lines += ["", "![R2](r2.png)", ""]
   else:
     lines += [f"Too few snapshots ({len(steps) - 1}) to fit a line on ≥ 2 and predict {h}.", ""]
-  lines += ["## Drift measures (next_jax.drift; medians over matrices)", "", "| measure | value |", "|---|---|"]
+  lines += ["## Drift measures (next_jax.nxt.drift; medians over matrices)", "", "| measure | value |", "|---|---|"]
   lines += [f"| {key} | {_f(v)} |" for key, v in res["drift"].items()]
   lines += ["", "increment_cos ≈ 1 and growth_exp ≈ 1 mean a straight drift (extrapolation can pay); ≈ 0 and "
             "≈ 0.5 a random walk.", ""]

@@ -7,7 +7,7 @@
 
 Installed as `next-jax-run`. --config takes a preset name (next_jax/configs/) or any config file.
 Every value is validated before any work starts; a bad value or an unknown key is one error naming it.
-The toy config builds its base model (next_jax/toy_base.py) when artifacts/toy_base is missing.
+The toy config builds its base model (next_jax/run/toy_base.py) when artifacts/toy_base is missing.
 """
 
 import json
@@ -55,10 +55,12 @@ def main(argv):
   del argv
   from absl import logging as absl_logging  # noqa: PLC0415
   absl_logging.set_verbosity(absl_logging.WARNING)  # orbax logs every save at INFO
-  from next_jax import experiment, extrapolate, hf  # noqa: PLC0415 (after flag parsing: fast --help)
-  from next_jax.checkpoint import CheckpointWriteError, CorruptCheckpoint  # noqa: PLC0415
-  from next_jax.driver import NumericalFault  # noqa: PLC0415
-  from next_jax.metrics import is_primary  # noqa: PLC0415
+  from next_jax.core.checkpoint import CheckpointWriteError, CorruptCheckpoint  # noqa: PLC0415
+  from next_jax.core.metrics import is_primary  # noqa: PLC0415
+  from next_jax.models import hf  # noqa: PLC0415 (after flag parsing: fast --help)
+  from next_jax.nxt import extrapolate  # noqa: PLC0415 (after flag parsing: fast --help)
+  from next_jax.run import experiment  # noqa: PLC0415 (after flag parsing: fast --help)
+  from next_jax.run.driver import NumericalFault  # noqa: PLC0415
 
   try:
     c = _CONFIG.value
@@ -70,7 +72,7 @@ def main(argv):
   except experiment.ConfigError as e:
     sys.exit(f"config error: {e}")
   if c.model.dir == "artifacts/toy_base":
-    from next_jax.toy_base import build_toy_base
+    from next_jax.run.toy_base import build_toy_base
     build_toy_base(c.model.dir)
   try:
     results = experiment.run(c)

@@ -14,7 +14,7 @@ bonus 0, clip 0.2 with dual-clip 3, no warmup, LoRA on all seven projections, RL
 adapter and optimiser state ("keep").
 """
 
-from next_jax import config as common
+from next_jax.core import config as common
 
 SIZES = ("1.5B", "3B", "7B", "14B")
 BENCHMARKS = {"1.5B": ("amc23", "minerva"), "3B": ("amc23", "minerva"),

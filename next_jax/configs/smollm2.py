@@ -23,7 +23,7 @@ paper's schedule: 150 steps, snapshot every 10, k = 5, α = 1.5, 100 more steps.
 
 import ml_collections
 
-from next_jax import config as common
+from next_jax.core import config as common
 
 TASKS = ("add", "compare", "extract", "countdown3")
 # reasoning-gym tasks (task=rg:<dataset>) at easy settings: the knobs a run starts from (config.task.knobs;
@@ -53,7 +53,7 @@ def get_config(arg=None):
   c = common.base()
   c.seed = a.seed
   c.workdir = f"runs/smollm2/{a.task.replace(':', '_')}_{a.algo}_{a.method}_s{a.seed}"
-  c.model.dir = "smollm2-135m-instruct"  # next_jax.model_files.PACKAGED: found in site-packages, converted once
+  c.model.dir = "smollm2-135m-instruct"  # next_jax.models.model_files.PACKAGED: found in site-packages, converted once
   c.model.dtype = "float32"
   c.model.lora_rank, c.model.lora_alpha = 16, 32.0
   c.task.name, c.task.raw_prompt = a.task, False

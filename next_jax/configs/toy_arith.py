@@ -1,4 +1,4 @@
-"""CPU default: NExt on the synthetic a+b*c task with the toy Qwen2 base model (next_jax/toy_base.py).
+"""CPU default: NExt on the synthetic a+b*c task with the toy Qwen2 base model (next_jax/run/toy_base.py).
 
     python -m next_jax.cli.run --config=toy_arith
     python -m next_jax.cli.run --config=toy_arith:algo=rloo,seed=1 --config.rl.lr=3e-3
@@ -7,7 +7,7 @@
 The paper's schedule (150 steps, snapshot every 10, k = 5, α = 1.5, then 100 more) at toy scale.
 """
 
-from next_jax import config as common
+from next_jax.core import config as common
 
 
 def get_config(arg=None):
@@ -15,7 +15,7 @@ def get_config(arg=None):
   c = common.base()
   c.seed = a.seed
   c.workdir = f"runs/toy_arith/{a.algo}_{a.method}_{a.trainable}_s{a.seed}"
-  c.model.dir = "artifacts/toy_base"  # built by `python -m next_jax.toy_base` if missing
+  c.model.dir = "artifacts/toy_base"  # built by `python -m next_jax.run.toy_base` if missing
   c.model.trainable = a.trainable
   c.model.lora_rank, c.model.lora_alpha = 8, 16.0
   c.task.name, c.task.raw_prompt = "arith", True
