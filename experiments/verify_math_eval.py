@@ -1,4 +1,4 @@
-"""Our math verifier on every row of the real math test sets (tasks.BENCHMARKS, ../shared/data/math_eval).
+"""Our math verifier on every row of the real math test sets (data.BENCHMARKS, ../shared/data/math_eval).
 
     python -m experiments.verify_math_eval                        # every benchmark, the table on stdout
     python -m experiments.verify_math_eval --benchmarks math500 --data-dir /my/math_eval
@@ -20,7 +20,7 @@ import argparse
 import re
 import time
 
-from next_jax.rl import rewards, tasks
+from next_jax.rl import data, rewards
 
 _DIGIT = re.compile(r"[0-9]")
 
@@ -39,7 +39,7 @@ def model_forms(gold: str) -> dict[str, str]:
   return forms
 
 
-def score_row(problem: tasks.Problem) -> tuple[dict[str, float], float]:
+def score_row(problem: data.Problem) -> tuple[dict[str, float], float]:
   """({form: reward}, slowest call in seconds) for one row."""
   scores, slowest = {}, 0.0
   for form, text in model_forms(problem.answer).items():
@@ -51,7 +51,7 @@ def score_row(problem: tasks.Problem) -> tuple[dict[str, float], float]:
 
 def check_benchmark(name: str, data_dir: str | None = None) -> dict:
   """Counts and exceptions of one benchmark: rows, self-consistent, failures per form, wrong scored 1."""
-  problems = tasks.load_benchmark(name, data_dir)
+  problems = data.load_benchmark(name, data_dir)
   out = {"name": name, "rows": len(problems), "consistent": 0, "fail": {}, "wrong_rows": 0, "wrong_1": [],
          "exceptions": [], "slowest": (0.0, "")}
   for p in problems:
@@ -91,8 +91,8 @@ def render(results: list[dict]) -> str:
 
 def main(argv=None) -> None:
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  ap.add_argument("--benchmarks", default=",".join(tasks.BENCHMARKS), help="comma-separated names")
-  ap.add_argument("--data-dir", default=None, help="the math-eval directory (default: tasks.math_eval_dir)")
+  ap.add_argument("--benchmarks", default=",".join(data.BENCHMARKS), help="comma-separated names")
+  ap.add_argument("--data-dir", default=None, help="the math-eval directory (default: data.math_eval_dir)")
   args = ap.parse_args(argv)
   t0 = time.time()
   results = [check_benchmark(n, args.data_dir) for n in args.benchmarks.split(",") if n]

@@ -29,7 +29,7 @@ from next_jax.core.checkpoint import (
 )
 from next_jax.core.metrics import MetricWriter
 from next_jax.models import hf, peft_io, policy, toy
-from next_jax.rl import tasks
+from next_jax.rl import data
 from next_jax.run import experiment, workdir
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -386,7 +386,7 @@ def test_loading_a_model_a_checkpoint_and_data_never_unpickles(model_dir, saved,
   hf.load_model(model_dir)
   d, state = saved
   Checkpointer(d).restore(state)
-  assert len(tasks.load_problems(data)) == 1
+  assert len(data.load_problems(data)) == 1
 
 
 def test_a_pickled_peft_adapter_is_refused_with_a_conversion_hint(tmp_path):
@@ -401,7 +401,7 @@ def test_a_pickled_peft_adapter_is_refused_with_a_conversion_hint(tmp_path):
 
 def test_entry_point_names_an_unknown_key_in_a_config_file(tmp_path):
   cfg = tmp_path / "typo.py"
-  cfg.write_text("from next_jax import config as common\n\n"
+  cfg.write_text("from next_jax.core import config as common\n\n"
                  "def get_config():\n  c = common.base()\n  c.rl.learnig_rate = 1e-3\n  return c\n")
   env = {**os.environ, "OPENBLAS_NUM_THREADS": "1"}
   out = subprocess.run([sys.executable, "-m", "next_jax.cli.run", f"--config={cfg}"], cwd=ROOT,
@@ -448,7 +448,7 @@ def test_a_bad_data_row_is_refused_naming_file_and_row(case, tmp_path):
            "inf": "line 2: the ground truth is 'inf', not a finite number", "empty": "line 2: the ground truth is empty",
            "not_parquet": "not a readable parquet file"}[case]
   with pytest.raises(ValueError, match=re.escape(f"{path}: ") + match):
-    tasks.load_problems(path)
+    data.load_problems(path)
 
 
 # --------------------------------------------------------------------------- one run per workdir, full disks

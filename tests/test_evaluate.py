@@ -12,7 +12,7 @@ import pytest
 
 from next_jax.cli import evaluate
 from next_jax.models import policy, toy
-from next_jax.rl import rewards, tasks
+from next_jax.rl import data, rewards
 
 BENCHES = ("gsm8k", "amc23")
 
@@ -20,7 +20,7 @@ BENCHES = ("gsm8k", "amc23")
 @pytest.fixture(scope="module")
 def data_dir():
   try:
-    return tasks.math_eval_dir()
+    return data.math_eval_dir()
   except FileNotFoundError as e:
     pytest.skip(f"the math-eval data directory is absent: {e}")
 
@@ -59,7 +59,7 @@ def test_rows_and_table_match_a_recomputation(chat_model_dir, data_dir, parity_r
   summaries = evaluate.run(s, tmp_path / "out", progress=False)
   table = (tmp_path / "out" / "table.md").read_text()
   for name in BENCHES:
-    chosen = evaluate.select(tasks.load_benchmark(name), 3, 1)
+    chosen = evaluate.select(data.load_benchmark(name), 3, 1)
     rows = _rows(tmp_path / "out" / f"{name}.jsonl")
     assert [(r["id"], r["sample"]) for r in rows] == [(p.id, j) for p in chosen for j in range(2)]
     for r, p in zip(rows, [p for p in chosen for _ in range(2)]):
@@ -119,7 +119,7 @@ def test_paper_preset_evaluates_on_the_papers_benchmarks(size, names):
   from next_jax.configs import qwen25_paper  # noqa: PLC0415
 
   c = qwen25_paper.get_config(f"size={size}")
-  assert tuple(c.eval.benchmarks) == names and set(names) <= set(tasks.BENCHMARKS)
+  assert tuple(c.eval.benchmarks) == names and set(names) <= set(data.BENCHMARKS)
   assert (c.eval.samples, c.eval.temperature, c.rollout.max_new_tokens) == (8, 1.0, 4096)
 
 

@@ -115,7 +115,7 @@ def test_entry_point_runs_quick_end_to_end(char_model_dir, tmp_path):
 def test_a_distributed_config_validates_without_starting_jax():
   """jax.distributed.initialize (in build) must come first: validate and workdir.check run no JAX work."""
   code = ("import jax._src.xla_bridge as xb; from next_jax.configs import toy_arith; "
-          "from next_jax import experiment, workdir; c = toy_arith.get_config('quick'); c.mesh.distributed = True; "
+          "from next_jax.run import experiment, workdir; c = toy_arith.get_config('quick'); c.mesh.distributed = True; "
           "c.workdir = '/nonexistent/run'; experiment.validate(c); workdir.check(c); "
           "print(xb.backends_are_initialized())")
   out = subprocess.run([sys.executable, "-c", code], check=False, cwd=ROOT, capture_output=True, text=True, timeout=300)

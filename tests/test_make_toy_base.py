@@ -9,7 +9,7 @@ import pytest
 
 from next_jax.models import hf, toy
 from next_jax.models.policy import count_params
-from next_jax.rl import tasks
+from next_jax.rl import data, tasks
 from next_jax.run import toy_base as mtb
 
 TINY = dict(seed=0, steps=30, n_train=512, n_test=64, show_progress=False)
@@ -49,7 +49,7 @@ def test_auto_tokenizer_one_token_per_char(built):
   assert tok.eos_token == "<|im_end|>" and tok.pad_token == "<|endoftext|>"
   assert tok.convert_ids_to_tokens([tok.eos_token_id, tok.pad_token_id]) == ["<|im_end|>", "<|endoftext|>"]
   problems = tasks.make_task("arith", 50, 3, split="test")
-  for text in [tasks.format_prompt(p, raw=True) for p in problems] + [p.answer for p in problems]:
+  for text in [data.format_prompt(p, raw=True) for p in problems] + [p.answer for p in problems]:
     ids = tok(text, add_special_tokens=False)["input_ids"]
     assert ids == [tok.convert_tokens_to_ids(c) for c in text] and len(ids) == len(text)
     assert tok.decode(ids) == text

@@ -317,13 +317,13 @@ TRICKY = ("math500:1", "math500:243", "math500:460", "minerva:73", "olympiadbenc
 
 
 def _benchmark_or_skip(name):
-  from next_jax.rl import tasks  # noqa: PLC0415
+  from next_jax.rl import data  # noqa: PLC0415
 
   try:
-    tasks.math_eval_dir()
+    data.math_eval_dir()
   except FileNotFoundError as e:
     pytest.skip(f"the math-eval data directory is absent: {e}")
-  return tasks.load_benchmark(name)
+  return data.load_benchmark(name)
 
 
 @pytest.mark.parametrize("name", ["aime24", "aime25", "amc23", "math500", "minerva", "olympiadbench", "gsm8k"])

@@ -12,7 +12,7 @@ rg = pytest.importorskip("reasoning_gym")
 import ml_collections
 
 from next_jax.core import config
-from next_jax.rl import rewards, rg_tasks, tasks
+from next_jax.rl import data, rewards, rg_tasks, tasks
 from next_jax.run import experiment
 
 EASY = {  # the knobs each checked task is built with
@@ -84,7 +84,7 @@ def test_train_and_test_are_disjoint_by_content():
   assert len({p.prompt for p in train}) == 300
   for test in tests:
     assert not {p.prompt for p in train} & {p.prompt for p in test}
-    assert all(tasks.split_of("rg:chain_sum", p.prompt) == "test" for p in test)
+    assert all(data.split_of("rg:chain_sum", p.prompt) == "test" for p in test)
   assert tasks.make_task("rg:chain_sum", 60, seed=1, split="test", **knobs) == tests[1]  # deterministic
 
 
@@ -116,7 +116,7 @@ def test_bad_knobs_and_names_are_config_errors():
 
 
 def test_reasoning_gym_is_imported_only_when_used():
-  code = ("import sys; from next_jax import tasks, rewards, config; "
+  code = ("import sys; from next_jax.rl import tasks; "
           "tasks.make_task('add', 3, seed=0); assert 'reasoning_gym' not in sys.modules; "
           "tasks.make_task('rg:chain_sum', 3, seed=0); assert 'reasoning_gym' in sys.modules")
   subprocess.run([sys.executable, "-c", code], check=True)

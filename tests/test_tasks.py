@@ -13,15 +13,15 @@ import numpy as np
 import pytest
 
 from next_jax.models import toy
-from next_jax.rl import rewards, tasks
-from next_jax.rl.tasks import (
+from next_jax.rl import data, rewards, tasks
+from next_jax.rl.data import (
   Problem,
   batch_at,
   epoch_order,
   format_prompt,
   load_problems,
-  make_task,
 )
+from next_jax.rl.tasks import make_task
 
 _OPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: Fraction}
 
@@ -91,7 +91,7 @@ def test_train_and_test_never_overlap(name):
   test = {p.prompt for s in (0, 1) for p in make_task(name, 150, seed=s, split="test")}
   assert not train & test
   if name == "arith":  # the split is a function of the content alone
-    assert all(tasks.split_of(name, p.prompt) == "test" for p in make_task(name, 150, seed=0, split="test"))
+    assert all(data.split_of(name, p.prompt) == "test" for p in make_task(name, 150, seed=0, split="test"))
 
 
 def test_bad_task_arguments():
@@ -273,10 +273,10 @@ def test_loader_errors_name_file_line_and_field(tmp_path):
 def test_hash_split_is_stable_and_disjoint(tmp_path):
   probs = tuple(Problem(prompt=f"q{i}", answer=str(i), task="flat", verifier="math", id=str(i))
                 for i in range(400))
-  train, test = tasks.hash_split(probs)
+  train, test = data.hash_split(probs)
   assert len(train) + len(test) == 400 and not {p.id for p in train} & {p.id for p in test}
   assert 15 < len(test) < 70
-  assert tasks.hash_split(probs[::-1])[1] == test[::-1]
+  assert data.hash_split(probs[::-1])[1] == test[::-1]
 
 
 # ------------------------------------------------------------------------------------------- formatting
@@ -290,7 +290,7 @@ def chat_tokenizer():
 def test_format_prompt_chat_template(chat_tokenizer):
   p = make_task("arith", 1, seed=0)[0]
   text = format_prompt(p, chat_tokenizer)
-  assert text == (f"<|im_start|>user\n{p.prompt}\n{tasks.DEFAULT_INSTRUCTION}<|im_end|>\n"
+  assert text == (f"<|im_start|>user\n{p.prompt}\n{data.DEFAULT_INSTRUCTION}<|im_end|>\n"
                   "<|im_start|>assistant\n")
   text = format_prompt(p, chat_tokenizer, system="Be brief.", instruction=None)
   assert text == f"<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\n{p.prompt}<|im_end|>\n" \
@@ -305,11 +305,11 @@ def test_format_prompt_plain_and_raw(chat_tokenizer):
   p = make_task("arith", 1, seed=0)[0]
   assert format_prompt(p, raw=True) == p.prompt and format_prompt(p, chat_tokenizer, raw=True) == p.prompt
   assert format_prompt(p, None, instruction=None) == f"Question: {p.prompt}\nAnswer:"
-  instr = tasks.DEFAULT_INSTRUCTION
+  instr = data.DEFAULT_INSTRUCTION
   assert format_prompt(p, None, system="Sys") == f"Sys\n\nQuestion: {p.prompt}\n{instr}\nAnswer:"
   chat_tokenizer_without = type("Tok", (), {"chat_template": None})()
   assert format_prompt(p, chat_tokenizer_without, instruction=None) == f"Question: {p.prompt}\nAnswer:"
-  assert tasks.format_prompts([p, p], raw=True) == [p.prompt, p.prompt]
+  assert data.format_prompts([p, p], raw=True) == [p.prompt, p.prompt]
 
 
 def test_chat_tasks_answers_follow_from_their_prompts():
@@ -341,7 +341,7 @@ BENCHMARK_ROWS = {"aime24": 30, "aime25": 30, "amc23": 40, "math500": 500, "mine
 
 def _math_eval_or_skip():
   try:
-    return tasks.math_eval_dir()
+    return data.math_eval_dir()
   except FileNotFoundError as e:
     pytest.skip(f"the math-eval data directory is absent: {e}")
 
@@ -349,7 +349,7 @@ def _math_eval_or_skip():
 @pytest.mark.parametrize("name", sorted(BENCHMARK_ROWS))
 def test_every_benchmark_file_loads_as_it_is(name):
   _math_eval_or_skip()
-  problems = tasks.load_benchmark(name)
+  problems = data.load_benchmark(name)
   assert len(problems) == BENCHMARK_ROWS[name]
   assert {p.task for p in problems} == {name} and {p.verifier for p in problems} == {"math"}
   assert len({p.id for p in problems}) == len(problems) and all(p.prompt and p.answer for p in problems)
@@ -366,16 +366,16 @@ def test_question_answer_rows_without_hashes_are_final_answers(tmp_path):
 
 
 def test_a_missing_data_dir_says_where_to_point_it(tmp_path, monkeypatch):
-  monkeypatch.setenv(tasks.MATH_EVAL_ENV, str(tmp_path / "nowhere"))
+  monkeypatch.setenv(data.MATH_EVAL_ENV, str(tmp_path / "nowhere"))
   with pytest.raises(FileNotFoundError, match="NEXT_JAX_MATH_EVAL.*aime24.jsonl"):
-    tasks.load_benchmark("aime24")
+    data.load_benchmark("aime24")
   with pytest.raises(ValueError, match="unknown benchmark 'aime26'"):
-    tasks.load_benchmark("aime26", data_dir=tmp_path)
+    data.load_benchmark("aime26", data_dir=tmp_path)
 
 
 def test_a_registered_benchmark_is_loaded_by_name(tmp_path, monkeypatch):
-  monkeypatch.setattr(tasks, "BENCHMARKS", dict(tasks.BENCHMARKS))
+  monkeypatch.setattr(data, "BENCHMARKS", dict(data.BENCHMARKS))
   (tmp_path / "mine.jsonl").write_text('{"problem": "1+1?", "answer": "2"}\n')
-  tasks.register_benchmark("mine", "mine.jsonl", verifier="exact", instruction="Just the number.")
-  (p,) = tasks.load_benchmark("mine", data_dir=tmp_path)
+  data.register_benchmark("mine", "mine.jsonl", verifier="exact", instruction="Just the number.")
+  (p,) = data.load_benchmark("mine", data_dir=tmp_path)
   assert (p.task, p.verifier, p.answer) == ("mine", "exact", "2")

@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from next_jax.models import hf, model_files
-from next_jax.rl import tasks
+from next_jax.rl import data, tasks
 
 ROOT = Path(__file__).resolve().parents[2]
 DEFAULT = "smollm2-135m-instruct"
@@ -25,4 +25,4 @@ def chat_prompts(tok, n: int, seed: int = 0, task: str = "compare") -> list[str]
 
   c = smollm2.get_config(f"task={task}")
   problems = tasks.make_task(task, n, seed=seed, split="test")
-  return tasks.format_prompts(problems, tok, system=c.task.system, instruction=c.task.instruction)
+  return data.format_prompts(problems, tok, system=c.task.system, instruction=c.task.instruction)

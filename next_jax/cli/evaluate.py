@@ -1,4 +1,4 @@
-"""Evaluate a model on named math benchmarks (tasks.BENCHMARKS): avg@k, pass@k, mean response length,
+"""Evaluate a model on named math benchmarks (data.BENCHMARKS): avg@k, pass@k, mean response length,
 the share truncated at the token limit, a table like the paper's, and one JSONL row per sample.
 
     python -m next_jax.cli.evaluate --model=smollm2-135m-instruct --benchmarks=gsm8k,math500 --samples=4 \
@@ -43,7 +43,7 @@ from typing import Any
 import numpy as np
 
 from next_jax.core import outdir
-from next_jax.rl import rewards, tasks
+from next_jax.rl import data, rewards
 
 PROMPT_NOTE = "chat template + problem + '\\n' + instruction"
 
@@ -70,10 +70,10 @@ class EvalSettings:
   def check(self) -> None:
     """One ValueError naming the first bad field."""
     if not self.benchmarks:
-      raise ValueError("benchmarks: name at least one of " + ", ".join(sorted(tasks.BENCHMARKS)))
-    unknown = [b for b in self.benchmarks if b not in tasks.BENCHMARKS]
+      raise ValueError("benchmarks: name at least one of " + ", ".join(sorted(data.BENCHMARKS)))
+    unknown = [b for b in self.benchmarks if b not in data.BENCHMARKS]
     if unknown:
-      raise ValueError(f"benchmarks: unknown {unknown}; known: {sorted(tasks.BENCHMARKS)}")
+      raise ValueError(f"benchmarks: unknown {unknown}; known: {sorted(data.BENCHMARKS)}")
     for name in ("samples", "max_new_tokens", "chunk"):
       if getattr(self, name) < 1:
         raise ValueError(f"{name}={getattr(self, name)}: must be ≥ 1")
@@ -85,7 +85,7 @@ class EvalSettings:
 # ------------------------------------------------------------------------------------------- metrics
 
 
-def select(problems: Sequence[tasks.Problem], limit: int, seed: int) -> list[tasks.Problem]:
+def select(problems: Sequence[data.Problem], limit: int, seed: int) -> list[data.Problem]:
   """A fixed subset of `limit` problems (0: all), drawn without replacement by default_rng(seed), in file
   order."""
   if not limit or limit >= len(problems):
@@ -200,7 +200,7 @@ def load_policy(model: str, adapter: str = "", dtype: str = "") -> Policy:
   return Policy(cfg, params, tok, lora, lora_cfg)
 
 
-def sample_rows(policy: Policy, problems: Sequence[tasks.Problem], settings: EvalSettings, key,
+def sample_rows(policy: Policy, problems: Sequence[data.Problem], settings: EvalSettings, key,
                 instruction: str) -> list[dict]:
   """settings.samples responses to each problem (one sampler call; the list is padded to settings.chunk
   with repeats, so every call has one shape), scored by each problem's verifier → rows, k per problem."""
@@ -210,7 +210,7 @@ def sample_rows(policy: Policy, problems: Sequence[tasks.Problem], settings: Eva
 
   tok, k = policy.tokenizer, settings.samples
   part = list(problems) + [problems[-1]] * (settings.chunk - len(problems))
-  texts = [tasks.format_prompt(p, tok, system=settings.system or None, instruction=instruction) for p in part]
+  texts = [data.format_prompt(p, tok, system=settings.system or None, instruction=instruction) for p in part]
   ids = tok(texts, add_special_tokens=False)["input_ids"]
   tokens, mask = sampler.pad_prompts(ids, policy.pad_id)
   lora_kw = {"lora": policy.lora, "lora_cfg": policy.lora_cfg} if policy.lora is not None else {}
@@ -237,8 +237,8 @@ def evaluate_benchmark(policy: Policy, name: str, settings: EvalSettings, out: P
   chunks), then its summary."""
   import jax  # noqa: PLC0415
 
-  problems = select(tasks.load_benchmark(name, data_dir), settings.limit, settings.subset_seed)
-  instruction = tasks.BENCHMARKS[name].instruction if settings.instruction is None else settings.instruction
+  problems = select(data.load_benchmark(name, data_dir), settings.limit, settings.subset_seed)
+  instruction = data.BENCHMARKS[name].instruction if settings.instruction is None else settings.instruction
   path, k, c = out / f"{name}.jsonl", settings.samples, settings.chunk
   rows = read_rows(path, k, c, len(problems))
   _write_text(path, "".join(json.dumps(r) + "\n" for r in rows))  # drop a torn tail before appending
@@ -263,7 +263,7 @@ def run(settings: EvalSettings, out: str | os.PathLike, data_dir=None, overwrite
   from next_jax.core import metrics  # noqa: PLC0415
 
   settings.check()
-  sizes = {n: len(select(tasks.load_benchmark(n, data_dir), settings.limit, settings.subset_seed))
+  sizes = {n: len(select(data.load_benchmark(n, data_dir), settings.limit, settings.subset_seed))
            for n in settings.benchmarks}  # every file read (and every name checked) before any work
   out = prepare_out(out, settings, overwrite)
   with outdir.lock(outdir.lock_path(out), str(out)):
@@ -290,7 +290,7 @@ def _define_flags():
   config_flags.DEFINE_config_file("config", None, "optional experiment config file[:arg]: eval.* defaults")
   flags.DEFINE_string("model", None, "HF directory, .gguf file or packaged name (smollm2-135m-instruct)")
   flags.DEFINE_string("adapter", "", "a PEFT LoRA adapter directory applied on the model")
-  flags.DEFINE_list("benchmarks", None, f"names from {sorted(tasks.BENCHMARKS)}")
+  flags.DEFINE_list("benchmarks", None, f"names from {sorted(data.BENCHMARKS)}")
   flags.DEFINE_integer("samples", None, "samples per problem k (avg@k, pass@k); default 8")
   flags.DEFINE_float("temperature", None, "sampling temperature; default 1.0")
   flags.DEFINE_float("top_p", None, "nucleus top-p; default 1.0")
@@ -302,7 +302,7 @@ def _define_flags():
   flags.DEFINE_integer("seed", 0, "sampling seed")
   flags.DEFINE_integer("chunk", 8, "problems per sampler call")
   flags.DEFINE_string("dtype", "", "float32 | bfloat16 ('' = config.json's)")
-  flags.DEFINE_string("data_dir", None, f"the math-eval files (default ${tasks.MATH_EVAL_ENV}, else "
+  flags.DEFINE_string("data_dir", None, f"the math-eval files (default ${data.MATH_EVAL_ENV}, else "
                       "../shared/data/math_eval)")
   flags.DEFINE_string("out", None, "output directory (next_jax-owned; resumed when the settings match)")
   flags.DEFINE_bool("overwrite", False, "replace an --out that holds other settings or someone else's files")

@@ -166,7 +166,7 @@ def base() -> ml_collections.ConfigDict:
   c.eval.chunk = 256  # prompts per sampler call (one compiled shape)
   c.eval.samples = 1  # avg@samples
   c.eval.temperature = 1.0  # the paper evaluates at temperature 1.0
-  c.eval.benchmarks = ()  # tasks.BENCHMARKS names for `python -m next_jax.cli.evaluate` ("aime24", "amc23", …)
+  c.eval.benchmarks = ()  # next_jax.rl.data.BENCHMARKS names for `python -m next_jax.cli.evaluate` ("aime24", "amc23", …)
   c.eval.data_dir = ""  # the math-eval files ("": $NEXT_JAX_MATH_EVAL, else ../shared/data/math_eval)
 
   c.log = ml_collections.ConfigDict()

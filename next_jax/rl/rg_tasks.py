@@ -125,7 +125,7 @@ def make_task(name: str, n: int, seed: int, split: str, test_fraction: float, ma
               extract: str = "tag", **knobs: Any) -> tuple:
   """n unique problems of `rg:<dataset>` from `split` (see the module docstring); tasks.make_task's contract.
   extract: how the verifier reads the answer ("tag" | "number"); knobs: the dataset's config fields."""
-  from next_jax.rl import tasks  # noqa: PLC0415  (tasks imports this module)
+  from next_jax.rl import data  # noqa: PLC0415  (tasks imports this module)
   if extract not in VERIFIERS:
     raise ValueError(f"task {name!r}: extract={extract!r}; use one of {sorted(VERIFIERS)}")
   share = test_fraction if split == "test" else 1.0 - test_fraction
@@ -137,11 +137,11 @@ def make_task(name: str, n: int, seed: int, split: str, test_fraction: float, ma
       break
     entry = ds[i]
     key = entry["question"]
-    if key in seen or tasks.split_of(name, key, test_fraction) != split:
+    if key in seen or data.split_of(name, key, test_fraction) != split:
       continue
     locator = json.dumps({"dataset": dataset, "config": json.loads(config), "index": i})
     pid = f"{name}:{hashlib.sha256(f'{name}|{key}'.encode()).hexdigest()[:12]}"
-    seen[key] = tasks.Problem(prompt=key, answer=locator, task=name, verifier=VERIFIERS[extract], id=pid,
+    seen[key] = data.Problem(prompt=key, answer=locator, task=name, verifier=VERIFIERS[extract], id=pid,
                               solution=str(entry["answer"]))
     _ENTRIES[locator] = entry
   first = next(iter(seen.values()), None)

@@ -29,7 +29,7 @@ from next_jax.core.metrics import MetricWriter
 from next_jax.models import hf, model_files, policy
 from next_jax.nxt.extrapolate import NExtConfig
 from next_jax.nxt.predictor import PredictorConfig
-from next_jax.rl import grpo, rewards, tasks, trainer
+from next_jax.rl import data, grpo, rewards, tasks, trainer
 from next_jax.run import driver, workdir
 from next_jax.run import state_machine as sm
 
@@ -173,8 +173,8 @@ def validate(c) -> None:
   loss_config(c)
   nxt_config(c)
   _check(c.eval.chunk >= 1 and c.eval.samples >= 1, "eval.chunk", c.eval.chunk, "chunk and samples ≥ 1")
-  _check(set(c.eval.benchmarks) <= set(tasks.BENCHMARKS), "eval.benchmarks", c.eval.benchmarks,
-         f"names one that is not in {sorted(tasks.BENCHMARKS)}")
+  _check(set(c.eval.benchmarks) <= set(data.BENCHMARKS), "eval.benchmarks", c.eval.benchmarks,
+         f"names one that is not in {sorted(data.BENCHMARKS)}")
   _check(c.mesh.data >= 0, "mesh.data", c.mesh.data, "must be ≥ 0 (0 = all devices)")
   _check(c.model.preset in ("",) + tuple(policy.QWEN25), "model.preset", c.model.preset,
          f"use '' or one of {sorted(policy.QWEN25)}")
@@ -226,7 +226,7 @@ CHARS_PER_TOKEN = 32
 def _load_file(path: str, field: str, fmt: str = "auto", prompt_len: int | None = None):
   limit = CHARS_PER_TOKEN * prompt_len if prompt_len else None
   try:
-    return tasks.load_problems(path, fmt, max_prompt_chars=limit)
+    return data.load_problems(path, fmt, max_prompt_chars=limit)
   except (ValueError, OSError) as e:
     why = f" ({CHARS_PER_TOKEN} × rollout.prompt_len={prompt_len}: it cannot fit)" if "characters" in str(e) else ""
     raise ConfigError(f"config.{field}: {e}{why}") from e  # e names the file and the row
@@ -236,7 +236,7 @@ def load_problems(c):
   """(train, test, val) problem tuples for the configured task."""
   if c.task.name == "file":
     probs = _load_file(c.task.path, "task.path", c.task.format, c.rollout.prompt_len)
-    train, test = tasks.hash_split(probs)
+    train, test = data.hash_split(probs)
     if c.task.test_path:
       test = _load_file(c.task.test_path, "task.test_path", prompt_len=c.rollout.prompt_len)
   else:
@@ -290,7 +290,7 @@ def build(c, model_dir: str | None = None) -> Experiment:
   train, test, val = load_problems(c)
   raw, instr = c.task.raw_prompt, c.task.instruction or None
   system = c.task.system or None
-  fmt = lambda p: tasks.format_prompt(p, tok, system=system, instruction=instr, raw=raw)  # noqa: E731
+  fmt = lambda p: data.format_prompt(p, tok, system=system, instruction=instr, raw=raw)  # noqa: E731
   encode = lambda p: tok(fmt(p), add_special_tokens=False)["input_ids"]  # noqa: E731
   check_prompt_lengths(lambda ps: tok([fmt(p) for p in ps], add_special_tokens=False)["input_ids"],
                        {"train": train, "test": test, "val": val}, c.rollout.prompt_len)
@@ -301,7 +301,7 @@ def build(c, model_dir: str | None = None) -> Experiment:
       estimator=c.rl.estimator, encode=encode,
       decode=lambda ids: tok.decode(ids, skip_special_tokens=True),
       reward=lambda text, p: reward_fns[p.verifier](text, p.answer),
-      next_problems=lambda cursor, n: tasks.batch_at(train, cursor, n, c.seed),
+      next_problems=lambda cursor, n: data.batch_at(train, cursor, n, c.seed),
       pad_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id,
       stop_ids=tuple(i for i in {tok.eos_token_id, tok.pad_token_id} if i is not None), mesh=mesh,
       kl_in_reward=c.rl.kl_in_reward)

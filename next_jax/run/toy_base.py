@@ -52,7 +52,7 @@ from next_jax.models.policy import (
   token_logprobs,
 )
 from next_jax.models.sampler import generate, pad_prompts
-from next_jax.rl import rewards, tasks
+from next_jax.rl import data, rewards, tasks
 from next_jax.rl.trainer import OptimConfig, make_optimizer
 
 ALPHABET = "0123456789+-*="  # digits, the operators ArithSpec can draw, and the prompt's trailing "="
@@ -118,7 +118,7 @@ def make_sft_arrays(problems, tok) -> dict[str, np.ndarray]:
   """Rows = left-padded prompt [P] ++ response [R] = answer ++ eos, right-padded (P, R: the longest).
 
   Returns tokens int32[N, P+R], mask bool[N, P+R] (real tokens), response bool[N, P+R] (answer + eos)."""
-  texts = [tasks.format_prompt(p, raw=True) for p in problems]
+  texts = [data.format_prompt(p, raw=True) for p in problems]
   enc = char_encoder(tok, check=texts[:256] + [p.answer for p in problems[:256]])
   prompts = [enc(t) for t in texts]
   answers = [enc(p.answer) + [tok.eos_token_id] for p in problems]
@@ -180,7 +180,7 @@ def train_step(params, opt_state, batch, digit_ids, key, corrupt_p, corrupt_inpu
 
 def train(s: ToyBaseSettings, cfg: ModelConfig, arrays: dict[str, np.ndarray], digit_ids: np.ndarray,
           show_progress: bool = True) -> tuple[Params, list[list[float]]]:
-  """SFT for s.steps steps over the train rows in tasks.batch_at order → (params, [[step, loss], …])."""
+  """SFT for s.steps steps over the train rows in data.batch_at order → (params, [[step, loss], …])."""
   key = jax.random.key(s.seed)
   params = jax.jit(init_params, static_argnums=0)(cfg, jax.random.fold_in(key, 0))  # one compile, not ~40
   tx = _optimizer(optim_config(s))
@@ -189,7 +189,7 @@ def train(s: ToyBaseSettings, cfg: ModelConfig, arrays: dict[str, np.ndarray], d
   n, cursor, curve = len(arrays["tokens"]), 0, []
   bar = progress(s.steps, desc="toy base SFT", disable=None if show_progress else True)
   for step in range(s.steps):
-    rows, cursor = tasks.batch_at(range(n), cursor, s.batch_size, s.seed)
+    rows, cursor = data.batch_at(range(n), cursor, s.batch_size, s.seed)
     batch = {k: v[np.asarray(rows)] for k, v in arrays.items()}
     key_t = jax.random.fold_in(data_key, step)
     params, opt_state, loss = train_step(params, opt_state, batch, digit_ids, key_t, s.corrupt_p,
@@ -216,7 +216,7 @@ def evaluate(cfg: ModelConfig, params: Params, tok, problems, *, temperature: fl
     part = list(problems[start:start + chunk])
     n_real = len(part)
     part += [part[-1]] * (chunk - n_real)
-    texts = [tasks.format_prompt(p, raw=True) for p in part]
+    texts = [data.format_prompt(p, raw=True) for p in part]
     prompts, pmask = pad_prompts(tok(texts, add_special_tokens=False)["input_ids"], tok.pad_token_id,
                                  EVAL_PROMPT_LEN)
     out = generate(params, prompts, pmask, jax.random.fold_in(jax.random.key(seed), start), cfg=cfg,
