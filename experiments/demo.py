@@ -26,7 +26,7 @@ from next_jax.run.toy_base import build_toy_base
 def config(method: str, total: int, seed: int, workdir: Path, quick: bool):
   c = toy_arith.get_config(f"method={method},seed={seed}" + (",quick" if quick else ""))
   c.workdir = str(workdir / f"{method}_{total}")
-  c.nxt.total_steps = total
+  c.total_steps = total
   c.ckpt.overwrite = True
   c.eval.every = 0 if quick else 50
   if quick:  # a smoke run: a small predictor, trained briefly

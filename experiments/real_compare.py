@@ -64,7 +64,7 @@ def make_config(model: str, seed: int, sched: rp.Schedule, quick: bool, prompts:
       c.task.n_test = 256
   c.rollout.prompts_per_step, c.rollout.group_size = prompts, group
   c.nxt.extrapolate_at, c.nxt.interval, c.nxt.k = sched.jump, sched.interval, sched.k
-  c.nxt.total_steps = sched.jump + sched.k * sched.interval
+  c.total_steps = sched.jump + sched.k * sched.interval
   c.log.progress = False
   if quick:  # tiny random models earn no reward; an entropy bonus makes their LoRA move all the same
     c.nxt.predictor.hidden, c.nxt.predictor.epochs = 16, 10

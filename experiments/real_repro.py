@@ -39,7 +39,7 @@ METHODS = ("next", "rl_extra")
 def make_config(seed: int, sched: rp.Schedule, quick: bool, task: str = ""):
   c = smollm2.get_config(f"seed={seed}," + ("quick" if quick else "gpu") + (f",task={task}" if task else ""))
   c.nxt.extrapolate_at, c.nxt.interval, c.nxt.k = sched.jump, sched.interval, sched.k
-  c.nxt.total_steps = sched.long
+  c.total_steps = sched.long
   c.task.n_test = c.task.n_test if quick else 1024
   c.eval.every, c.log.progress = 0, False
   if quick:  # tiny random models earn no reward; an entropy bonus makes their LoRA move all the same

@@ -67,7 +67,7 @@ QUICK = Schedule(jump=8, interval=2, k=2, extra=4, long=16, cyclic_every=6)
 def make_config(seed: int, sched: Schedule, quick: bool, algo: str = "grpo", trainable: str = "lora"):
   c = toy_arith.get_config(f"algo={algo},seed={seed},trainable={trainable}" + (",quick" if quick else ""))
   c.nxt.extrapolate_at, c.nxt.interval, c.nxt.k = sched.jump, sched.interval, sched.k
-  c.nxt.total_steps = sched.long
+  c.total_steps = sched.long
   c.eval.every, c.log.progress = 0, False
   if quick:  # a smoke run: a small predictor, trained briefly
     c.nxt.predictor.hidden, c.nxt.predictor.epochs = 32, 20
@@ -254,7 +254,7 @@ def cyclic_family(exp, sched, seed) -> list[dict]:
 def run_family(family: str, seed: int, sched: Schedule, quick: bool, model_dir=None) -> list[dict]:
   if family == "cyclic":
     c = make_config(seed, sched, quick)
-    c.nxt.extrapolate_at, c.nxt.total_steps = sched.cyclic_every, sched.short
+    c.nxt.extrapolate_at, c.total_steps = sched.cyclic_every, sched.short
     c.nxt.cycles = min(3, sched.short // sched.cyclic_every)
     return cyclic_family(experiment.build(c, model_dir), sched, seed)
   algo = family if family in ("rloo", "reinforce_pp") else "grpo"

@@ -42,7 +42,7 @@ def make_config(args):
   c.rollout.max_new_tokens = args.max_new_tokens or c.rollout.max_new_tokens
   # the probe stops at --until itself: a run whose phase became DONE at the old end could not be extended
   # to a longer --until (the lr is constant, so total_steps changes nothing else)
-  c.nxt.extrapolate_at, c.nxt.interval, c.nxt.k, c.nxt.total_steps = args.jump, args.interval, 5, 10 ** 6
+  c.nxt.extrapolate_at, c.nxt.interval, c.nxt.k, c.total_steps = args.jump, args.interval, 5, 10 ** 6
   assert c.rl.schedule == "constant", c.rl.schedule
   c.eval.every, c.eval.samples, c.log.progress = 0, 1, False
   return c

@@ -9,23 +9,23 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from absl import flags
 from figures import assert_png_of, lines, recorded_figures
+from ml_collections import config_flags
 
+from next_jax import configs
+from next_jax.configs import qwen25_paper, toy_arith
+from next_jax.core import config as common
 from next_jax.core.checkpoint import Checkpointer
 from next_jax.models import policy
 from next_jax.run import experiment, workdir
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-from next_jax.configs import (
-  qwen25_paper,
-  toy_arith,
-)
-from next_jax.core import config as common
 
 
 def test_arg_selects_variants_with_types_from_the_defaults():
   c = toy_arith.get_config("algo=rloo,seed=3,quick")
-  assert c.rl.estimator == "rloo" and c.seed == 3 and c.nxt.total_steps == 12
+  assert c.rl.estimator == "rloo" and c.seed == 3 and c.total_steps == 12
   assert toy_arith.get_config("algo=dapo").rollout.dynamic_sampling
   assert toy_arith.get_config("algo=drgrpo").rl.agg_mode == "seq-mean-token-sum-norm"
   with pytest.raises(ValueError, match="colour"):
@@ -46,6 +46,9 @@ def test_toy_config_validates():
     ("nxt.k", 20, "nxt.k"),
     ("nxt.method", "magic", "nxt.method"),
     ("nxt.alpha_grid", (1.0, 0.0), "nxt.alpha_grid"),
+    ("nxt.alpha", "fast", "nxt.alpha"),
+    ("nxt.alpha", 0.0, "nxt.alpha"),
+    ("nxt.alpha", True, "nxt.alpha"),
     ("rl.agg_mode", "mean", "agg_mode"),
     ("model.lora_targets", "q,attn", "lora"),
     ("task.name", "file", "task.path"),
@@ -58,6 +61,18 @@ def test_bad_values_raise_one_error_naming_the_field(field, value, match):
   c[section][key] = value
   with pytest.raises(experiment.ConfigError, match=match):
     experiment.validate(c)
+
+
+@pytest.mark.parametrize("flag, alpha", [("auto", "auto"), ("2", 2.0), ("0.75", 0.75)])
+def test_alpha_is_one_field_a_number_or_auto_on_the_command_line(flag, alpha, monkeypatch):
+  argv = configs.resolve_argv(["run", "--config=toy_arith:quick", f"--config.nxt.alpha={flag}", "--config.total_steps=14"])
+  monkeypatch.setattr(sys, "argv", argv)  # config_flags reads the overrides when the flag is defined
+  fv = flags.FlagValues()
+  config_flags.DEFINE_config_file("config", flag_values=fv)  # as next_jax.cli.run defines it
+  fv(argv)
+  experiment.validate(fv.config)
+  ncfg = experiment.nxt_config(fv.config)
+  assert ncfg.alpha == alpha and type(ncfg.alpha) is type(alpha) and ncfg.total_steps == 14
 
 
 def test_unknown_override_key_is_rejected_by_the_entry_point():

@@ -27,7 +27,7 @@ def test_quick_preset_runs_the_real_model_through_a_jump(tmp_path):
   c.workdir = str(tmp_path / "run")
   c.log.progress = c.log.tensorboard = False
   res = experiment.run(c)
-  assert res["steps"] == c.nxt.total_steps == 5
+  assert res["steps"] == c.total_steps == 5
   (jump,) = res["jumps"]
   assert jump["step"] == c.nxt.extrapolate_at and jump["finite"] and jump["alpha"] == 1.5
   assert res["merged_model_bytes"] == 4 * 134_515_008  # the real model's fp32 weights

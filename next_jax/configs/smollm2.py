@@ -74,7 +74,7 @@ def get_config(arg=None):
   c.rl.lr = 2e-5
   c.rl.b2 = 0.999
   c.nxt.method = a.method
-  c.nxt.extrapolate_at, c.nxt.interval, c.nxt.k, c.nxt.alpha, c.nxt.total_steps = 150, 10, 5, 1.5, 250
+  c.nxt.extrapolate_at, c.nxt.interval, c.nxt.k, c.nxt.alpha, c.total_steps = 150, 10, 5, 1.5, 250
   c.eval.every, c.eval.chunk = 50, 128
   c.ckpt.every = 10
   common.apply_algo(c, a.algo)
@@ -89,7 +89,7 @@ def get_config(arg=None):
     c.model.lora_rank, c.model.lora_alpha = 8, 16.0
     c.rollout.prompts_per_step, c.rollout.group_size = 2, 2
     c.rollout.prompt_len, c.rollout.max_new_tokens = 128, 4  # 128: room for tiny stand-in tokenizers too
-    c.nxt.extrapolate_at, c.nxt.interval, c.nxt.k, c.nxt.total_steps = 4, 1, 2, 5
+    c.nxt.extrapolate_at, c.nxt.interval, c.nxt.k, c.total_steps = 4, 1, 2, 5
     c.nxt.predictor.hidden, c.nxt.predictor.epochs = 16, 10
     c.eval.every, c.eval.chunk = 0, 16
     c.ckpt.every = 0

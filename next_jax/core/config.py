@@ -59,7 +59,7 @@ def defaults(section: str) -> ml_collections.FrozenConfigDict:
   dataclasses (trainer.RolloutConfig, OptimConfig, grpo.LossConfig, NExtConfig, PredictorConfig, LoraConfig)
   take their defaults from here, so every default is written once, in `base()`."""
   c = base()
-  for part in section.split("."):
+  for part in filter(None, section.split(".")):  # "": the top-level fields (seed, total_steps, …)
     c = c[part]
   return ml_collections.FrozenConfigDict(c)
 
@@ -67,6 +67,7 @@ def defaults(section: str) -> ml_collections.FrozenConfigDict:
 def base() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0
+  c.total_steps = 250  # real RL steps of the whole run (every method, plain GRPO too)
   c.workdir = "runs/default"
 
   c.model = ml_collections.ConfigDict()
@@ -88,7 +89,7 @@ def base() -> ml_collections.ConfigDict:
   c.task.test_path = ""  # optional held-out file; else a hash split of `path`
   c.task.n_train = 20000
   c.task.n_test = 2048
-  c.task.n_val = 256  # validation prompts for alpha="auto"
+  c.task.n_val = 256  # validation prompts for nxt.alpha="auto"
   c.task.raw_prompt = True  # bare "12+34*5=" prompts (toy); False: chat template + instruction
   c.task.instruction = "Please reason step by step, and put your final answer within \\boxed{}."
   c.task.system = ""  # a system message for chat prompts ("" = the problem's own, else the template's default)
@@ -139,12 +140,11 @@ def base() -> ml_collections.ConfigDict:
   c.nxt.extrapolate_at = 150
   c.nxt.interval = 10
   c.nxt.k = 5
-  c.nxt.alpha = 1.5  # a number; set nxt.alpha_auto=True to pick the best of the grid on validation
-  c.nxt.alpha_auto = False
-  c.nxt.alpha_grid = tuple(0.5 * i for i in range(1, 9))  # α candidates of alpha_auto: 0.5 … 4.0
+  # the jump's step size: a number, or "auto" (the best of alpha_grid on task.n_val validation prompts)
+  c.nxt.alpha = ml_collections.FieldReference(1.5, field_type=object)
+  c.nxt.alpha_grid = tuple(0.5 * i for i in range(1, 9))  # α candidates of alpha="auto": 0.5 … 4.0
   # the method's own knobs (extrapolate.register(..., knobs={name: default})): --config.nxt.knobs.<name>=…
   c.nxt.knobs = ml_collections.ConfigDict()
-  c.nxt.total_steps = 250
   c.nxt.cycles = 1
   c.nxt.sign = "max_abs_u"
   c.nxt.continue_mode = "keep"

@@ -33,7 +33,7 @@ from next_jax.nxt.trajectory import Trajectory
 # ------------------------------------------------------------------------------------ the jump's settings
 
 
-_NXT = config.defaults("nxt")  # every default below is the schema's (config.base)
+_NXT, _RUN = config.defaults("nxt"), config.defaults("")  # every default below is the schema's (config.base)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,7 +46,7 @@ class NExtConfig:
   k: int = _NXT.k  # target T_i = W_{i+k} − W_i, in snapshots
   alpha: float | str = _NXT.alpha  # or "auto": best of alpha_grid on the validation set
   alpha_grid: tuple[float, ...] = _NXT.alpha_grid
-  total_steps: int = _NXT.total_steps  # real RL steps of the whole run
+  total_steps: int = _RUN.total_steps  # real RL steps of the whole run (config.total_steps)
   cycles: int = _NXT.cycles
   sign: str = _NXT.sign
   continue_mode: str = _NXT.continue_mode  # keep | merge
@@ -66,7 +66,7 @@ class NExtConfig:
                        f"interval = {self.extrapolate_at // self.interval}")
     if self.method != "none" and self.cycles * self.extrapolate_at > self.total_steps:
       raise ValueError(f"nxt.cycles·extrapolate_at = {self.cycles * self.extrapolate_at} > "
-                       f"nxt.total_steps = {self.total_steps}")
+                       f"total_steps = {self.total_steps}")
     if self.method != "none":
       method_knobs(self)  # a knob the method does not declare is refused, naming it
     elif self.knobs:
@@ -77,8 +77,8 @@ class NExtConfig:
       raise ValueError(f"nxt.faithful=True applies to method 'next' only, not {self.method!r}")
     if self.continue_mode not in ("keep", "merge"):
       raise ValueError(f"nxt.continue_mode={self.continue_mode!r}; choose 'keep' or 'merge'")
-    if isinstance(self.alpha, str) and self.alpha != "auto":
-      raise ValueError(f"nxt.alpha={self.alpha!r}; a number or 'auto'")
+    if self.alpha != "auto" and (isinstance(self.alpha, (str, bool)) or not self.alpha > 0):
+      raise ValueError(f"nxt.alpha={self.alpha!r}; a positive number or 'auto'")
 
   @property
   def num_snapshots(self) -> int:

@@ -55,8 +55,8 @@ def nxt_config(c) -> NExtConfig:
   try:
     pcfg = PredictorConfig(**p.to_dict())  # the schema's nxt.predictor fields are the dataclass's
     return NExtConfig(method=n.method, extrapolate_at=n.extrapolate_at, interval=n.interval, k=n.k,
-                         alpha="auto" if n.alpha_auto else float(n.alpha),
-                         alpha_grid=tuple(float(a) for a in n.alpha_grid), total_steps=n.total_steps,
+                         alpha=n.alpha if n.alpha == "auto" else float(n.alpha),
+                         alpha_grid=tuple(float(a) for a in n.alpha_grid), total_steps=c.total_steps,
                          knobs=tuple(sorted(n.knobs.to_dict().items())),
                          cycles=n.cycles, sign=n.sign, continue_mode=n.continue_mode,
                          horizon=n.horizon or None, faithful=n.faithful, predictor=pcfg)
@@ -77,7 +77,7 @@ def loss_config(c) -> grpo.LossConfig:
     raise ConfigError(f"config.rl: {e}") from e
 
 
-_POSITIVE = ("rl.num_mini_batches", "nxt.extrapolate_at", "nxt.interval", "nxt.k", "nxt.total_steps",
+_POSITIVE = ("rl.num_mini_batches", "nxt.extrapolate_at", "nxt.interval", "nxt.k", "total_steps",
              "nxt.cycles", "nxt.predictor.epochs", "nxt.predictor.hidden", "model.lora_rank")
 
 
@@ -109,13 +109,15 @@ def _check_kinds(c) -> None:
   """Types first, against the schema (a hand-built ConfigDict too), so the value checks below never meet
   a None, a string or a list where a number goes."""
   names = {int: "an integer", float: "a finite number", str: "a string", bool: "True or False",
-           tuple: "a tuple"}
+           tuple: "a tuple", object: "a value"}
   for f, kind in schema_kinds().items():
     try:
       v = _get(c, f)
     except (KeyError, AttributeError) as e:
       raise ConfigError(f"config.{f}: missing") from e
     _check(_is(kind, v), f, v, f"must be {names[kind]}")
+  _check(c.nxt.alpha == "auto" or (_is(float, c.nxt.alpha) and c.nxt.alpha > 0), "nxt.alpha", c.nxt.alpha,
+         "must be a positive number or 'auto' (the best of nxt.alpha_grid on validation)")
   for f in _POSITIVE:
     _check(_get(c, f) >= 1, f, _get(c, f), "must be ≥ 1")
 
