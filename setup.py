@@ -14,8 +14,9 @@ setup(
     entry_points={"console_scripts": [
         "next-jax-run = next_jax.cli.run:cli",
         "next-jax-posthoc = next_jax.cli.posthoc:cli",
-        "next-jax-convert = next_jax.cli.convert:main",
+        "next-jax-convert = next_jax.cli.convert:cli",
         "next-jax-evaluate = next_jax.cli.evaluate:cli",
+        "next-jax-memory-plan = next_jax.cli.memory_plan:cli",
     ]},
     install_requires=[
         # Resolves to jax 0.10.2 / flax 0.12.8 on Python 3.11 here; no upper pins so Colab's newer stack fits.

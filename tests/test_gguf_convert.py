@@ -276,7 +276,9 @@ def test_the_installed_command_runs_outside_the_checkout(tiny, tmp_path):
   import sys  # noqa: PLC0415
   src, _ = tiny
   exe = Path(sys.executable).with_name("next-jax-convert")
-  out = subprocess.run([str(exe), str(src), "--out", "converted"], cwd=tmp_path, capture_output=True, text=True,
-                       timeout=300, check=False)
+  out = subprocess.run([str(exe), f"--model={src}", "--out", "converted"], cwd=tmp_path, capture_output=True,
+                       text=True, timeout=300, check=False)
   assert out.returncode == 0, out.stderr[-2000:]
+  again = subprocess.run([str(exe), str(src)], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+  assert again.returncode != 0 and f"--model={src}" in again.stderr  # a bare path is named as the flag
   assert hf.load_config(tmp_path / "converted").num_layers == hf.load_config(tiny[1]).num_layers

@@ -1,10 +1,11 @@
-"""next_jax.run.memory and experiments/memory_plan.py: per-device bytes of the paper presets against hand counts,
+"""next_jax.run.memory and next_jax/cli/memory_plan.py: per-device bytes of the paper presets against hand counts,
 the activation estimate against XLA's own buffer assignment, and the command line."""
 
 import dataclasses
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -14,7 +15,6 @@ from next_jax.models import policy
 from next_jax.rl import grpo, trainer
 from next_jax.run import memory
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MESH = {"data": 1, "fsdp": 8, "tensor": 4}
 PAPER = memory.Workload(prompts=128, group_size=8, prompt_len=1024, max_new_tokens=4096, micro_batch=8,
                         snapshots=16)
@@ -133,12 +133,13 @@ def test_sample_and_logprob_chunks_shrink_the_plan_where_they_should():
   assert chunked["peak_remat"] < base["peak_remat"] / 3
 
 
-def test_command_line_prints_the_plan_and_fit():
-  out = subprocess.run([sys.executable, "-m", "experiments.memory_plan",
-                        "--config=qwen25_paper:size=14B", "--config.mesh.fsdp=8",
+def test_command_line_prints_the_plan_and_fit(tmp_path):
+  """`next-jax-memory-plan` (setup.py's console script) from a directory that is not the checkout."""
+  exe = Path(sys.executable).with_name("next-jax-memory-plan")
+  out = subprocess.run([str(exe), "--config=qwen25_paper:size=14B", "--config.mesh.fsdp=8",
                         "--config.mesh.tensor=4", "--config.mesh.data=1"],
-                       cwd=ROOT, capture_output=True, text=True, timeout=300,
-                       env={**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu"})
+                       cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "JAX_PLATFORMS": "cpu"})
   assert out.returncode == 0, out.stderr[-3000:]
   paper_config = dataclasses.replace(PAPER, sample_chunk=32, logprob_chunk=512)  # next_jax/configs/qwen25_paper.py
   p = memory.plan(policy.QWEN25["14B"], policy.LoraConfig(rank=64, alpha=32.0), TX, paper_config, MESH)

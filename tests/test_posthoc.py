@@ -187,7 +187,7 @@ def test_merged_checkpoints_give_dense_deltas_equal_to_the_dense_svd(runs_dir, t
 def report_run(runs_dir):
   out = runs_dir["root"] / "report"
   res = cli.main(["--base", str(runs_dir["base"]), "--checkpoints", str(runs_dir["trl"] / "checkpoint-*"),
-                  "--out", str(out), "--k", str(K), "--epochs", "30", "--alphas", "1.5", "3.0"])
+                  "--out", str(out), "--k", str(K), "--epochs", "30", "--alphas", "1.5,3.0"])
   return out, res
 
 
@@ -221,11 +221,21 @@ def test_report_gives_the_spread_of_the_predicted_sigma(report_run):
   assert ("**Warning:** NExt's σ predictor collapsed" in text) == (saved["predicted"]["at_median"] == 1.0)
 
 
-def test_alphas_take_spaces_or_commas():
-  assert cli.parse_alphas(["1.0", "1.5"]) == {"1.0": 1.0, "1.5": 1.5}
-  assert cli.parse_alphas(["0.5,1.0", "2"]) == {"0.5": 0.5, "1.0": 1.0, "2": 2.0}
+def test_alphas_are_a_comma_list_as_written():
+  assert cli.parse_alphas(cli.parse_args(["--base=b", "--checkpoints=c", "--out=o", "--alphas=1.0,1.5"]).alphas) \
+      == {"1.0": 1.0, "1.5": 1.5}
   with pytest.raises(hf.CheckpointError, match="given twice"):
     cli.parse_alphas(["1", "1.0"])
+  with pytest.raises(SystemExit, match=r"unexpected argument '3.0' .*--alphas=1.5,3.0"):
+    cli.parse_args(["--base=b", "--checkpoints=c", "--out=o", "--alphas", "1.5", "3.0"])  # the old space form
+
+
+@pytest.mark.parametrize("argv, match", [([], "--base is required"), (["--k=two"], "--k"),
+                                         (["--sign=flip"], "--sign"), (["--max-step=3"], "max-step")])
+def test_a_bad_or_missing_flag_is_one_line_naming_it(argv, match):
+  full = ["--base=b", "--checkpoints=c", "--out=o"] if argv else []
+  with pytest.raises(SystemExit, match=match):
+    cli.parse_args([*full, *argv])
 
 
 def test_backtest_rl_extra_row_equals_a_numpy_recomputation(runs_dir, trl_run, report_run):
@@ -444,7 +454,7 @@ def test_interval_zero_and_a_gguf_base_are_refused_with_what_to_do(runs_dir, tmp
   gguf_file.write_bytes(b"GGUF" + b"\0" * 64)
   _fails(["--base", str(gguf_file), "--checkpoints", trl], tmp_path,
          r"model.Q4_1.gguf: is a GGUF file, not a Hugging Face model directory; convert it once with "
-         r"`python -m next_jax.cli.convert")
+         r"`next-jax-convert --model=")
 
 
 @pytest.mark.parametrize("case", ["not_utf8", "no_r", "r_text", "r_zero"])

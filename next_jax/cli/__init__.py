@@ -5,4 +5,5 @@
     next-jax-posthoc      cli/posthoc.py      NExt on the checkpoints of a finished TRL/verl/PEFT run
     next-jax-convert      cli/convert.py      convert a model (HF folder, GGUF) once into the cache
     next-jax-evaluate     cli/evaluate.py     accuracy of a model on the math benchmarks
+    next-jax-memory-plan  cli/memory_plan.py  per-device memory of a config on a mesh, without devices
 """

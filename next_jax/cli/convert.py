@@ -1,7 +1,7 @@
 """Convert a model file (GGUF) or a packaged model into a Hugging Face directory, once, and print its path.
 
-    python -m next_jax.cli.convert smollm2-135m-instruct          # the model `make real` installs
-    python -m next_jax.cli.convert /models/foo.Q4_1.gguf --out /models/foo-hf
+    next-jax-convert --model=smollm2-135m-instruct          # the model `make real` installs
+    next-jax-convert --model=/models/foo.Q4_1.gguf --out=/models/foo-hf
 
 Without --out the directory goes to the cache ($NEXT_JAX_CACHE, default ~/.cache/next_jax); a second run
 finds it there (keyed on the file's sha256) and converts nothing.
@@ -9,23 +9,30 @@ finds it there (keyed on the file's sha256) and converts nothing.
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
+
+from absl import app, flags
 
 from next_jax.models import hf, model_files
 
 
-def main(argv=None):
-  ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  ap.add_argument("model", help=f"a .gguf file or one of {sorted(model_files.PACKAGED)}")
-  ap.add_argument("--out", default=None, help="the HF directory to write (default: in the cache)")
-  ap.add_argument("--overwrite", action="store_true",
-                  help="replace an existing --out that next_jax did not write (its files are deleted)")
-  args = ap.parse_args(argv)
+def _define_flags() -> None:
+  flags.DEFINE_string("model", None, f"a .gguf file or one of {sorted(model_files.PACKAGED)}")
+  flags.DEFINE_string("out", None, "the HF directory to write (default: in the cache)")
+  flags.DEFINE_bool("overwrite", False, "replace an existing --out that next_jax did not write (its files are "
+                    "deleted)")
+
+
+def main(argv) -> None:
+  if len(argv) > 1:
+    sys.exit(f"error: unexpected argument {argv[1]!r}: give the model as --model={argv[1]}")
+  FLAGS = flags.FLAGS
+  if not FLAGS.model:
+    sys.exit(f"error: --model: give a .gguf file or one of {sorted(model_files.PACKAGED)}")
   t0 = time.perf_counter()
   try:
-    out = model_files.resolve(args.model, out_dir=args.out, overwrite=args.overwrite)
+    out = model_files.resolve(FLAGS.model, out_dir=FLAGS.out, overwrite=FLAGS.overwrite)
     cfg = hf.load_config(out)
   except hf.CheckpointError as e:
     sys.exit(f"error: {e}")
@@ -33,5 +40,11 @@ def main(argv=None):
         f"{time.perf_counter() - t0:.1f} s)")
 
 
+def cli() -> None:
+  """The console script `next-jax-convert`."""
+  _define_flags()
+  app.run(main)
+
+
 if __name__ == "__main__":
-  main()
+  cli()

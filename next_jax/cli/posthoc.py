@@ -1,11 +1,11 @@
 """NExt over a run trained elsewhere: point it at a verl / TRL / PEFT checkpoint sequence and ask whether
 extrapolation would pay on it, then write the jump for that stack.
 
-    python -m next_jax.cli.posthoc --base BASE_HF_DIR \\
+    next-jax-posthoc --base BASE_HF_DIR \\
         --checkpoints 'RUN/global_step_*/actor/lora_adapter' --out OUT            # verl, LoRA
-    python -m next_jax.cli.posthoc --base BASE --checkpoints 'trl_out/checkpoint-*' --out OUT --k 2
-    python -m next_jax.cli.posthoc --base BASE --checkpoints 'RUN/global_step_*/actor/huggingface' \\
-        --out OUT --alphas 1.5 --backtest last                                     # merged / full-param
+    next-jax-posthoc --base BASE --checkpoints 'trl_out/checkpoint-*' --out OUT --k 2
+    next-jax-posthoc --base BASE --checkpoints 'RUN/global_step_*/actor/huggingface' \\
+        --out OUT --alphas 1.5,2.5 --backtest last                                 # merged / full-param
 
 Reads every checkpoint (next_jax.nxt.runs: safetensors only, the step from the directory name, rank, α,
 targets and shapes checked against each other and the base), then writes, atomically, OUT/:
@@ -20,7 +20,6 @@ Nothing is written when an input is wrong: the error names the path or the flag.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import glob
 import json
@@ -31,6 +30,7 @@ from pathlib import Path
 
 import jax
 import numpy as np
+from absl import flags
 
 from next_jax.core import outdir
 from next_jax.core.metrics import progress
@@ -46,33 +46,54 @@ from next_jax.rl import trained
 OFFICIAL_ALPHAS = "0.5,1.0,1.5,2.0,2.5,3.0,3.5,4.0"
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--base", required=True, help="the base model's HF directory (W₀)")
-  p.add_argument("--checkpoints", required=True, help="glob of checkpoint directories (quote it)")
-  p.add_argument("--out", required=True, help="output directory (written atomically)")
-  p.add_argument("--interval", type=int, default=None, help="steps between snapshots (default: the first step)")
-  p.add_argument("--max-step", type=int, default=None, help="ignore checkpoints after this step")
-  p.add_argument("--k", type=int, default=5, help="NExt's target k snapshots ahead (paper: 5)")
-  p.add_argument("--alphas", nargs="+", default=[OFFICIAL_ALPHAS],
-                 help="jump scales α, space- or comma-separated (default: the official grid 0.5 … 4.0)")
-  p.add_argument("--sign", default="max_abs_u", choices=SIGN_MODES,
-                 help="SVD sign canonicalisation of every triplet: max_abs_u (default: u's largest-|entry| "
-                      "made positive, so targets do not flip sign between snapshots) or none (the SVD's own "
-                      "sign, as the official code keeps it: it does not canonicalise)")
-  p.add_argument("--epochs", type=int, default=1000, help="predictor epochs (paper: 1000)")
-  p.add_argument("--backtest", default="all", choices=("all", "last", "none"), help="back-test origins")
-  p.add_argument("--write", default="merged,adapter", help="jump formats: merged, adapter (LoRA), or none")
-  p.add_argument("--seed", type=int, default=0, help="predictor seed")
-  p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
-  return p.parse_args(argv)
+def _flag_values() -> flags.FlagValues:
+  """The command's absl flags, on a FlagValues of their own: `main(argv)` parses afresh at every call."""
+  fv = flags.FlagValues()
+  on = {"flag_values": fv}
+  flags.DEFINE_string("base", None, "the base model's HF directory (W₀)", **on)
+  flags.DEFINE_string("checkpoints", None, "glob of checkpoint directories (quote it)", **on)
+  flags.DEFINE_string("out", None, "output directory (written atomically)", **on)
+  flags.DEFINE_integer("interval", None, "steps between snapshots (default: the first step)", **on)
+  flags.DEFINE_integer("max_step", None, "ignore checkpoints after this step", **on)
+  flags.DEFINE_integer("k", 5, "NExt's target k snapshots ahead (paper: 5)", **on)
+  flags.DEFINE_list("alphas", OFFICIAL_ALPHAS, "jump scales α, comma-separated (default: the official grid "
+                    "0.5 … 4.0)", **on)
+  flags.DEFINE_enum("sign", "max_abs_u", SIGN_MODES, "SVD sign canonicalisation of every triplet: max_abs_u "
+                    "(u's largest-|entry| made positive, so targets do not flip sign between snapshots) or none "
+                    "(the SVD's own sign, as the official code keeps it: it does not canonicalise)", **on)
+  flags.DEFINE_integer("epochs", 1000, "predictor epochs (paper: 1000)", **on)
+  flags.DEFINE_enum("backtest", "all", ("all", "last", "none"), "back-test origins", **on)
+  flags.DEFINE_string("write", "merged,adapter", "jump formats: merged, adapter (LoRA), or none", **on)
+  flags.DEFINE_integer("seed", 0, "predictor seed", **on)
+  flags.DEFINE_bool("overwrite", False, "replace an existing --out", **on)
+  return fv
+
+
+def parse_args(argv: list[str]) -> flags.FlagValues:
+  """absl flags (`--k=2` or `--k 2`, lists comma-separated, `--overwrite`); --help prints them. A bad or
+  missing flag exits with one line naming it."""
+  fv = _flag_values()
+  if {"-h", "--help", "--helpshort", "--helpfull"} & set(argv):
+    print(__doc__ + "\nflags:\n" + fv.get_help(include_special_flags=False))
+    sys.exit(0)
+  try:
+    rest = fv(["next-jax-posthoc", *argv])
+  except flags.Error as e:
+    sys.exit(f"posthoc: {e}")
+  if len(rest) > 1:
+    sys.exit(f"posthoc: unexpected argument {rest[1]!r} (a flag takes one value; lists are comma-separated: "
+             "--alphas=1.5,3.0)")
+  for name in ("base", "checkpoints", "out"):
+    if fv[name].value is None:
+      sys.exit(f"posthoc: --{name} is required")
+  return fv
 
 
 def parse_alphas(values: list[str]) -> dict[str, float]:
-  """--alphas as given ("1.0 1.5", "1.0,1.5" or both) → {text as written: α}, in order. The text names
+  """--alphas as given (["1.0", "1.5"] from "1.0,1.5") → {text as written: α}, in order. The text names
   the output folder (alpha_1.0). Refuses non-numbers, α ≤ 0 or non-finite, and one α written twice."""
   texts = [t.strip() for v in values for t in v.split(",") if t.strip()]
-  given = " ".join(values)
+  given = ",".join(values)
   try:
     alphas = {t: float(t) for t in texts}
   except ValueError as e:

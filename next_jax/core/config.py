@@ -182,7 +182,7 @@ def base() -> ml_collections.ConfigDict:
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = 1  # data-parallel devices (0 = all that fsdp·tensor leave)
-  c.mesh.fsdp = 1  # fully-sharded params + batch (next_jax/core/sharding.py); see experiments/memory_plan.py
+  c.mesh.fsdp = 1  # fully-sharded params + batch (next_jax/core/sharding.py); see next-jax-memory-plan
   c.mesh.tensor = 1  # tensor parallelism: heads / MLP width / vocabulary split over devices
   # multi-host (TPU pod slice / several GPU hosts): jax.distributed.initialize before anything else.
   # On Cloud TPU leave the three fields empty and set distributed=True (JAX discovers the slice).

@@ -115,7 +115,7 @@ def _config_json(model_dir: Path) -> dict[str, Any]:
   path = model_dir / "config.json"
   if model_dir.is_file() and model_dir.suffix.lower() == ".gguf":
     raise CheckpointError(f"{model_dir}: is a GGUF file, not a Hugging Face model directory; convert it once "
-                          f"with `python -m next_jax.cli.convert {model_dir}` and pass the directory it "
+                          f"with `next-jax-convert --model={model_dir}` and pass the directory it "
                           "prints")
   if model_dir.is_file():
     raise CheckpointError(f"{model_dir}: is a file, not a Hugging Face model directory (config.json, "

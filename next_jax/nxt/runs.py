@@ -135,7 +135,7 @@ def select(found: list[tuple[int, str, Path]], interval: int | None, max_step: i
     raise CheckpointError(f"--interval {interval} must be a positive number of steps")
   found = [f for f in found if max_step is None or f[0] <= max_step]
   if not found:
-    raise CheckpointError(f"--max-step {max_step} is below every checkpoint's step")
+    raise CheckpointError(f"--max_step {max_step} is below every checkpoint's step")
   every = interval or found[0][0]
   if every < 1:
     raise CheckpointError(f"checkpoint {found[0][2]} is at step {found[0][0]}; the first checkpoint sets the "
@@ -146,7 +146,7 @@ def select(found: list[tuple[int, str, Path]], interval: int | None, max_step: i
     raise CheckpointError(f"checkpoints at steps {[f[0] for f in found][:12]} are not evenly spaced: "
                           f"{', '.join(str(f[2]) for f in off[:5])} lie off the grid of every {every} steps "
                           "(set by the first checkpoint); pass --interval N to use only steps N, 2N, … "
-                          "(the others are listed), or --max-step to stop before them")
+                          "(the others are listed), or --max_step to stop before them")
   have = {f[0] for f in kept}
   last = max(have, default=0)
   missing = [s for s in range(every, last + 1, every) if s not in have]

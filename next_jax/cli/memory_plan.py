@@ -1,8 +1,8 @@
 """Per-device memory plan of a config on a mesh, without devices (next_jax.run.memory).
 
-    python -m experiments.memory_plan --config=qwen25_paper:size=7B \
+    next-jax-memory-plan --config=qwen25_paper:size=7B \
         --config.mesh.fsdp=8 --config.mesh.tensor=4
-    python -m experiments.memory_plan --config=qwen25_paper:size=14B,trainable=full --sweep
+    next-jax-memory-plan --config=qwen25_paper:size=14B,trainable=full --sweep
 
 The model comes from `config.model.preset` (a Qwen2.5 size: no checkpoint needed) or model.dir's
 config.json. mesh.data=0 ("all devices") is planned as --chips // (fsdp·tensor), or 1 without --chips.
@@ -11,18 +11,14 @@ config.json. mesh.data=0 ("all devices") is planned as --chips // (fsdp·tensor)
 Qwen2.5 size, the sampler's KV cache and sample-phase total per device with an fp32 and a bf16 cache.
 """
 
-import os
+import dataclasses
+import math
+import sys
 
-os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+from absl import app, flags
+from ml_collections import config_flags
 
-import dataclasses  # noqa: E402
-import math  # noqa: E402
-import sys  # noqa: E402
-
-from absl import app, flags  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
-
-from next_jax import configs  # noqa: E402
+from next_jax import configs
 
 _CONFIG = config_flags.DEFINE_config_file("config", configs.resolve("qwen25_paper"),
                                           "a preset (next_jax/configs/) or a config file, [:arg]")
@@ -166,5 +162,10 @@ def main(argv):
     print(plan_table(memory.plan(cfg, lcfg, tx, w, sizes)))
 
 
-if __name__ == "__main__":
+def cli() -> None:
+  """The console script `next-jax-memory-plan`."""
   app.run(main, flags_parser=lambda argv: flags.FLAGS(configs.resolve_argv(argv)))
+
+
+if __name__ == "__main__":
+  cli()
