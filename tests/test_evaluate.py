@@ -3,6 +3,7 @@ files; the JSONL rows and the table checked against a recomputation; resume; ref
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -59,7 +60,7 @@ def test_rows_and_table_match_a_recomputation(chat_model_dir, data_dir, parity_r
   summaries = evaluate.run(s, tmp_path / "out", progress=False)
   table = (tmp_path / "out" / "table.md").read_text()
   for name in BENCHES:
-    chosen = evaluate.select(data.load_benchmark(name), 3, 1)
+    chosen = data.subset(data.load_benchmark(name), 3, 1)
     rows = _rows(tmp_path / "out" / f"{name}.jsonl")
     assert [(r["id"], r["sample"]) for r in rows] == [(p.id, j) for p in chosen for j in range(2)]
     for r, p in zip(rows, [p for p in chosen for _ in range(2)]):
@@ -89,6 +90,33 @@ def test_a_killed_run_resumes_to_the_same_rows(chat_model_dir, data_dir, parity_
   path.write_text("".join(lines[:3]) + lines[3][:10])  # a kill mid-write: one chunk and a half, a torn line
   evaluate.run(s, tmp_path / "out", progress=False)
   assert path.read_text() == whole
+
+
+def test_a_run_scores_its_benchmarks_as_the_command_does_and_its_checkpoint_is_a_model(chat_model_dir, data_dir,
+                                                                                        parity_reward, tmp_path):
+  """The trainer's periodic evaluation on config.eval.benchmarks equals the evaluate command on the same
+  problems, budget and greedy decoding: at step 0 with the run's model, at the end with --run (the run's
+  last checkpoint: LoRA and base weights moved by the jump)."""
+  from next_jax.configs import smollm2  # noqa: PLC0415
+  from next_jax.run import experiment  # noqa: PLC0415
+  c = smollm2.get_config("quick")
+  c.model.dir, c.workdir, c.ckpt.every, c.rl.lr = str(chat_model_dir), str(tmp_path / "run"), 5, 0.05
+  c.nxt.method = "rl_extra"  # a jump that moves the base weights, without compiling NExt's predictors
+  c.log.progress = c.log.tensorboard = False
+  c.eval.benchmarks, c.eval.limit, c.eval.max_new_tokens, c.eval.samples, c.eval.temperature = \
+      ("gsm8k",), 3, 6, 1, 0.0
+  res = experiment.run(c)
+  assert list(res["benchmarks"]) == ["0", "5"] and res["jumps"]
+  s = evaluate.EvalSettings(model=str(chat_model_dir), benchmarks=("gsm8k",), samples=1,
+                            temperature=0.0, max_new_tokens=6, limit=3, chunk=3, system=c.task.system)
+  at0 = evaluate.run(s, tmp_path / "ev0", progress=False)
+  at5 = evaluate.run(dataclasses.replace(s, model="", run=c.workdir), tmp_path / "ev5", progress=False)
+  for step, got in (("0", at0), ("5", at5)):
+    assert res["benchmarks"][step] == {"gsm8k": got["gsm8k"]["avg@1"]}
+  rows = [_rows(tmp_path / d / "gsm8k.jsonl") for d in ("ev0", "ev5")]
+  assert [r["response"] for r in rows[0]] != [r["response"] for r in rows[1]]  # the run moved the policy
+  with pytest.raises(experiment.ConfigError, match="no checkpoint at step 7"):
+    evaluate.load_policy("", run=c.workdir, step=7)
 
 
 def test_other_settings_in_out_are_refused_naming_the_field(chat_model_dir, data_dir, tmp_path):

@@ -1,14 +1,17 @@
 """Evaluate a model on named math benchmarks (data.BENCHMARKS): avg@k, pass@k, mean response length,
 the share truncated at the token limit, a table like the paper's, and one JSONL row per sample.
 
-    python -m next_jax.cli.evaluate --model=smollm2-135m-instruct --benchmarks=gsm8k,math500 --samples=4 \
+    next-jax-evaluate --model=smollm2-135m-instruct --benchmarks=gsm8k,math500 --samples=4 \
         --max_new_tokens=512 --limit=64 --out=evals/smollm2
-    python -m next_jax.cli.evaluate --config=qwen25_paper:size=7B --model=/data/Qwen2.5-7B-Instruct \
+    next-jax-evaluate --config=qwen25_paper:size=7B --model=/data/Qwen2.5-7B-Instruct \
         --out=evals/qwen25_7b                        # the config's eval.benchmarks / samples / tokens
-    python -m next_jax.cli.evaluate --model=/data/Qwen2.5-1.5B-Instruct --adapter=runs/x/adapter ...
+    next-jax-evaluate --model=/data/Qwen2.5-1.5B-Instruct --adapter=runs/x/adapter ...
+    next-jax-evaluate --run=runs/default --step=150 --benchmarks=gsm8k --out=evals/run150
 
 --model: an HF directory, a .gguf file or a packaged name (model_files.resolve); --adapter: a PEFT LoRA
-directory applied on top. Prompt: the tokenizer's chat template over [system?, user: problem + "\\n" +
+directory applied on top; --run: a run's workdir, evaluated as its checkpoint at --step (default: the
+latest) holds it (base weights moved by jumps, LoRA or full weights; `experiment.restore`), its model
+from the run's model.dir unless --model names where it is now. Prompt: the tokenizer's chat template over [system?, user: problem + "\\n" +
 instruction], instruction = the benchmark's (default "Please reason step by step, and put your final answer
 within \\boxed{}."); --instruction replaces it. --limit n: a fixed subset of n problems per benchmark,
 drawn with --subset_seed and kept in file order. Settings not given come from --config's eval section
@@ -55,6 +58,8 @@ class EvalSettings:
   model: str
   benchmarks: tuple[str, ...]
   adapter: str = ""
+  run: str = ""  # a run's workdir: its checkpoint at `step` (0: the latest) is the policy
+  step: int = 0
   samples: int = 8
   temperature: float = 1.0
   top_p: float = 1.0
@@ -69,6 +74,10 @@ class EvalSettings:
 
   def check(self) -> None:
     """One ValueError naming the first bad field."""
+    if not self.model and not self.run:
+      raise ValueError("--model: give an HF directory, a .gguf file or a packaged name (or --run)")
+    if self.run and self.adapter:
+      raise ValueError(f"--adapter={self.adapter!r}: a run's checkpoint (--run) holds its own adapter")
     if not self.benchmarks:
       raise ValueError("benchmarks: name at least one of " + ", ".join(sorted(data.BENCHMARKS)))
     unknown = [b for b in self.benchmarks if b not in data.BENCHMARKS]
@@ -85,15 +94,6 @@ class EvalSettings:
 # ------------------------------------------------------------------------------------------- metrics
 
 
-def select(problems: Sequence[data.Problem], limit: int, seed: int) -> list[data.Problem]:
-  """A fixed subset of `limit` problems (0: all), drawn without replacement by default_rng(seed), in file
-  order."""
-  if not limit or limit >= len(problems):
-    return list(problems)
-  keep = np.sort(np.random.default_rng(seed).choice(len(problems), size=limit, replace=False))
-  return [problems[i] for i in keep]
-
-
 def summarize(rows: Sequence[dict], samples: int) -> dict[str, float]:
   """avg@k, pass@k, mean length, truncated share over rows grouped k per problem (module docstring)."""
   r = np.asarray([row["reward"] for row in rows], np.float64).reshape(-1, samples)
@@ -101,6 +101,13 @@ def summarize(rows: Sequence[dict], samples: int) -> dict[str, float]:
           f"pass@{samples}": float((r > 0.5).any(axis=1).mean()),
           "length": float(np.mean([row["length"] for row in rows])),
           "truncated": float(np.mean([row["truncated"] for row in rows]))}
+
+
+def label(settings: EvalSettings) -> str:
+  """The table's name for the policy: the model's, or the run's with its step."""
+  if settings.run:
+    return f"{Path(settings.run).name}@{settings.step or 'latest'}"
+  return Path(settings.model).name
 
 
 def table(summaries: dict[str, dict], samples: int, label: str = "model") -> str:
@@ -189,10 +196,17 @@ class Policy:
     return tuple(sorted(i for i in {tok.eos_token_id, tok.pad_token_id} if i is not None))
 
 
-def load_policy(model: str, adapter: str = "", dtype: str = "") -> Policy:
-  """model_files.resolve(model) → hf.load_model; a PEFT adapter directory on top when given."""
+def load_policy(model: str, adapter: str = "", dtype: str = "", run: str = "", step: int = 0) -> Policy:
+  """model_files.resolve(model) → hf.load_model; a PEFT adapter directory on top when given. With `run`,
+  the run's checkpoint at `step` (0: the latest) instead, its model from `model` when given."""
   from next_jax.models import hf, model_files, peft_io  # noqa: PLC0415
 
+  if run:
+    from next_jax.rl import trained  # noqa: PLC0415
+    from next_jax.run import experiment  # noqa: PLC0415
+    exp, state, _ = experiment.restore(run, step or None, model or None)
+    params, kw = trained.policy_args(state.base_params, state.rl.train.params, exp.setup.lora_cfg)
+    return Policy(exp.setup.cfg, params, exp.tokenizer, kw.get("lora"), kw.get("lora_cfg"))
   cfg, params, tok = hf.load_model(model_files.resolve(model), dtype=dtype or None)
   if not adapter:
     return Policy(cfg, params, tok)
@@ -237,7 +251,7 @@ def evaluate_benchmark(policy: Policy, name: str, settings: EvalSettings, out: P
   chunks), then its summary."""
   import jax  # noqa: PLC0415
 
-  problems = select(data.load_benchmark(name, data_dir), settings.limit, settings.subset_seed)
+  problems = data.subset(data.load_benchmark(name, data_dir), settings.limit, settings.subset_seed)
   instruction = data.BENCHMARKS[name].instruction if settings.instruction is None else settings.instruction
   path, k, c = out / f"{name}.jsonl", settings.samples, settings.chunk
   rows = read_rows(path, k, c, len(problems))
@@ -263,11 +277,11 @@ def run(settings: EvalSettings, out: str | os.PathLike, data_dir=None, overwrite
   from next_jax.core import metrics  # noqa: PLC0415
 
   settings.check()
-  sizes = {n: len(select(data.load_benchmark(n, data_dir), settings.limit, settings.subset_seed))
+  sizes = {n: len(data.subset(data.load_benchmark(n, data_dir), settings.limit, settings.subset_seed))
            for n in settings.benchmarks}  # every file read (and every name checked) before any work
   out = prepare_out(out, settings, overwrite)
   with outdir.lock(outdir.lock_path(out), str(out)):
-    policy = load_policy(settings.model, settings.adapter, settings.dtype)
+    policy = load_policy(settings.model, settings.adapter, settings.dtype, settings.run, settings.step)
     bar = metrics.progress(total=sum(sizes.values()), desc="evaluate (problems)",
                            disable=None if progress else True)
     summaries = {n: evaluate_benchmark(policy, n, settings, out, data_dir, bar) for n in settings.benchmarks}
@@ -275,7 +289,7 @@ def run(settings: EvalSettings, out: str | os.PathLike, data_dir=None, overwrite
     _write_text(out / "summary.json", json.dumps(
         {"settings": dataclasses.asdict(settings), "prompt": PROMPT_NOTE, "benchmarks": summaries},
         indent=2) + "\n")
-    _write_text(out / "table.md", table(summaries, settings.samples, Path(settings.model).name))
+    _write_text(out / "table.md", table(summaries, settings.samples, label(settings)))
     outdir._mark(out, complete=True)
   return summaries
 
@@ -290,6 +304,8 @@ def _define_flags():
   config_flags.DEFINE_config_file("config", None, "optional experiment config file[:arg]: eval.* defaults")
   flags.DEFINE_string("model", None, "HF directory, .gguf file or packaged name (smollm2-135m-instruct)")
   flags.DEFINE_string("adapter", "", "a PEFT LoRA adapter directory applied on the model")
+  flags.DEFINE_string("run", "", "a run's workdir: evaluate its checkpoint (--step) instead of --model")
+  flags.DEFINE_integer("step", 0, "the --run checkpoint's step (0: the latest)")
   flags.DEFINE_list("benchmarks", None, f"names from {sorted(data.BENCHMARKS)}")
   flags.DEFINE_integer("samples", None, "samples per problem k (avg@k, pass@k); default 8")
   flags.DEFINE_float("temperature", None, "sampling temperature; default 1.0")
@@ -297,7 +313,7 @@ def _define_flags():
   flags.DEFINE_integer("max_new_tokens", None, "new tokens per response; default 4096")
   flags.DEFINE_string("instruction", None, "replaces each benchmark's instruction ('' for none)")
   flags.DEFINE_string("system", "", "a system message")
-  flags.DEFINE_integer("limit", 0, "a fixed seeded subset of this many problems per benchmark (0: all)")
+  flags.DEFINE_integer("limit", None, "a fixed seeded subset of this many problems per benchmark (0: all)")
   flags.DEFINE_integer("subset_seed", 0, "seed of the --limit subset")
   flags.DEFINE_integer("seed", 0, "sampling seed")
   flags.DEFINE_integer("chunk", 8, "problems per sampler call")
@@ -313,25 +329,26 @@ def settings_from_flags(FLAGS) -> tuple[EvalSettings, str | None]:
   """EvalSettings from the flags, falling back to --config's eval / rollout / model fields, then defaults."""
   c = FLAGS.config
 
-  def pick(flag, field, default):
+  def pick(flag, fields, default):
+    """The flag; else the first set config field of `fields` (0 counts as unset for token budgets)."""
     value = getattr(FLAGS, flag)
     if value is not None:
       return value
-    if c is not None:
+    for field in ((fields,) if isinstance(fields, str) else fields) if c is not None else ():
       node = c
       for part in field.split("."):
         node = node[part]
-      if node not in ("", (), None):
+      if node not in ("", (), None) and not (field.endswith("max_new_tokens") and node == 0):
         return node
     return default
 
-  s = EvalSettings(model=pick("model", "model.dir", ""), adapter=FLAGS.adapter,
+  s = EvalSettings(model=pick("model", "model.dir", ""), adapter=FLAGS.adapter, run=FLAGS.run, step=FLAGS.step,
                    benchmarks=tuple(pick("benchmarks", "eval.benchmarks", ())),
                    samples=pick("samples", "eval.samples", 8),
                    temperature=pick("temperature", "eval.temperature", 1.0),
                    top_p=pick("top_p", "rollout.top_p", 1.0),
-                   max_new_tokens=pick("max_new_tokens", "rollout.max_new_tokens", 4096),
-                   instruction=FLAGS.instruction, system=FLAGS.system, limit=FLAGS.limit,
+                   max_new_tokens=pick("max_new_tokens", ("eval.max_new_tokens", "rollout.max_new_tokens"), 4096),
+                   instruction=FLAGS.instruction, system=FLAGS.system, limit=pick("limit", "eval.limit", 0),
                    subset_seed=FLAGS.subset_seed, seed=FLAGS.seed, chunk=FLAGS.chunk, dtype=FLAGS.dtype)
   return s, pick("data_dir", "eval.data_dir", None)
 
@@ -345,14 +362,12 @@ def main(argv) -> None:
   FLAGS = flags.FLAGS
   try:
     settings, data_dir = settings_from_flags(FLAGS)
-    if not settings.model:
-      raise ValueError("--model: give an HF directory, a .gguf file or a packaged name")
     if not FLAGS.out:
       raise ValueError("--out: give an output directory")
     summaries = run(settings, FLAGS.out, data_dir, FLAGS.overwrite, FLAGS.progress)
   except (ValueError, FileNotFoundError, CheckpointError) as e:
     sys.exit(f"error: {e}")
-  print(table(summaries, settings.samples, Path(settings.model).name), end="")
+  print(table(summaries, settings.samples, label(settings)), end="")
   print(f"rows and summary: {FLAGS.out}")
 
 

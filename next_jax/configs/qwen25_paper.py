@@ -1,11 +1,11 @@
 """The paper's setting (METHOD.md §4) for Qwen2.5-{1.5B,3B,7B,14B}-Instruct on a local math data file.
 
-    python -m next_jax.cli.run --config=qwen25_paper:size=7B \
+    next-jax-run --config=qwen25_paper:size=7B \
         --config.model.dir=/data/Qwen2.5-7B-Instruct --config.task.path=/data/dapo-math-17k.parquet
 
 Nothing is downloaded: point model.dir at a local HF checkpoint and task.path at the data file.
 
-Evaluation (`python -m next_jax.cli.evaluate --config=qwen25_paper:size=7B --model=… --out=…`): the
+Evaluation (`next-jax-evaluate --config=qwen25_paper:size=7B --model=… --out=…`): the
 paper's benchmarks by name (next_jax.rl.data.BENCHMARKS, files under eval.data_dir / $NEXT_JAX_MATH_EVAL), avg@8 at
 temperature 1, top-p 1, 4096 new tokens. 1.5B/3B: AMC23 + Minerva (the paper's small-model tables); 7B/14B:
 AIME24, AIME25, AMC23, Minerva and OlympiadBench, which stands in for OlymMATH (no public copy at hand).

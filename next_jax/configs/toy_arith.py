@@ -1,8 +1,8 @@
 """CPU default: NExt on the synthetic a+b*c task with the toy Qwen2 base model (next_jax/run/toy_base.py).
 
-    python -m next_jax.cli.run --config=toy_arith
-    python -m next_jax.cli.run --config=toy_arith:algo=rloo,seed=1 --config.rl.lr=3e-3
-    python -m next_jax.cli.run --config=toy_arith:quick        # CI-sized smoke run
+    next-jax-run --config=toy_arith
+    next-jax-run --config=toy_arith:algo=rloo,seed=1 --config.rl.lr=3e-3
+    next-jax-run --config=toy_arith:quick        # CI-sized smoke run
 
 The paper's schedule (150 steps, snapshot every 10, k = 5, α = 1.5, then 100 more) at toy scale.
 """

@@ -166,7 +166,11 @@ def base() -> ml_collections.ConfigDict:
   c.eval.chunk = 256  # prompts per sampler call (one compiled shape)
   c.eval.samples = 1  # avg@samples
   c.eval.temperature = 1.0  # the paper evaluates at temperature 1.0
-  c.eval.benchmarks = ()  # next_jax.rl.data.BENCHMARKS names for `python -m next_jax.cli.evaluate` ("aime24", "amc23", …)
+  # next_jax.rl.data.BENCHMARKS names ("aime24", "amc23", …): evaluated in the run at every eval.every (each
+  # benchmark's accuracy beside the task's) and the evaluate command's default list
+  c.eval.benchmarks = ()
+  c.eval.limit = 0  # a fixed seeded subset of this many problems per benchmark (0: all of them)
+  c.eval.max_new_tokens = 0  # the benchmarks' response budget (0: rollout.max_new_tokens)
   c.eval.data_dir = ""  # the math-eval files ("": $NEXT_JAX_MATH_EVAL, else ../shared/data/math_eval)
 
   c.log = ml_collections.ConfigDict()
@@ -191,6 +195,23 @@ def base() -> ml_collections.ConfigDict:
   c.mesh.num_processes = 0
   c.mesh.process_id = -1
   c.lock()  # the schema: a misspelt or unknown key is an error, not a silently ignored new field
+  return c
+
+
+def from_dict(saved: dict, c: ml_collections.ConfigDict | None = None) -> ml_collections.ConfigDict:
+  """A saved config (a run's workdir/config.json) back into the schema: every key must be a field of
+  `base()` (a `knobs` section takes its own), lists become the schema's tuples; ConfigError names a key
+  this version does not know."""
+  c = base() if c is None else c
+  for key, value in saved.items():
+    if key == "knobs":
+      c[key] = ml_collections.ConfigDict(value)
+    elif key not in c:
+      raise ConfigError(f"config.json: {key!r} is not a field of this version's config schema")
+    elif isinstance(c[key], ml_collections.ConfigDict):
+      from_dict(value, c[key])
+    else:
+      c[key] = tuple(value) if isinstance(c[key], tuple) else value
   return c
 
 

@@ -368,6 +368,15 @@ def benchmark_path(name: str, data_dir: str | os.PathLike | None = None) -> Path
   return math_eval_dir(data_dir) / bench.file
 
 
+def subset(problems: Sequence[Problem], limit: int, seed: int = 0) -> list[Problem]:
+  """A fixed subset of `limit` problems (0: all), drawn without replacement by default_rng(seed), kept in
+  file order (the evaluate command's --limit, the trainer's eval.limit)."""
+  if not limit or limit >= len(problems):
+    return list(problems)
+  keep = np.sort(np.random.default_rng(seed).choice(len(problems), size=limit, replace=False))
+  return [problems[i] for i in keep]
+
+
 def load_benchmark(name: str, data_dir: str | os.PathLike | None = None,
                    limit: int | None = None) -> tuple[Problem, ...]:
   """The rows of benchmark `name` as Problems (task = name, the benchmark's verifier, ids "<file

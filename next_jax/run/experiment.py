@@ -175,6 +175,9 @@ def validate(c) -> None:
   loss_config(c)
   nxt_config(c)
   _check(c.eval.chunk >= 1 and c.eval.samples >= 1, "eval.chunk", c.eval.chunk, "chunk and samples ≥ 1")
+  _check(c.eval.limit >= 0, "eval.limit", c.eval.limit, "must be ≥ 0 (0: every problem)")
+  _check(c.eval.max_new_tokens >= 0, "eval.max_new_tokens", c.eval.max_new_tokens,
+         "must be ≥ 0 (0: rollout.max_new_tokens)")
   _check(set(c.eval.benchmarks) <= set(data.BENCHMARKS), "eval.benchmarks", c.eval.benchmarks,
          f"names one that is not in {sorted(data.BENCHMARKS)}")
   _check(c.mesh.data >= 0, "mesh.data", c.mesh.data, "must be ≥ 0 (0 = all devices)")
@@ -218,6 +221,7 @@ class Experiment:
   test: tuple
   val: tuple
   state: sm.NExtState
+  benchmarks: dict = dataclasses.field(default_factory=dict)  # {name: (its RLSetup, its problems)}
 
 
 # a prompt of more than this many characters per rollout.prompt_len token cannot fit (real text averages ~4):
@@ -307,6 +311,7 @@ def build(c, model_dir: str | None = None) -> Experiment:
       pad_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id,
       stop_ids=tuple(i for i in {tok.eos_token_id, tok.pad_token_id} if i is not None), mesh=mesh,
       kl_in_reward=c.rl.kl_in_reward)
+  benchmarks = benchmark_setups(c, setup, tok, model_cfg.max_position_embeddings)
   ncfg = nxt_config(c)
   trainable = policy.init_lora(cfg, lcfg, jax.random.PRNGKey(c.seed)) if lcfg else params
   trainable = place(trainable, mesh) if mesh is not None else trainable
@@ -315,7 +320,59 @@ def build(c, model_dir: str | None = None) -> Experiment:
       decay_steps=ncfg.total_steps * c.rl.num_mini_batches, weight_decay=c.rl.weight_decay, b1=c.rl.b1,
       b2=c.rl.b2, grad_clip=c.rl.grad_clip or None))
   state = sm.init(setup, ncfg, params, trainer.init_state(trainable, tx, c.seed))
-  return Experiment(c, setup, ncfg, params, tok, train, test, val, state)
+  return Experiment(c, setup, ncfg, params, tok, train, test, val, state, benchmarks)
+
+
+def benchmark_setups(c, setup: trainer.RLSetup, tok, max_positions: int) -> dict[str, tuple]:
+  """config.eval.benchmarks → {name: (setup, problems)}: the run's setup posing the benchmark as the evaluate
+  command does (chat template + problem + its instruction), its verifier, a prompt length that fits its
+  longest prompt (rounded up to 64: one compiled program per benchmark) and eval.max_new_tokens new tokens
+  (0: rollout.max_new_tokens); eval.limit problems drawn by data.subset (seed 0), as `--limit` draws them."""
+  out = {}
+  new_tokens = c.eval.max_new_tokens or c.rollout.max_new_tokens
+  for name in c.eval.benchmarks:
+    try:
+      problems = tuple(data.subset(data.load_benchmark(name, c.eval.data_dir or None), c.eval.limit))
+    except (OSError, ValueError) as e:
+      raise ConfigError(f"config.eval.benchmarks={c.eval.benchmarks!r}: {e}") from e
+    instruction = data.BENCHMARKS[name].instruction
+    fmt = lambda p, i=instruction: data.format_prompt(p, tok, system=c.task.system or None, instruction=i)  # noqa: E731
+    longest = max(len(ids) for ids in tok([fmt(p) for p in problems], add_special_tokens=False)["input_ids"])
+    prompt_len = -(-longest // 64) * 64
+    _check(prompt_len + new_tokens <= max_positions, "eval.max_new_tokens", c.eval.max_new_tokens,
+           f"{name}'s prompts ({prompt_len} tokens) + {new_tokens} new tokens exceed the model's "
+           f"max_position_embeddings = {max_positions}")
+    verify = {p.verifier: rewards.get_reward(p.verifier) for p in problems}
+    out[name] = (dataclasses.replace(
+        setup, encode=lambda p, f=fmt: tok(f(p), add_special_tokens=False)["input_ids"],
+        reward=lambda text, p, v=verify: v[p.verifier](text, p.answer),
+        rollout=dataclasses.replace(setup.rollout, prompt_len=prompt_len, max_new_tokens=new_tokens)), problems)
+  return out
+
+
+def restore(run_dir: str | Path, step: int | None = None, model_dir: str | None = None):
+  """A run's policy at `step` (default: its latest checkpoint), from what the run wrote: its config
+  (run_dir/config.json, `config.from_dict`), the experiment built from it (model.dir, or `model_dir` when
+  the model has moved), and the checkpointed state, verified → (experiment, state, step)."""
+  run_dir = Path(run_dir)
+  try:
+    saved = json.loads((run_dir / "config.json").read_text())
+  except (OSError, json.JSONDecodeError) as e:
+    raise ConfigError(f"{run_dir}: not a run directory (config.json: {e})") from e
+  c = config.from_dict(saved)
+  c.eval.benchmarks = ()  # the run's own benchmark list is not what is asked here
+  exp = build(c, model_dir)
+  reader = Checkpointer(run_dir / "ckpt", read_only=True)
+  try:
+    step = reader.latest_step() if step is None else step
+    if step is None:
+      raise ConfigError(f"{run_dir}/ckpt: the run has no checkpoint yet")
+    if step not in reader.all_steps():
+      raise ConfigError(f"{run_dir}/ckpt: no checkpoint at step {step}; there are {sorted(reader.all_steps())}")
+    state, _ = reader.restore(exp.state, step)
+  finally:
+    reader.close()
+  return exp, state, step
 
 
 def check_lora_rank(lcfg: policy.LoraConfig, cfg: policy.ModelConfig) -> None:
@@ -342,6 +399,14 @@ def accuracy(exp: Experiment, state: sm.NExtState, problems, seed: int = 0) -> f
   out = trainer.evaluate(exp.setup, base, trainable, problems, chunk=exp.config.eval.chunk,
                          samples=exp.config.eval.samples, temperature=exp.config.eval.temperature, seed=seed)
   return out["accuracy"]
+
+
+def benchmark_accuracy(exp: Experiment, state: sm.NExtState) -> dict[str, float]:
+  """{benchmark: avg@eval.samples} of the state's policy on each of exp.benchmarks (config.eval)."""
+  e = exp.config.eval
+  return {name: trainer.evaluate(setup, state.base_params, state.rl.train.params, problems,
+                                 chunk=min(e.chunk, len(problems)), samples=e.samples, temperature=e.temperature,
+                                 seed=0)["accuracy"] for name, (setup, problems) in exp.benchmarks.items()}
 
 
 def icer(steps: int, acc: float, backbone: float) -> float:
@@ -397,6 +462,15 @@ def _train(c, exp: Experiment, state: sm.NExtState, meta: dict | None, resuming:
                 ", ".join(f"{x['field']} {x['old']!r} → {x['new']!r}" for x in changes))
   if "backbone" not in results:
     results["backbone"] = accuracy(exp, exp.state, exp.test)
+  if exp.benchmarks and "benchmarks" not in results:  # {step: {benchmark: accuracy}}, the backbone's at 0
+    results["benchmarks"] = {"0": benchmark_accuracy(exp, exp.state)}
+
+  def record(step: int, s) -> None:
+    results["evals"][str(step)] = accuracy(exp, s, exp.test)
+    writer.write(step, {"eval/accuracy": results["evals"][str(step)]})
+    if exp.benchmarks:
+      results["benchmarks"][str(step)] = benchmark_accuracy(exp, s)
+      writer.write(step, {f"eval/{name}": acc for name, acc in results["benchmarks"][str(step)].items()})
   val_score = (lambda s: accuracy(exp, s, exp.val, seed=1)) if exp.ncfg.alpha == "auto" else None
 
   def on_jump(s, info):
@@ -409,20 +483,18 @@ def _train(c, exp: Experiment, state: sm.NExtState, meta: dict | None, resuming:
     results["nonfinite_steps"] += int(m.get("nonfinite_updates", 0) > 0)
     results["oversized_steps"] += int(m.get("oversized_updates", 0) > 0)
     if c.eval.every and step % c.eval.every == 0 and step < exp.ncfg.total_steps:
-      results["evals"][str(step)] = accuracy(exp, s, exp.test)
-      writer.write(step, {"eval/accuracy": results["evals"][str(step)]})
+      record(step, s)
 
   state = driver.run(exp.setup, exp.ncfg, state, writer=writer, checkpointer=ckpt, checkpoint_every=c.ckpt.every,
                  score=val_score, on_jump=on_jump, on_step=on_step, progress_bar=c.log.progress,
                  max_faults=c.rl.max_faults,
                  meta=lambda: {"results": results, "metric_rows": writer.num_rows(),
                                "config": json.loads(c.to_json())})
-  final = accuracy(exp, state, exp.test)
   steps = exp.ncfg.total_steps
+  record(steps, state)
+  final = results["evals"][str(steps)]
   results.update({"final": final, "steps": steps, "icer": icer(steps, final, results["backbone"]),
                   "method": exp.ncfg.method, "workdir": str(wd), **sm.trajectory_bytes(state)})
-  results["evals"][str(steps)] = final
-  writer.write(steps, {"eval/accuracy": final})
   writer.close()
   workdir.write_results(wd, results)
   return results
