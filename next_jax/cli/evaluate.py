@@ -9,13 +9,14 @@ the share truncated at the token limit, a table like the paper's, and one JSONL 
     next-jax-evaluate --run=runs/default --step=150 --benchmarks=gsm8k --out=evals/run150
 
 --model: an HF directory, a .gguf file or a packaged name (model_files.resolve); --adapter: a PEFT LoRA
-directory applied on top; --run: a run's workdir, evaluated as its checkpoint at --step (default: the
-latest) holds it (base weights moved by jumps, LoRA or full weights; `experiment.restore`), its model
-from the run's model.dir unless --model names where it is now. Prompt: the tokenizer's chat template over [system?, user: problem + "\\n" +
-instruction], instruction = the benchmark's (default "Please reason step by step, and put your final answer
-within \\boxed{}."); --instruction replaces it. --limit n: a fixed subset of n problems per benchmark,
-drawn with --subset_seed and kept in file order. Settings not given come from --config's eval section
-(eval.benchmarks, eval.samples, eval.temperature, eval.data_dir), rollout.top_p / max_new_tokens and
+directory applied on top; --run: a run's workdir, evaluated as its checkpoint at --step (default: the latest)
+holds it (base weights moved by jumps, LoRA or full weights; `experiment.restore`), its model from the run's
+model.dir unless --model names where it is now. Prompt: the tokenizer's chat template over [system?, user:
+problem + "\\n" + instruction], instruction = the benchmark's (default "Please reason step by step, and put
+your final answer within \\boxed{}."); --instruction replaces it. --limit n: a fixed subset of n problems per
+benchmark, drawn with --subset_seed and kept in file order. Settings not given come from --config's eval
+section (eval.benchmarks, eval.samples, eval.temperature, eval.limit, eval.data_dir, eval.max_new_tokens, else
+rollout.max_new_tokens), rollout.top_p and
 model.dir, else the defaults below.
 
 Metrics per benchmark, over P problems with k samples each, reward r ∈ {0, 1}:

@@ -55,11 +55,11 @@ def nxt_config(c) -> NExtConfig:
   try:
     pcfg = PredictorConfig(**p.to_dict())  # the schema's nxt.predictor fields are the dataclass's
     return NExtConfig(method=n.method, extrapolate_at=n.extrapolate_at, interval=n.interval, k=n.k,
-                         alpha=n.alpha if n.alpha == "auto" else float(n.alpha),
-                         alpha_grid=tuple(float(a) for a in n.alpha_grid), total_steps=c.total_steps,
-                         knobs=tuple(sorted(n.knobs.to_dict().items())),
-                         cycles=n.cycles, sign=n.sign, continue_mode=n.continue_mode,
-                         horizon=n.horizon or None, faithful=n.faithful, predictor=pcfg)
+                      alpha=n.alpha if n.alpha == "auto" else float(n.alpha),
+                      alpha_grid=tuple(float(a) for a in n.alpha_grid), total_steps=c.total_steps,
+                      knobs=tuple(sorted(n.knobs.to_dict().items())),
+                      cycles=n.cycles, sign=n.sign, continue_mode=n.continue_mode,
+                      horizon=n.horizon or None, faithful=n.faithful, predictor=pcfg)
   except ValueError as e:
     raise ConfigError(f"config.{str(e).removeprefix('config.')}") from e
 
