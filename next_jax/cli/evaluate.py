@@ -16,8 +16,7 @@ problem + "\\n" + instruction], instruction = the benchmark's (default "Please r
 your final answer within \\boxed{}."); --instruction replaces it. --limit n: a fixed subset of n problems per
 benchmark, drawn with --subset_seed and kept in file order. Settings not given come from --config's eval
 section (eval.benchmarks, eval.samples, eval.temperature, eval.limit, eval.data_dir, eval.max_new_tokens, else
-rollout.max_new_tokens), rollout.top_p and
-model.dir, else the defaults below.
+rollout.max_new_tokens), rollout.top_p and model.dir, else the defaults below.
 
 Metrics per benchmark, over P problems with k samples each, reward r ∈ {0, 1}:
     avg@k = mean over all P·k samples of r          pass@k = mean over problems of 1[max_j r_j = 1]
