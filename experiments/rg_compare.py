@@ -4,7 +4,7 @@
     python -m experiments.rg_compare --stage collect    # backbone → 75: the shared jump-point state
     python -m experiments.rg_compare --stage grpo       # plain GRPO 75 → 200 (its LoRA at 100 is the true future)
     python -m experiments.rg_compare --stage next       # NExt (α 1.5, official predictor) jumps at 75, GRPO to 125
-    python -m experiments.rg_compare --stage rl_extra   # RL-Extra jumps at 75, GRPO to 125
+    python -m experiments.rg_compare --stage rl_extra   # RL-Extra jumps at 75, GRPO to 125 (also relex, alpharl)
     python -m experiments.rg_compare --stage analysis   # drift at 75; each Δ against W₁₀₀ − W₇₅ (needs grpo ≥ 100)
     python -m experiments.rg_compare --report-only      # compare.md from compare.jsonl
 
@@ -40,7 +40,7 @@ from next_jax.run import state_machine as sm
 ROOT = Path(__file__).resolve().parents[1]
 SCHED = rp.Schedule(jump=75, interval=5, k=5, extra=50, long=200)
 QUICK = rp.Schedule(jump=4, interval=1, k=2, extra=2, long=6)  # --quick: a smoke run of every stage
-BRANCHES = ("next", "rl_extra")
+BRANCHES = ("next", "rl_extra", "relex", "alpharl")
 EVAL_SEED = 12345  # the probe's: every branch samples its test answers with the same keys
 ALL_FIELDS = SAVED + ("base_params", "cycle", "cycle_start")  # after a jump the base weights moved
 
@@ -158,8 +158,12 @@ def branch(run: Run, method: str) -> None:
 
 
 def analysis(run: Run) -> None:
-  """Drift measures at the jump point, and each method's Δ against the true future W₁₀₀ − W₇₅."""
-  if run.has(kind="analysis"):
+  """Drift measures at the jump point, and each branch's Δ against the true future W₁₀₀ − W₇₅: a rerun
+  adds a row for the branches that have run since (each method's Δ is computed once)."""
+  done = {m for r in read(run.rows_path) if r["kind"] == "analysis" for m in r["agreement"]}
+  ran = {r["method"] for r in read(run.rows_path) if r["kind"] == "jump"}
+  todo = [m for m in BRANCHES if ex.label(m) in ran - done]
+  if not todo:
     return
   future = SCHED.jump + SCHED.k * SCHED.interval
   keep = Checkpointer(run.ck / "future", max_to_keep=1)
@@ -170,7 +174,7 @@ def analysis(run: Run) -> None:
   actual = rp.actual_future(run.exp, s_jump, params["params"])
   traj = sm.trajectory(run.exp.setup, run.exp.ncfg, s_jump)
   agreement = {}
-  for m in BRANCHES:
+  for m in todo:
     d, _ = ex.method_deltas(dataclasses.replace(run.exp.ncfg, method=m), traj, sm.jump_key(s_jump))
     agreement[ex.label(m)] = ex.delta_agreement(d, actual)
   an = rp.trajectory_analysis(run.exp, s_jump, SCHED)
@@ -219,8 +223,8 @@ def table(rows: list[dict]) -> str:
                      (f"; σ̂ min/median/max {sp['min']:.4g}/{sp['median']:.4g}/{sp['max']:.4g}, share at the "
                       f"median {sp['at_median']:.2f}" if sp else ""))
       if r["kind"] == "analysis":
-        d = r["drift"]
-        lines.append("- drift at the jump point: " + ", ".join(f"{k} {v:.3f}" for k, v in sorted(d.items())))
+        drift = "- drift at the jump point: " + ", ".join(f"{k} {v:.3f}" for k, v in sorted(r["drift"].items()))
+        lines += [drift] if drift not in lines else []  # the same state: one line, however many rows
         for m, a in r["agreement"].items():
           lines.append(f"- {m} Δ vs the true future W{r['future_step']} − W{r['step']}: cos (whole model) "
                        f"{a['cos_global']:.3f}, median cos {a['cos_median']:.3f}, rel. err "
