@@ -92,7 +92,7 @@ def test_the_schema_is_locked_so_a_misspelt_key_is_an_error():
 def test_impossible_schedules_are_refused(overrides, match):
   c = toy_arith.get_config()
   for k, v in overrides.items():
-    c.nxt[k] = v
+    (c if k == "total_steps" else c.nxt)[k] = v
   with pytest.raises(experiment.ConfigError, match=match):
     experiment.validate(c)
 
@@ -376,17 +376,19 @@ def test_no_module_imports_or_calls_a_pickle_loader():
 
 
 def test_loading_a_model_a_checkpoint_and_data_never_unpickles(model_dir, saved, tmp_path, monkeypatch):
+  from transformers import AutoTokenizer  # noqa: F401, PLC0415  (its first import probes pickle: not a load)
+
   def refuse(*a, **k):
     raise AssertionError("a pickle was loaded")
 
   for name in ("load", "loads", "Unpickler"):
     monkeypatch.setattr(pickle, name, refuse)
-  data = tmp_path / "d.jsonl"
-  data.write_text('{"prompt": "1+1=", "answer": "2"}\n')
+  path = tmp_path / "d.jsonl"
+  path.write_text('{"prompt": "1+1=", "answer": "2"}\n')
   hf.load_model(model_dir)
   d, state = saved
   Checkpointer(d).restore(state)
-  assert len(data.load_problems(data)) == 1
+  assert len(data.load_problems(path)) == 1
 
 
 def test_a_pickled_peft_adapter_is_refused_with_a_conversion_hint(tmp_path):

@@ -262,11 +262,11 @@ def test_convert_model_never_replaces_a_users_directory_or_the_working_directory
   (user / "sub" / "keep.txt").write_text("mine")
   monkeypatch.setattr(gguf_convert, "_reader", lambda *_: pytest.fail("converted before --out was checked"))
   with pytest.raises(SystemExit, match=r"--out .*user holds files next_jax did not write.*--overwrite"):
-    convert_model.main([str(src), "--out", str(user)])
+    convert_model.main([f"--model={src}", "--out", str(user)])
   assert (user / "sub" / "keep.txt").read_text() == "mine"
   monkeypatch.chdir(user)
   with pytest.raises(SystemExit, match=r"--out \. is the working directory"):
-    convert_model.main([str(src), "--out", ".", "--overwrite"])
+    convert_model.main([f"--model={src}", "--out", ".", "--overwrite"])
   assert (user / "sub" / "keep.txt").read_text() == "mine" and not [p for p in tmp_path.iterdir() if p.name != "user"]
 
 

@@ -12,27 +12,38 @@ from __future__ import annotations
 import sys
 import time
 
-from absl import app, flags
+from absl import flags
 
 from next_jax.models import hf, model_files
 
 
-def _define_flags() -> None:
-  flags.DEFINE_string("model", None, f"a .gguf file or one of {sorted(model_files.PACKAGED)}")
-  flags.DEFINE_string("out", None, "the HF directory to write (default: in the cache)")
+def _flag_values() -> flags.FlagValues:
+  """The command's absl flags, on a FlagValues of their own: `main(argv)` parses afresh at every call."""
+  fv = flags.FlagValues()
+  flags.DEFINE_string("model", None, f"a .gguf file or one of {sorted(model_files.PACKAGED)}", flag_values=fv)
+  flags.DEFINE_string("out", None, "the HF directory to write (default: in the cache)", flag_values=fv)
   flags.DEFINE_bool("overwrite", False, "replace an existing --out that next_jax did not write (its files are "
-                    "deleted)")
+                    "deleted)", flag_values=fv)
+  return fv
 
 
-def main(argv) -> None:
-  if len(argv) > 1:
-    sys.exit(f"error: unexpected argument {argv[1]!r}: give the model as --model={argv[1]}")
-  FLAGS = flags.FLAGS
-  if not FLAGS.model:
+def main(argv: list[str]) -> None:
+  """Convert per the flags in argv (`--model=… [--out=…] [--overwrite]`); errors exit with one line."""
+  fv = _flag_values()
+  if {"-h", "--help", "--helpshort", "--helpfull"} & set(argv):
+    print(__doc__ + "\nflags:\n" + fv.get_help(include_special_flags=False))
+    sys.exit(0)
+  try:
+    rest = fv(["next-jax-convert", *argv])
+  except flags.Error as e:
+    sys.exit(f"error: {e}")
+  if len(rest) > 1:
+    sys.exit(f"error: unexpected argument {rest[1]!r}: give the model as --model={rest[1]}")
+  if not fv.model:
     sys.exit(f"error: --model: give a .gguf file or one of {sorted(model_files.PACKAGED)}")
   t0 = time.perf_counter()
   try:
-    out = model_files.resolve(FLAGS.model, out_dir=FLAGS.out, overwrite=FLAGS.overwrite)
+    out = model_files.resolve(fv.model, out_dir=fv.out, overwrite=fv.overwrite)
     cfg = hf.load_config(out)
   except hf.CheckpointError as e:
     sys.exit(f"error: {e}")
@@ -42,8 +53,7 @@ def main(argv) -> None:
 
 def cli() -> None:
   """The console script `next-jax-convert`."""
-  _define_flags()
-  app.run(main)
+  main(sys.argv[1:])
 
 
 if __name__ == "__main__":
