@@ -477,12 +477,13 @@ def test_a_bad_adapter_config_is_one_line_naming_file_and_field(case, tmp_path):
 
 
 def test_the_installed_command_runs_outside_the_checkout(runs_dir, tmp_path):
-  """`next-jax-posthoc` (setup.py's console script) from a directory that is not the checkout."""
+  """`next-jax-posthoc` (setup.py's console script) from a directory that is not the checkout (no back-test:
+  the other tests cover it; this one is about the command)."""
   import subprocess  # noqa: PLC0415
   import sys  # noqa: PLC0415
   exe = Path(sys.executable).with_name("next-jax-posthoc")
   out = subprocess.run([str(exe), "--base", str(runs_dir["base"]), "--checkpoints",
                         str(runs_dir["trl"] / "checkpoint-*"), "--out", "out", "--k", str(K), "--epochs", "5",
-                        "--alphas", "1.5"], cwd=tmp_path, capture_output=True, text=True, timeout=600, check=False)
+                        "--alphas", "1.5", "--backtest", "none"], cwd=tmp_path, capture_output=True, text=True, timeout=600, check=False)
   assert out.returncode == 0, out.stderr[-2000:]
   assert (tmp_path / "out" / "report.md").is_file() and (tmp_path / "out" / "jump" / "alpha_1.5").is_dir()
