@@ -14,6 +14,7 @@ import time
 
 from absl import flags
 
+from next_jax.cli import common
 from next_jax.models import hf, model_files
 
 
@@ -29,16 +30,7 @@ def _flag_values() -> flags.FlagValues:
 
 def main(argv: list[str]) -> None:
   """Convert per the flags in argv (`--model=… [--out=…] [--overwrite]`); errors exit with one line."""
-  fv = _flag_values()
-  if {"-h", "--help", "--helpshort", "--helpfull"} & set(argv):
-    print(__doc__ + "\nflags:\n" + fv.get_help(include_special_flags=False))
-    sys.exit(0)
-  try:
-    rest = fv(["next-jax-convert", *argv])
-  except flags.Error as e:
-    sys.exit(f"error: {e}")
-  if len(rest) > 1:
-    sys.exit(f"error: unexpected argument {rest[1]!r}: give the model as --model={rest[1]}")
+  fv = common.parse(_flag_values(), argv, "next-jax-convert", __doc__, stray="give the model as --model={arg}")
   if not fv.model:
     sys.exit(f"error: --model: give a .gguf file or one of {sorted(model_files.PACKAGED)}")
   t0 = time.perf_counter()

@@ -32,6 +32,7 @@ import jax
 import numpy as np
 from absl import flags
 
+from next_jax.cli import common
 from next_jax.core import outdir
 from next_jax.core.metrics import progress
 from next_jax.models import peft_io
@@ -72,21 +73,8 @@ def _flag_values() -> flags.FlagValues:
 def parse_args(argv: list[str]) -> flags.FlagValues:
   """absl flags (`--k=2` or `--k 2`, lists comma-separated, `--overwrite`); --help prints them. A bad or
   missing flag exits with one line naming it."""
-  fv = _flag_values()
-  if {"-h", "--help", "--helpshort", "--helpfull"} & set(argv):
-    print(__doc__ + "\nflags:\n" + fv.get_help(include_special_flags=False))
-    sys.exit(0)
-  try:
-    rest = fv(["next-jax-posthoc", *argv])
-  except flags.Error as e:
-    sys.exit(f"posthoc: {e}")
-  if len(rest) > 1:
-    sys.exit(f"posthoc: unexpected argument {rest[1]!r} (a flag takes one value; lists are comma-separated: "
-             "--alphas=1.5,3.0)")
-  for name in ("base", "checkpoints", "out"):
-    if fv[name].value is None:
-      sys.exit(f"posthoc: --{name} is required")
-  return fv
+  return common.parse(_flag_values(), argv, "next-jax-posthoc", __doc__, required=("base", "checkpoints", "out"),
+                      stray="a flag takes one value; lists are comma-separated: --alphas=1.5,3.0")
 
 
 def parse_alphas(values: list[str]) -> dict[str, float]:
@@ -368,7 +356,7 @@ def main(argv=None) -> dict:
       outdir.check_out(out, **out_rules(args, write, len(alphas)))
       return run_posthoc(args, argv, alphas, write, out)
   except CheckpointError as e:
-    sys.exit(f"posthoc: {e}")
+    sys.exit(f"next-jax-posthoc: {e}")
 
 
 def check_jump(jump: dict) -> None:
