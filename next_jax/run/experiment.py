@@ -402,11 +402,14 @@ def accuracy(exp: Experiment, state: sm.NExtState, problems, seed: int = 0) -> f
 
 
 def benchmark_accuracy(exp: Experiment, state: sm.NExtState) -> dict[str, float]:
-  """{benchmark: avg@eval.samples} of the state's policy on each of exp.benchmarks (config.eval)."""
+  """{benchmark: avg@eval.samples} of the state's policy on each of exp.benchmarks (config.eval). On one
+  device a benchmark smaller than eval.chunk goes in one chunk of its size; on a mesh in eval.chunk (which
+  validate checked divides over the devices; the last chunk is padded)."""
   e = exp.config.eval
-  return {name: trainer.evaluate(setup, state.base_params, state.rl.train.params, problems,
-                                 chunk=min(e.chunk, len(problems)), samples=e.samples, temperature=e.temperature,
-                                 seed=0)["accuracy"] for name, (setup, problems) in exp.benchmarks.items()}
+  chunk = lambda n: e.chunk if exp.setup.mesh is not None else min(e.chunk, n)  # noqa: E731
+  return {name: trainer.evaluate(setup, state.base_params, state.rl.train.params, problems, chunk=chunk(len(problems)),
+                                 samples=e.samples, temperature=e.temperature, seed=0)["accuracy"]
+          for name, (setup, problems) in exp.benchmarks.items()}
 
 
 def icer(steps: int, acc: float, backbone: float) -> float:
