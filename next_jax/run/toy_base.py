@@ -20,12 +20,11 @@ Output: an HF directory (config.json, model.safetensors, tokenizer files) and to
 results}, written atomically. The same settings give the same bytes; a directory whose toy_base.json holds
 the same settings is reused (force=True rebuilds).
 
-  python -m next_jax.run.toy_base --out artifacts/toy_base [--seed 0] [--steps N] [--force]
+  python -m next_jax.cli.toy_base --out=artifacts/toy_base [--seed=0] [--steps=N] [--force]
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import functools
 import json
@@ -303,34 +302,3 @@ def build_toy_base(out_dir: str | os.PathLike, seed: int = 0, steps: int | None 
   finally:
     shutil.rmtree(tmp, ignore_errors=True)
   return out_dir
-
-
-# ------------------------------------------------------------------------------------------------- CLI
-
-
-def parse_args(argv=None) -> argparse.Namespace:
-  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  d = ToyBaseSettings()
-  p.add_argument("--out", default="artifacts/toy_base", help="output HF directory")
-  p.add_argument("--seed", type=int, default=d.seed)
-  p.add_argument("--steps", type=int, default=d.steps)
-  p.add_argument("--batch-size", type=int, default=d.batch_size)
-  p.add_argument("--lr", type=float, default=d.lr)
-  p.add_argument("--corrupt-p", type=float, default=d.corrupt_p)
-  p.add_argument("--model", choices=sorted(MODELS), default=d.model)
-  p.add_argument("--force", action="store_true", help="rebuild even if out holds a matching build")
-  return p.parse_args(argv)
-
-
-def main(argv=None) -> None:
-  a = parse_args(argv)
-  out = build_toy_base(a.out, a.seed, a.steps, force=a.force, batch_size=a.batch_size, lr=a.lr,
-                       corrupt_p=a.corrupt_p, model=a.model)
-  r = json.loads((out / META_FILE).read_text())["results"]
-  print(f"{out}: greedy {r['greedy_accuracy']:.3f}, sampled {r['sampled_accuracy']:.3f} on {r['n_test']} "
-        f"test problems; {r['param_count']:,} params; train {r['train_seconds']:.0f} s, "
-        f"total {r['wall_seconds']:.0f} s")
-
-
-if __name__ == "__main__":
-  main()
