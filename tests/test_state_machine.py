@@ -69,7 +69,7 @@ def test_run_goes_collect_extrapolate_continue_done(full_run):
 
 
 def _model_for(full_run):
-  setup, state, *_ = full_run
+  _, state, *_ = full_run
   return state.base_params, fresh_state(state.rl.train.params)
 
 
