@@ -2,7 +2,8 @@
 TPU-pod mechanism; CPU collectives via gloo), one CPU device each, on tests/tiny_rl's tiny setup.
 
 1. RL steps, then an evaluation, data-parallel over both processes, recording which problems this process
-   encoded and how many responses it verified.
+   encoded and how many responses it verified; then `segment_rows`: the sampler's decode segments and
+   batch compaction on the two-process mesh.
 2. `experiment.validate` of configs two processes cannot run.
 3. The run's writers in WORKDIR (shared, as orbax needs): `workdir.prepare`, one more RL step
    through `trainer.train` with a MetricWriter and a Checkpointer, `workdir.write_results`, then a
@@ -25,6 +26,8 @@ import jax
 
 STEPS = 2
 EVAL = dict(chunk=4, samples=8, temperature=1.0)  # the RL step's sampler shapes: no new compilation
+SEGMENTS = dict(max_new_tokens=12, num_samples=2, temperature=1.0, stop_ids=(1, 2, 3), pad_id=0,
+                first_segment=2)
 WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC
 PATH_EVENTS = ("os.rename", "os.mkdir", "os.remove", "os.rmdir", "shutil.rmtree")
 ORBAX_DIRS = ("ckpt", "params")  # every process writes its shards there
@@ -43,6 +46,44 @@ def recording(setup, log: dict):
     return setup.reward(text, q)
 
   return dataclasses.replace(setup, encode=encode, reward=reward)
+
+
+def host(tree):
+  """Every leaf's global value as nested lists (host-local, replicated or split over processes)."""
+  import numpy as np  # noqa: PLC0415
+  from jax.experimental import multihost_utils  # noqa: PLC0415
+
+  def value(x):
+    if not isinstance(x, jax.Array) or x.is_fully_addressable or x.is_fully_replicated:
+      return np.asarray(x if not isinstance(x, jax.Array) else x.addressable_data(0))
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+  return [value(x).tolist() for x in jax.tree.leaves(tree)]
+
+
+def segment_rows(mesh=None, **kw) -> dict:
+  """8 prompts × 2 samples at T = 1, 12 new tokens decoded in segments of 2, 4, 8 and 12 response slots,
+  stopping at ids 1-3: rows stop at different steps, and between segments the live rows are gathered into
+  a smaller batch (a multiple of the mesh's batch size: here rows move between the processes' devices).
+  `kw` overrides SEGMENTS. → {"tokens", "logprobs", "lengths", "compactions"} (global values, compactions compiled)."""
+  from tiny_rl import CFG, PROBLEMS, init_model  # noqa: PLC0415
+
+  from next_jax.core import sharding  # noqa: PLC0415
+  from next_jax.models import sampler  # noqa: PLC0415
+  from next_jax.run import experiment  # noqa: PLC0415
+
+  params, _ = init_model()
+  problems = PROBLEMS[:8]
+  mine = sharding.process_rows(mesh, len(problems))
+  prompts = sampler.pad_prompts([problems[i] for i in mine], 0, 4)
+  prompts, pmask = sharding.from_process_rows(prompts, mesh, len(problems))
+  if mesh is not None:
+    params = experiment.place(params, mesh)
+  before = sampler._compact._cache_size()  # noqa: SLF001
+  with sharding.use_mesh(mesh):
+    out = sampler.generate(params, prompts, pmask, jax.random.key(7), cfg=CFG, **{**SEGMENTS, **kw})
+  tokens, logprobs, lengths = host((out.tokens, out.logprobs, out.lengths))
+  return {"tokens": tokens, "logprobs": logprobs, "lengths": lengths,
+          "compactions": sampler._compact._cache_size() - before}  # noqa: SLF001
 
 
 def record_writes(root: str, written: list) -> None:
@@ -84,7 +125,6 @@ def main(pid: int, port: str, out: str, workdir: str) -> None:
   import dataclasses  # noqa: PLC0415
 
   import numpy as np  # noqa: PLC0415
-  from jax.experimental import multihost_utils  # noqa: PLC0415
   from tiny_rl import PROBLEMS, fresh_state, init_model, make_setup, run  # noqa: PLC0415
 
   from next_jax.core.checkpoint import Checkpointer  # noqa: PLC0415
@@ -92,14 +132,6 @@ def main(pid: int, port: str, out: str, workdir: str) -> None:
   from next_jax.rl import trainer  # noqa: PLC0415
   from next_jax.run import experiment  # noqa: PLC0415
   from next_jax.run.workdir import prepare, write_results  # noqa: PLC0415
-
-  def host(tree):
-    """Every leaf's global value as nested lists (host-local, replicated or split over processes)."""
-    def value(x):
-      if x.is_fully_addressable or x.is_fully_replicated:
-        return np.asarray(x.addressable_data(0))
-      return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-    return [value(x).tolist() for x in jax.tree.leaves(tree)]
 
   t0 = time.perf_counter()
   params, lora = init_model()
@@ -112,6 +144,7 @@ def main(pid: int, port: str, out: str, workdir: str) -> None:
   evaluation = trainer.evaluate(dataclasses.replace(recording(make_setup(), eval_log), mesh=mesh), params,
                                 state.train.params, PROBLEMS[:6], **EVAL)
   sampled = {"encoded": list(log["encoded"]), "verified": log["verified"]}  # before part 2's extra step
+  segments = segment_rows(mesh)
   t1 = time.perf_counter()
 
   written = []
@@ -143,7 +176,7 @@ def main(pid: int, port: str, out: str, workdir: str) -> None:
   with open(out, "w") as f:
     json.dump({"processes": jax.process_count(), "devices": jax.device_count(), "params": leaves,
                "rewards": [r["reward_mean"] for r in rows], **sampled, "eval": evaluation,
-               "eval_encoded": eval_log["encoded"], "errors": errors, "restored_step": meta["step"],
+               "eval_encoded": eval_log["encoded"], "segments": segments, "errors": errors, "restored_step": meta["step"],
                "restored_equal": host(restored) == host(state),
                "params_equal": host(params_back) == host(params),
                "written": sorted(set(written)), "seconds": [t1 - t0, time.perf_counter() - t1]}, f)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from multiprocess_child import EVAL, STEPS, recording
+from multiprocess_child import EVAL, STEPS, recording, segment_rows
 
 ROOT = Path(__file__).resolve().parents[1]
 CHILD = str(ROOT / "tests" / "multiprocess_child.py")
@@ -75,6 +75,15 @@ def test_two_processes_split_the_prompts_match_one_process_and_only_process_0_wr
   padded = [list(q) for q in PROBLEMS[:6] + PROBLEMS[5:6] * 2]
   assert (p0["eval_encoded"], p1["eval_encoded"]) == halves(padded, 4)
   assert p0["eval"] == p1["eval"] == one["eval"] and one["eval"]["n"] == 6 * 8
+
+  # the sampler's segments and compaction over the two processes: one process's rows, and those equal one
+  # segment over the whole cache without compaction (log-probs: the attention sums over fewer slots)
+  single, whole = segment_rows(), segment_rows(first_segment=0, compact=False)
+  lengths = single["lengths"]
+  assert min(lengths) <= 4 and max(lengths) > 8 and p0["segments"]["compactions"] >= 1  # compaction ran
+  for got in (p0["segments"], p1["segments"], single):
+    assert got["tokens"] == whole["tokens"] and got["lengths"] == lengths
+    np.testing.assert_allclose(got["logprobs"], whole["logprobs"], atol=1e-5, rtol=0)
 
   # configs that cannot split over the two processes are refused, naming the field
   assert p0["errors"]["rollout.prompts_per_step"].startswith("config.rollout.prompts_per_step=3: must be "

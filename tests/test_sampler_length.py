@@ -125,7 +125,7 @@ def test_kv_cache_dtype_is_the_sampler_cache_dtype(main_model):
   shapes = {c.kv_cache_dtype: jax.eval_shape(lambda: sampler._prefill(  # noqa: SLF001
       params, tokens, mask, jax.random.key(0), 1.0, 1.0, cfg=c, **kw)).cache.k for c in (cfg, bf16)}
   assert shapes[""].dtype == jnp.float32 and shapes["bfloat16"].dtype == jnp.bfloat16
-  assert shapes["bfloat16"].shape == (cfg.num_layers, 6, 12, cfg.num_kv_heads, cfg.head_dim)
+  assert shapes["bfloat16"].shape == (cfg.num_layers, 6, cfg.num_kv_heads, 12, cfg.head_dim)
   with pytest.raises(ValueError, match="kv_cache_dtype='int8'"):
     policy.ModelConfig(**{**cfg.__dict__, "kv_cache_dtype": "int8"})
 

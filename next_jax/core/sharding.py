@@ -60,8 +60,8 @@ RULES: tuple[tuple[str, tuple], ...] = (
     (r"(^|/)lm_head$", (FSDP, TENSOR)),
     (r"norm$", ()),
 )
-# KV cache k, v: [L, B, S, KVH, hd]; activations x: [B, T, D].
-CACHE_DIMS = (None, BATCH, None, TENSOR, None)
+# KV cache k, v: [L, B, KVH, S, hd]; activations x: [B, T, D].
+CACHE_DIMS = (None, BATCH, TENSOR, None, None)
 ACTIVATION_DIMS = (BATCH, None, None)
 
 
@@ -300,6 +300,6 @@ def constrain_activation(x: jax.Array) -> jax.Array:
 
 
 def constrain_cache(cache):
-  """KV cache k, v [L, B, S, KVH, hd]: batch over data×fsdp, KV heads over tensor; key_mask [B, S]."""
+  """KV cache k, v [L, B, KVH, S, hd]: batch over data×fsdp, KV heads over tensor; key_mask [B, S]."""
   return cache.replace(k=constrain(cache.k, CACHE_DIMS), v=constrain(cache.v, CACHE_DIMS),
                        key_mask=constrain(cache.key_mask, (BATCH, None)))

@@ -109,7 +109,8 @@ class LoraConfig:
 
 
 class KVCache(flax.struct.PyTreeNode):
-  """Fixed-size cache. k, v: [L, B, S, KVH, hd]; key_mask: bool[B, S] (slot holds a real token);
+  """Fixed-size cache. k, v: [L, B, KVH, S, hd] (the layout attention reads: a layer's first W slots are
+  a slice, not a transpose); key_mask: bool[B, S] (slot holds a real token);
   index: int32[] next slot to write (shared by the batch: prompts are left-padded to one length)."""
 
   k: jax.Array
@@ -209,23 +210,23 @@ def _linear(x, p: Params, lora: Params | None, scale: float):
 def attention(q, k, v, mask) -> jax.Array:
   """Grouped-query softmax attention, scores in fp32.
 
-  q: [B, T, H, hd]; k, v: [B, S, KVH, hd]; mask: bool[B, T, S] → [B, T, H·hd].
+  q: [B, T, H, hd]; k, v: [B, KVH, S, hd] (the cache's layout); mask: bool[B, T, S] → [B, T, H·hd].
   softmax(q kᵀ/√hd + (0 | min)) v, each KV head shared by H/KVH query heads.
   """
   b, t, h, hd = q.shape
-  kvh = k.shape[2]
+  kvh = k.shape[1]
   q = q.reshape(b, t, kvh, h // kvh, hd)
-  scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) / math.sqrt(hd)
+  scores = jnp.einsum("btkgd,bksd->bkgts", q, k, preferred_element_type=jnp.float32) / math.sqrt(hd)
   scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
   probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-  return jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, h * hd)
+  return jnp.einsum("bkgts,bksd->btkgd", probs, v).reshape(b, t, h * hd)
 
 
 def _layer(cfg: ModelConfig, scale: float, x, positions, mask, p, lora, cache_kv, index):
   """One pre-norm decoder layer.
 
-  cache_kv: None, or (layer i, k, v) with the whole stacked cache [L, B, S, KVH, hd]: the new keys/values
-  are written in place at [i, :, index:index+T] and layer i's first W slots are attended to (W = the last
+  cache_kv: None, or (layer i, k, v) with the whole stacked cache [L, B, KVH, S, hd]: the new keys/values
+  are written in place at [i, :, :, index:index+T] and layer i's first W slots are attended to (W = the last
   dim of `mask`: only those are read). Returns (x, cache_kv).
   """
   b, t, _ = x.shape
@@ -235,11 +236,12 @@ def _layer(cfg: ModelConfig, scale: float, x, positions, mask, p, lora, cache_kv
   k = _linear(h, p["k"], lo("k"), scale).reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
   v = _linear(h, p["v"], lo("v"), scale).reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
   q, k = rope(q, positions, cfg.rope_theta), rope(k, positions, cfg.rope_theta)
+  k, v = k.swapaxes(1, 2), v.swapaxes(1, 2)  # [B, KVH, T, hd]
   if cache_kv is not None:
     i, ck, cv = cache_kv
-    ck = jax.lax.dynamic_update_slice(ck, k[None].astype(ck.dtype), (i, 0, index, 0, 0))
-    cv = jax.lax.dynamic_update_slice(cv, v[None].astype(cv.dtype), (i, 0, index, 0, 0))
-    window = (1, b, mask.shape[-1]) + ck.shape[3:]
+    ck = jax.lax.dynamic_update_slice(ck, k[None].astype(ck.dtype), (i, 0, 0, index, 0))
+    cv = jax.lax.dynamic_update_slice(cv, v[None].astype(cv.dtype), (i, 0, 0, index, 0))
+    window = (1, b, cfg.num_kv_heads, mask.shape[-1], cfg.head_dim)
     k, v = (jax.lax.dynamic_slice(c, (i, 0, 0, 0, 0), window)[0] for c in (ck, cv))
     cache_kv = (i, ck, cv)
   x = x + _linear(attention(q, k, v, mask), p["o"], lo("o"), scale)
@@ -259,7 +261,7 @@ def positions_from_mask(mask: jax.Array) -> jax.Array:
 
 def init_cache(cfg: ModelConfig, batch: int, size: int, dtype=None) -> KVCache:
   """Empty cache of `size` slots in `dtype` (default cfg.kv_cache_dtype, else the model dtype)."""
-  shape = (cfg.num_layers, batch, size, cfg.num_kv_heads, cfg.head_dim)
+  shape = (cfg.num_layers, batch, cfg.num_kv_heads, size, cfg.head_dim)
   dtype = dtype or cfg.kv_jnp_dtype
   return KVCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
                  key_mask=jnp.zeros((batch, size), bool), index=jnp.zeros((), jnp.int32))
@@ -296,7 +298,7 @@ def forward(params: Params, tokens: jax.Array, cfg: ModelConfig, *, mask: jax.Ar
     key_mask = None
   else:
     key_mask = jax.lax.dynamic_update_slice_in_dim(cache.key_mask, mask, cache.index, axis=1)
-    slots = jnp.arange(window or cache.k.shape[2])
+    slots = jnp.arange(window or cache.k.shape[3])
     causal = slots[None, :] <= (cache.index + jnp.arange(t))[:, None]  # [T, W]
     attn_mask = causal[None] & key_mask[:, None, :slots.shape[0]]
     index = cache.index

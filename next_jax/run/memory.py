@@ -18,7 +18,7 @@ Update activations, one micro-batch of b rows and T = seq − 1 tokens, per laye
                C = min(logprob_chunk or max_new, max_new): only response targets get logits (logprob_tail)
 Sampler, P prompts of Tp tokens per call (sample_chunk, or all), N = P·G rows, S = Tp + max_new slots,
 in cfg.kv_cache_dtype (default the model dtype):
-    KV cache   2 · [L, N, S, KVH, hd] + 2 · [L, max(P·[G > 1], ⌊N/2⌋), S, KVH, hd]
+    KV cache   2 · [L, N, KVH, S, hd] + 2 · [L, max(P·[G > 1], ⌊N/2⌋), KVH, S, hd]
                (the second term: the prefill cache before it is tiled G×, or the copy that compacting the
                live rows into ≤ N/2 rows makes between decode segments, whichever is larger)
     prefill    one layer's scores fp32 + probs [P, H, Tp, S] + q,k,v,o,gate,up,act + [P, 1, V] logits
