@@ -2,11 +2,11 @@
 the whole cache (the pre-issue-29 structure: `first_segment=0, compact=False`) and transformers `generate`,
 on the real SmolLM2-135M-Instruct and its chat prompts, side by side in one run.
 
-Per --new-tokens N: B prompts, greedy, no stop ids (every row decodes exactly N tokens). A warm-up call of
-each of our sides (it compiles), then --reps timed calls alternating the three sides (order rotated every
-rep). Reported: median
+Per --new-tokens N: B prompts, greedy (or --temperature 1: plain sampling, top-k and top-p off on both
+sides), no stop ids (every row decodes exactly N tokens). A warm-up call of each of our sides (it
+compiles), then --reps timed calls alternating the --sides (order rotated every rep). Reported: median
 milliseconds per decode step (wall / N) and per generated token, the ratios, and whether the greedy
-tokens of the three sides agree.
+tokens of the sides agree (sampled tokens cannot: the two stacks draw different noise).
 
 Early stop (--early-stop N): a forced-stop harness on real outputs. From the segmented side's greedy rows
 without stop ids, the stop set is every token among the first ⌈N/10⌉ of rows 0 … B−2 that never occurs in
@@ -44,6 +44,8 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--batch", type=int, default=8, help="prompts per call")
   p.add_argument("--new-tokens", type=int, nargs="+", default=[64, 256, 1024])
   p.add_argument("--reps", type=int, default=3, help="timed calls per side and length")
+  p.add_argument("--temperature", type=float, default=0.0, help="0: greedy; > 0: plain sampling")
+  p.add_argument("--sides", nargs="+", default=list(SIDES), choices=SIDES, help="which samplers race")
   p.add_argument("--early-stop", type=int, default=0, metavar="N",
                  help="budget of the early-stop rows (0: skip)")
   p.add_argument("--torch-threads", type=int, default=1)
@@ -51,20 +53,23 @@ def parse_args(argv=None) -> argparse.Namespace:
   return p.parse_args(argv)
 
 
-def ours(params, cfg, tokens, mask, n_new, stop_ids=(), pad_id=0, **segments):
-  """() → int32[B, N] greedy tokens (numpy, blocking) of `sampler.generate` with `segments` options."""
+def ours(params, cfg, tokens, mask, n_new, stop_ids=(), pad_id=0, temperature=0.0, first_segment=None,
+         compact=True):
+  """() → int32[B, N] tokens (numpy, blocking) of `sampler.generate` (first_segment None: its default)."""
   tokens, mask = jax.numpy.asarray(tokens), jax.numpy.asarray(mask)
 
   def run():
     out = sampler.generate(params, tokens, mask, jax.random.key(0), cfg=cfg, max_new_tokens=n_new,
-                           temperature=0.0, stop_ids=stop_ids, pad_id=pad_id, **segments)
+                           temperature=temperature, stop_ids=stop_ids, pad_id=pad_id, compact=compact,
+                           **({} if first_segment is None else dict(first_segment=first_segment)))
     return np.asarray(jax.block_until_ready(out.tokens))
 
   return run
 
 
-def theirs(model, tokens, mask, n_new, pad_id):
-  """() → int64[B, N] greedy tokens of transformers `generate`, exactly n_new per row."""
+def theirs(model, tokens, mask, n_new, pad_id, temperature=0.0):
+  """() → int64[B, N] tokens of transformers `generate`, exactly n_new per row (greedy, or sampled at
+  `temperature` with its default top-k 50 and top-p turned off, as ours)."""
   import torch  # noqa: PLC0415
 
   ids, att = torch.from_numpy(tokens.astype(np.int64)), torch.from_numpy(mask.astype(np.int64))
@@ -72,7 +77,9 @@ def theirs(model, tokens, mask, n_new, pad_id):
   def run():
     with torch.inference_mode():
       out = model.generate(input_ids=ids, attention_mask=att, max_new_tokens=n_new, min_new_tokens=n_new,
-                           do_sample=False, use_cache=True, eos_token_id=None, pad_token_id=pad_id)
+                           use_cache=True, eos_token_id=None, pad_token_id=pad_id,
+                           **(dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0)
+                              if temperature else dict(do_sample=False)))
     return out[:, tokens.shape[1]:].numpy()
 
   return run
@@ -119,28 +126,35 @@ def main(argv=None) -> str:
   pad, lines = tok.pad_token_id, []
   print(f"{model_dir.name}: {args.batch} prompts of {tokens.shape[1]} tokens; load {os.getloadavg()}",
         flush=True)
+  others, t = [k for k in args.sides if k != "segmented"], args.temperature
   for n in args.new_tokens:
-    fns = {"segmented": ours(params, cfg, tokens, mask, n, pad_id=pad),
-           "one segment": ours(params, cfg, tokens, mask, n, pad_id=pad, first_segment=0, compact=False),
-           "transformers": theirs(model, tokens, mask, n, pad)}
-    res = race(fns, args.reps, warm=SIDES[:2])  # our first call compiles; torch's is timed as a rep
+    make = {"segmented": (ours, params, cfg, tokens, mask, n, (), pad, t),
+            "one segment": (ours, params, cfg, tokens, mask, n, (), pad, t, 0, False),
+            "transformers": (theirs, model, tokens, mask, n, pad, t)}
+    fns = {k: make[k][0](*make[k][1:]) for k in ["segmented"] + others}
+    warm = [k for k in fns if k != "transformers"]  # our first call compiles; torch's is timed as a rep
+    res = race(fns, args.reps, warm=warm)
     ms = {k: 1e3 * float(np.median(v)) / n for k, v in res["times"].items()}
-    same = {k: float((res["outs"][k] == res["outs"]["segmented"]).mean()) for k in SIDES[1:]}
-    lines.append(f"| {n} | {ms['segmented']:.1f} | {ms['one segment']:.1f} | {ms['transformers']:.1f} | "
-                 f"{ms['one segment'] / ms['segmented']:.2f}× | {ms['transformers'] / ms['segmented']:.2f}× | "
-                 f"{same['one segment']:.3f} / {same['transformers']:.3f} | "
-                 f"{res['first']['segmented']:.0f} / {res['first']['one segment']:.0f} s |")
+    same = [f"{float((res['outs'][k] == res['outs']['segmented']).mean()):.3f}" if not t else "—"
+            for k in others]
+    lines.append(f"| {n} | " + " | ".join(f"{ms[k]:.1f}" for k in fns) + " | "
+                 + " | ".join(f"{ms[k] / ms['segmented']:.2f}×" for k in others) + " | "
+                 + " / ".join(same) + " | " + " / ".join(f"{res['first'][k]:.0f}" for k in warm) + " s |")
     print(lines[-1], f"load {os.getloadavg()}", flush=True)
     last = (res["outs"]["segmented"], float(np.median(res["times"]["segmented"])))
-  text = ("| new tokens | segmented ms/step | one segment ms/step | transformers ms/step | one segment / "
-          "segmented | transformers / segmented | same tokens (one seg. / tf) | first call (seg. / one) |\n"
-          "|---:|---:|---:|---:|---:|---:|---:|---:|\n" + "\n".join(lines) + "\n")
+  text = ("| new tokens | " + " | ".join(f"{k} ms/step" for k in fns) + " | "
+          + " | ".join(f"{k} / segmented" for k in others) + f" | same tokens ({' / '.join(others)}) | "
+          f"first call ({' / '.join(warm)}) |\n|" + "---:|" * (len(fns) + len(others) + 3) + "\n"
+          + "\n".join(lines) + "\n")
   if args.early_stop:
+    if t:
+      raise SystemExit("--early-stop builds its stop ids from greedy rows: run it with --temperature 0")
     reuse = last if args.early_stop == args.new_tokens[-1] else None  # the full-length run just timed
     text += "\n" + early_stop(params, cfg, tokens, mask, pad, args.early_stop, args.reps, reuse)
   cmd = shlex.join(["python", "-m", "experiments.bench.decode_length"] + (argv or sys.argv[1:]))
   head = (f"- command: `{cmd}`\n"
-          f"- {model_dir.name}, fp32, {args.batch} chat prompts of {tokens.shape[1]} tokens, greedy; torch "
+          f"- {model_dir.name}, fp32, {args.batch} chat prompts of {tokens.shape[1]} tokens, "
+          f"{'greedy' if not t else f'T = {t:g}'}; torch "
           f"{args.torch_threads} thread(s); load average at the end {os.getloadavg()}\n\n")
   print("\n" + head + text)
   if args.out:
