@@ -511,3 +511,20 @@ def test_a_full_disk_during_a_checkpoint_is_one_message_naming_it_and_how_to_res
     ck.save(2, {"x": jnp.arange(3.0)}, {"step": 2})
   ck.close()
   assert not [r for r in caplog.records if r.levelno >= logging.ERROR]  # orbax's per-thread tracebacks held back
+
+
+def test_waiting_for_orbax_threads_tolerates_one_that_has_not_started():
+  """A failed save joins the writer threads orbax started; one listed before it runs cannot be joined yet
+  (RuntimeError): the wait retries it until it runs, or gives up at the deadline instead of raising."""
+  import threading
+  import time
+
+  from next_jax.core import checkpoint
+
+  later = threading.Thread(target=lambda: None)
+  t0 = time.monotonic()
+  checkpoint._join(later, t0 + 0.05)  # never started: gives up at the deadline  # noqa: SLF001
+  assert 0.05 <= time.monotonic() - t0 < 1
+  threading.Timer(0.02, later.start).start()
+  checkpoint._join(later, time.monotonic() + 5)  # started while waiting: joined  # noqa: SLF001
+  assert not later.is_alive() and later.ident is not None

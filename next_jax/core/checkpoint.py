@@ -67,6 +67,16 @@ def _disk_full(e: BaseException | None, seen: int = 0) -> bool:
   return _disk_full(e.__cause__ or e.__context__, seen + 1)
 
 
+def _join(t: threading.Thread, deadline: float) -> None:
+  """t.join() until `deadline` (time.monotonic), also for a thread `threading.enumerate` lists while it is
+  still starting, whose join raises "cannot join thread before it is started": retried until it runs."""
+  while time.monotonic() < deadline:
+    try:
+      return t.join(timeout=max(0.0, deadline - time.monotonic()))
+    except RuntimeError:
+      time.sleep(0.01)
+
+
 def _words(x: jax.Array) -> jax.Array:
   """uint32[N]: the bits of x, one word per element (bool/8/16-bit types zero-extended)."""
   if x.dtype == jnp.bool_:
@@ -146,7 +156,7 @@ class Checkpointer:
         raise
       deadline = time.monotonic() + 10
       for t in set(threading.enumerate()) - threads:  # let orbax's other writer threads stop first
-        t.join(timeout=max(0.0, deadline - time.monotonic()))
+        _join(t, deadline)
       held.records.clear()
       raise CheckpointWriteError(self._full_message(step)) from None
     finally:
