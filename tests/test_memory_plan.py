@@ -52,6 +52,10 @@ def test_14b_kv_cache_bytes_match_hand_count(plan_14b):
   L, kvh, hd, s = 48, 8, 128, 1024 + 4096
   rows = lambda n: 2 * L * (n // 8) * s * (kvh // 4) * hd * 2  # noqa: E731 (k and v, bf16)
   assert plan_14b["kv_cache"] == rows(128 * 8) + rows(128 * 8 // 2)
+  # 1.5B has 2 KV heads, which tensor = 4 cannot split: every device holds both, over all S slots
+  L, kvh, hd = 28, 2, 128
+  kv = memory.sampler_bytes(policy.QWEN25["1.5B"], PAPER, MESH)["kv_cache"]
+  assert kv == 2 * L * (1024 // 8 + 512 // 8) * kvh * s * hd * 2
 
 
 def test_kv_cache_dtype_sets_the_cache_bytes():

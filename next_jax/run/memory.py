@@ -114,7 +114,7 @@ def sampler_bytes(cfg: ModelConfig, w: Workload, sizes) -> dict[str, int]:
   it = np.dtype(cfg.kv_jnp_dtype).itemsize
   p = w.prompts_per_call
   n, s = p * w.group_size, w.seq
-  kv = lambda rows: 2 * _bytes((cfg.num_layers, rows, s, cfg.num_kv_heads, cfg.head_dim),  # noqa: E731
+  kv = lambda rows: 2 * _bytes((cfg.num_layers, rows, cfg.num_kv_heads, s, cfg.head_dim),  # noqa: E731
                                sharding.CACHE_DIMS, it, sizes)
   cache = kv(n) + max(kv(p) if w.group_size > 1 else 0, kv(n // 2))
   prefill = (_layer_internals(cfg, p, w.prompt_len, s, sizes)
