@@ -56,6 +56,22 @@ def test_row_gumbel_is_the_full_draw_at_those_rows(make_key):
   np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
 
 
+@pytest.mark.parametrize("block", [1, 2, 3, 0])
+def test_gumbel_argmax_in_row_blocks_draws_the_whole_batch_noise(block, monkeypatch):
+  """Row blocks (XLA:CPU) give the tokens of one [R, V] draw; a block that does not divide R falls back."""
+  monkeypatch.setattr(sampler, "CPU_NOISE_ROWS", block)
+  key, rows = jax.random.key(3), jnp.array([5, 0, 3, 3], jnp.int32)
+  logits = jax.random.normal(jax.random.key(4), (4, 1000)) * 3
+  fresh = lambda: jax.jit(lambda k, r, x: sampler.gumbel_argmax(k, r, 6, x))  # noqa: E731  (a new trace)
+  got = fresh()(key, rows, logits)
+  want = jnp.argmax(sampler.row_gumbel(key, rows, 6, 1000) + logits, axis=-1)
+  assert len(set(np.asarray(want).tolist())) > 1 and np.asarray(got).tolist() == np.asarray(want).tolist()
+  loops = lambda: fresh().lower(key, rows, logits).as_text().count("stablehlo.while")  # noqa: E731
+  blocked = loops()
+  monkeypatch.setattr(sampler, "CPU_NOISE_ROWS", 0)
+  assert (blocked > loops()) == (block in (1, 2))  # a row loop only when the block divides the rows
+
+
 def test_segment_windows_double_up_to_the_budget():
   assert sampler.segment_windows(8, 12, 2) == (10, 12, 16, 20)
   assert sampler.segment_windows(16, 1024, 64) == (80, 144, 272, 528, 1040)

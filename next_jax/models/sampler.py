@@ -30,6 +30,7 @@ from next_jax.models.policy import (
 
 DEFAULT_BUCKETS = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
 DEFAULT_SEGMENT = 64  # response slots the first decode segment attends to; each later one doubles them
+CPU_NOISE_ROWS = 1  # rows per block of the Gumbel draw on XLA:CPU (`gumbel_argmax`); 0 = the whole batch
 
 
 class SamplingState(flax.struct.PyTreeNode):
@@ -157,6 +158,22 @@ def row_gumbel(key: jax.Array, rows: jax.Array, n_rows: int, vocab: int) -> jax.
   return -jnp.log(-jnp.log(jnp.maximum(tiny, f * (jnp.float32(1.0) - tiny) + tiny)))
 
 
+def gumbel_argmax(key: jax.Array, rows: jax.Array, n_rows: int, logits: jax.Array) -> jax.Array:
+  """argmax(logits + row_gumbel(key, rows, n_rows, V)) per row → int[R].
+
+  On XLA:CPU without a mesh the rows go CPU_NOISE_ROWS at a time (`lax.map`): the hash's intermediates
+  then stay in cache, with the same noise bit for bit (V = 49,152, one core: 427 → 164 ms at 64 rows,
+  31 → 23 ms at 8; blocks of 2–8 rows gain less).
+  Elsewhere, one [R, V] draw (a loop over rows would serialise an accelerator)."""
+  r, v = logits.shape
+  block = CPU_NOISE_ROWS
+  if (not block or r % block or jax.default_backend() != "cpu" or not jax.sharding.get_abstract_mesh().empty
+      or not _counter_noise(key, n_rows, v)):
+    return jnp.argmax(row_gumbel(key, rows, n_rows, v) + logits, axis=-1)
+  one = lambda x: jnp.argmax(row_gumbel(key, x[0], n_rows, v) + x[1], axis=-1)  # noqa: E731
+  return jax.lax.map(one, (rows.reshape(-1, block), logits.reshape(-1, block, v))).reshape(r)
+
+
 def _choose(logits, rng, temperature, top_k, top_p, rows, n_rows):
   """Sample (or argmax when temperature == 0) → (token int32[R], log π_sample(token) fp32[R]).
 
@@ -171,7 +188,7 @@ def _choose(logits, rng, temperature, top_k, top_p, rows, n_rows):
 
   def sample(_):
     proc = process_logits(logits, temperature, top_k, top_p)
-    sampled = jnp.argmax(row_gumbel(rng, rows, n_rows, logits.shape[-1]) + proc, axis=-1)
+    sampled = gumbel_argmax(rng, rows, n_rows, proc)
     token = jnp.where(greedy, jnp.argmax(logits, axis=-1), sampled).astype(jnp.int32)
     return token, jnp.where(greedy, logits, proc)
 
