@@ -64,7 +64,8 @@ def segment_rows(mesh=None, **kw) -> dict:
   """8 prompts × 2 samples at T = 1, 12 new tokens decoded in segments of 2, 4, 8 and 12 response slots,
   stopping at ids 1-3: rows stop at different steps, and between segments the live rows are gathered into
   a smaller batch (a multiple of the mesh's batch size: here rows move between the processes' devices).
-  `kw` overrides SEGMENTS. → {"tokens", "logprobs", "lengths", "compactions"} (global values, compactions compiled)."""
+  `kw` overrides SEGMENTS. → {"tokens", "logprobs", "lengths", "compactions"}: global values, and the
+  compaction programs this call compiled."""
   from tiny_rl import CFG, PROBLEMS, init_model  # noqa: PLC0415
 
   from next_jax.core import sharding  # noqa: PLC0415
@@ -176,7 +177,8 @@ def main(pid: int, port: str, out: str, workdir: str) -> None:
   with open(out, "w") as f:
     json.dump({"processes": jax.process_count(), "devices": jax.device_count(), "params": leaves,
                "rewards": [r["reward_mean"] for r in rows], **sampled, "eval": evaluation,
-               "eval_encoded": eval_log["encoded"], "segments": segments, "errors": errors, "restored_step": meta["step"],
+               "eval_encoded": eval_log["encoded"], "segments": segments, "errors": errors,
+               "restored_step": meta["step"],
                "restored_equal": host(restored) == host(state),
                "params_equal": host(params_back) == host(params),
                "written": sorted(set(written)), "seconds": [t1 - t0, time.perf_counter() - t1]}, f)
