@@ -69,7 +69,7 @@ def ours(params, cfg, tokens, mask, n_new, stop_ids=(), pad_id=0, temperature=0.
 
 def theirs(model, tokens, mask, n_new, pad_id, temperature=0.0):
   """() → int64[B, N] tokens of transformers `generate`, exactly n_new per row (greedy, or sampled at
-  `temperature` with its default top-k 50 and top-p turned off, as ours)."""
+  `temperature` with top-k and top-p turned off, as ours)."""
   import torch  # noqa: PLC0415
 
   ids, att = torch.from_numpy(tokens.astype(np.int64)), torch.from_numpy(mask.astype(np.int64))
@@ -115,6 +115,8 @@ def lengths(rows: np.ndarray, stops) -> list[int]:
 
 def main(argv=None) -> str:
   args = parse_args(argv)
+  if args.early_stop and args.temperature:
+    raise SystemExit("--early-stop builds its stop ids from greedy rows: run it with --temperature 0")
   import torch  # noqa: PLC0415
   import transformers  # noqa: PLC0415
 
@@ -147,8 +149,6 @@ def main(argv=None) -> str:
           f"first call ({' / '.join(warm)}) |\n|" + "---:|" * (len(fns) + len(others) + 3) + "\n"
           + "\n".join(lines) + "\n")
   if args.early_stop:
-    if t:
-      raise SystemExit("--early-stop builds its stop ids from greedy rows: run it with --temperature 0")
     reuse = last if args.early_stop == args.new_tokens[-1] else None  # the full-length run just timed
     text += "\n" + early_stop(params, cfg, tokens, mask, pad, args.early_stop, args.reps, reuse)
   cmd = shlex.join(["python", "-m", "experiments.bench.decode_length"] + (argv or sys.argv[1:]))
