@@ -201,7 +201,7 @@ def test_fit_dims_aligns_to_trailing_dims_and_drops_non_dividing_axes():
 
 
 def test_rules_cover_params_lora_and_optimizer_paths():
-  rule = lambda path: sharding.rule_dims(path)  # noqa: E731
+  rule = sharding.rule_dims
   assert rule("layers/q/kernel") == ("fsdp", "tensor") and rule("layers/down/kernel") == ("tensor", "fsdp")
   assert rule("layers/k/bias") == ("tensor",) and rule("layers/attn_norm") == () and rule("final_norm") == ()
   assert rule("embed") == ("tensor", "fsdp") and rule("lm_head") == ("fsdp", "tensor")
